@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Writes conformance/vectors.json: fixture bundles and the cases every target must pass.
+
+The token format, checksum, hashing and signing are implemented here a second time, from
+SPEC.md, independently of the Rust core: the core loading these bundles is itself a check.
+Fixture tokens come from fixed bytes, so the file is reproducible:
+
+    python3 conformance/generate.py        # rewrite vectors.json
+    python3 conformance/generate.py --check  # fail if vectors.json is stale
+"""
+import hashlib, hmac, json, sys, zlib
+from pathlib import Path
+
+ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
+DAY = 86_400
+KEY = hashlib.sha256(b"tokengate conformance key").hexdigest()
+ENVIRONMENT = "conformance"
+
+
+def base62(data: bytes, width: int) -> str:
+    n = int.from_bytes(data, "big")
+    out = ""
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out = ALPHABET[r] + out
+    assert n == 0
+    return out
+
+
+def make_token(prefix: str, seed: str) -> str:
+    body = base62(hashlib.sha256(b"tokengate fixture " + seed.encode()).digest(), 43)
+    head = f"{prefix}_{body}"
+    return head + base62(zlib.crc32(head.encode()).to_bytes(4, "big"), 6)
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def record(name, token, scopes, created=NOW - 30 * DAY, not_before=None, expires=None,
+           revoked=None, grace=None):
+    h = sha(token)
+    return {"name": name, "token_id": "tid_" + h[:16], "hash": h, "scopes": scopes,
+            "created_at": created, "not_before": not_before, "expires_at": expires,
+            "revoked_at": revoked, "grace_until": grace}
+
+
+def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=()):
+    return {"name": name, "path": path, "methods": list(methods), "host": host,
+            "access": access, "all_of": list(all_of), "any_of": list(any_of)}
+
+
+def sign(body: dict) -> dict:
+    canonical = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    signed = dict(body)
+    signed["signature"] = hmac.new(bytes.fromhex(KEY), canonical, hashlib.sha256).hexdigest()
+    return signed
+
+
+def bundle(version, tokens, policy, sources, forward=False, revoke_all_at=None, target="envoy"):
+    return {"format": "tokengate.bundle/v1", "version": version, "issued_at": NOW - 60,
+            "environment": ENVIRONMENT, "target": target, "policy": {"rules": policy},
+            "credentials": {"sources": sources, "forward": forward},
+            "tokens": tokens, "revoke_all_at": revoke_all_at}
+
+
+T = {name: make_token(prefix, name) for name, prefix in [
+    ("ci-deploy", "sk_live"), ("monitor", "sk_test"), ("orders-admin", "sk_live"),
+    ("root", "sk_live"), ("revoked", "sk_live"), ("expiring", "sk_live"),
+    ("future", "sk_live"), ("rotated-old", "sk_live"), ("rotated-new", "sk_live"),
+    ("no-scopes", "sk_live"), ("at-cutoff", "sk_live"), ("after-cutoff", "sk_live"),
+    ("never-issued", "sk_live"), ("query-user", "sk_live")]}
+LEGACY = hashlib.sha256(b"legacy INTERNAL_SERVICE_TOKEN").hexdigest()  # 64 hex chars
+
+POLICY = [
+    rule("health", {"exact": "/healthz"}, "public", methods=["GET", "HEAD"]),
+    rule("docs", {"prefix": "/docs"}, "public"),
+    rule("admin", {"prefix": "/admin"}, all_of=["admin"]),
+    rule("orders-write", {"prefix": "/api/orders"}, methods=["POST", "PUT", "DELETE"],
+         all_of=["orders:write"]),
+    rule("orders-read", {"prefix": "/api/orders"}, methods=["GET", "HEAD"], all_of=["orders:read"]),
+    rule("deploy", {"prefix": "/deploy"}, host="ci.internal", all_of=["deploy:write"]),
+    rule("metrics", {"exact": "/metrics"}, any_of=["health:read", "metrics:read"]),
+    rule("api", {"prefix": "/api"}),
+]
+SOURCES = ["bearer", "header:x-internal-token", "header:x-internal-api-key"]
+
+MAIN_TOKENS = [
+    record("ci-deploy", T["ci-deploy"], ["deploy:write", "orders:read"]),
+    record("monitor", T["monitor"], ["health:read"]),
+    record("orders-admin", T["orders-admin"], ["orders:*"]),
+    record("root", T["root"], ["*"]),
+    record("revoked", T["revoked"], ["orders:read"], revoked=NOW - DAY),
+    record("expiring", T["expiring"], ["orders:read"], expires=NOW + 3600),
+    record("future", T["future"], ["orders:read"], not_before=NOW + 600),
+    record("rotated-old", T["rotated-old"], ["orders:read"], grace=NOW + 300),
+    record("rotated-new", T["rotated-new"], ["orders:read"], created=NOW - 100),
+    record("no-scopes", T["no-scopes"], []),
+    record("legacy-service", LEGACY, ["orders:read"]),
+]
+CUTOFF = NOW - 3600
+REVOKE_ALL_TOKENS = [
+    record("at-cutoff", T["at-cutoff"], ["*"], created=CUTOFF),
+    record("after-cutoff", T["after-cutoff"], ["*"], created=CUTOFF + 1),
+    record("root", T["root"], ["*"]),
+]
+
+BUNDLES = {
+    "main": lambda t: bundle(10, MAIN_TOKENS, POLICY, SOURCES, target=t),
+    "revoke-all": lambda t: bundle(11, REVOKE_ALL_TOKENS, POLICY, SOURCES,
+                                   revoke_all_at=CUTOFF, target=t),
+    "query": lambda t: bundle(12, [record("query-user", T["query-user"], ["orders:read"])],
+                              POLICY, ["bearer", "query:access_token"], target=t),
+    "forward": lambda t: bundle(13, [record("ci-deploy", T["ci-deploy"], ["*"])],
+                                POLICY, SOURCES, forward=True, target=t),
+}
+
+REALM = 'Bearer realm="tokengate"'
+INVALID = f'{REALM}, error="invalid_token"'
+BAD_REQUEST = f'{REALM}, error="invalid_request"'
+SPOOF = [("x-tokengate-subject", "root"), ("X-Tokengate-Scopes", "*"),
+         ("x-tokengate-token-id", "tid_0000000000000000"), ("x-tokengate-extra", "1")]
+SPOOF_NAMES = ["x-tokengate-extra"]
+
+cases = []
+
+
+def case(name, path="/api/orders/1", method="GET", headers=(), bundle="main", now=NOW,
+         authority="api.internal", clock_edge=False, **expect):
+    cases.append({"name": name, "bundle": bundle, "now": now, "clock_edge": clock_edge,
+                  "request": {"method": method, "path": path, "authority": authority,
+                              "headers": [list(h) for h in headers]},
+                  "expect": expect})
+
+
+def bearer(token):
+    return [("authorization", f"Bearer {token}")]
+
+
+def allow(name, token_name, scopes, headers, upstream_absent=("authorization",), **kw):
+    token_id = "tid_" + sha(T.get(token_name, LEGACY))[:16]
+    case(name, headers=headers, status=200, reason="valid",
+         upstream_headers={"x-tokengate-subject": token_name, "x-tokengate-scopes": scopes,
+                           "x-tokengate-token-id": token_id},
+         upstream_absent=list(upstream_absent) + SPOOF_NAMES, **kw)
+
+
+def deny401(name, headers, reason, **kw):
+    case(name, headers=headers, status=401, reason=reason, error="invalid_token",
+         response_headers={"www-authenticate": INVALID}, **kw)
+
+
+def deny400(name, headers, reason, **kw):
+    case(name, headers=headers, status=400, reason=reason, error="invalid_request",
+         response_headers={"www-authenticate": BAD_REQUEST}, **kw)
+
+
+def forbid(name, headers, needed, **kw):
+    case(name, headers=headers, status=403, reason="insufficient_scope",
+         error="insufficient_scope",
+         response_headers={"www-authenticate":
+                           f'{REALM}, error="insufficient_scope", scope="{needed}"'}, **kw)
+
+
+CI = "deploy:write orders:read"
+# --- the decision table: passes -------------------------------------------------------
+case("public exact route passes without credential", path="/healthz", status=200, reason="public")
+case("public prefix route passes", path="/docs/getting-started", status=200, reason="public")
+case("public route with HEAD passes", path="/healthz", method="HEAD", status=200, reason="public")
+allow("valid bearer token passes with identity headers", "ci-deploy", CI, bearer(T["ci-deploy"]))
+allow("valid token in x-internal-token", "ci-deploy", CI, [("x-internal-token", T["ci-deploy"])],
+      upstream_absent=("x-internal-token",))
+allow("valid token in x-internal-api-key", "ci-deploy", CI,
+      [("x-internal-api-key", T["ci-deploy"])], upstream_absent=("x-internal-api-key",))
+allow("imported legacy secret passes", "legacy-service", "orders:read",
+      [("x-internal-token", LEGACY)], upstream_absent=("x-internal-token",))
+allow("sk_test prefix token passes on any-of rule", "monitor", "health:read",
+      bearer(T["monitor"]), path="/metrics")
+allow("x:* grant covers orders:write", "orders-admin", "orders:*", bearer(T["orders-admin"]),
+      method="POST", path="/api/orders")
+allow("x:* grant covers orders:read", "orders-admin", "orders:*", bearer(T["orders-admin"]))
+allow("* grant covers admin", "root", "*", bearer(T["root"]), path="/admin/users")
+allow("* grant covers any-of", "root", "*", bearer(T["root"]), path="/metrics")
+allow("token-only rule needs no scope", "no-scopes", "", bearer(T["no-scopes"]), path="/api/misc")
+allow("host rule matches its host", "ci-deploy", CI, bearer(T["ci-deploy"]), path="/deploy/x",
+      authority="ci.internal")
+allow("host match ignores port and case", "ci-deploy", CI, bearer(T["ci-deploy"]),
+      path="/deploy/x", authority="CI.Internal:8443")
+allow("bearer scheme is case-insensitive", "ci-deploy", CI,
+      [("authorization", f"bEaReR {T['ci-deploy']}")])
+allow("BEARER upper case", "ci-deploy", CI, [("Authorization", f"BEARER {T['ci-deploy']}")])
+allow("several spaces after Bearer", "ci-deploy", CI,
+      [("authorization", f"Bearer    {T['ci-deploy']}")])
+allow("trailing whitespace is dropped", "ci-deploy", CI,
+      [("authorization", f"Bearer {T['ci-deploy']}  ")])
+allow("header names are case-insensitive", "ci-deploy", CI,
+      [("X-Internal-Token", T["ci-deploy"])], upstream_absent=("x-internal-token",))
+allow("non-bearer authorization is left for the upstream", "ci-deploy", CI,
+      [("x-internal-token", T["ci-deploy"]), ("authorization", "Basic dXNlcjpwYXNz")],
+      upstream_absent=("x-internal-token",))
+# --- 401 without credential ------------------------------------------------------------
+for name, headers in [("no credential", []),
+                      ("basic authorization is not a credential", [("authorization", "Basic abc")]),
+                      ("Bearer without separator is another scheme",
+                       [("authorization", "Bearer" + T["ci-deploy"])]),
+                      ("unconfigured header is not a credential", [("x-api-key", T["ci-deploy"])])]:
+    case(name, headers=headers, status=401, reason="no_credential", error="missing_token",
+         response_headers={"www-authenticate": REALM})
+# --- 401 invalid token -----------------------------------------------------------------
+bad_check = T["ci-deploy"][:-1] + ("A" if T["ci-deploy"][-1] != "A" else "B")
+deny401("checksum-failing token", bearer(bad_check), "checksum")
+flipped = T["ci-deploy"][:20] + ("x" if T["ci-deploy"][20] != "x" else "y") + T["ci-deploy"][21:]
+deny401("one flipped body character fails the checksum", bearer(flipped), "checksum")
+deny401("well-formed but never issued", bearer(T["never-issued"]), "unknown")
+deny401("unknown opaque secret", [("x-internal-token", "not-a-real-secret-value-123")], "unknown")
+deny401("revoked token", bearer(T["revoked"]), "revoked")
+deny401("expired token, one second after", bearer(T["expiring"]), "expired", now=NOW + 3601)
+deny401("expired exactly at expiry", bearer(T["expiring"]), "expired", now=NOW + 3600, clock_edge=True)
+allow("valid one second before expiry", "expiring", "orders:read", bearer(T["expiring"]),
+      now=NOW + 3599, clock_edge=True)
+deny401("not yet valid", bearer(T["future"]), "not_yet_valid")
+deny401("not yet valid one second before not-before", bearer(T["future"]), "not_yet_valid",
+        now=NOW + 599, clock_edge=True)
+allow("valid exactly at not-before", "future", "orders:read", bearer(T["future"]),
+      now=NOW + 600, clock_edge=True)
+allow("rotated token passes during grace", "rotated-old", "orders:read", bearer(T["rotated-old"]))
+allow("new token passes during grace", "rotated-new", "orders:read", bearer(T["rotated-new"]))
+allow("rotated token passes one second before grace ends", "rotated-old", "orders:read",
+      bearer(T["rotated-old"]), now=NOW + 299, clock_edge=True)
+deny401("rotated token fails exactly at grace end", bearer(T["rotated-old"]),
+        "rotation_grace_over", now=NOW + 300, clock_edge=True)
+deny401("rotated token fails after grace", bearer(T["rotated-old"]), "rotation_grace_over",
+        now=NOW + 3600)
+allow("new token passes after grace", "rotated-new", "orders:read", bearer(T["rotated-new"]),
+      now=NOW + 3600)
+deny401("empty bearer token", [("authorization", "Bearer")], "empty")
+deny401("empty bearer token with space", [("authorization", "Bearer ")], "empty")
+deny401("empty named header", [("x-internal-token", "")], "empty")
+deny401("10 KB token is rejected before hashing", bearer("a" * 10240), "too_long")
+deny401("token one over the limit", bearer("b" * 513), "too_long")
+deny401("token with internal space", [("authorization", f"Bearer {T['ci-deploy'][:10]} x")],
+        "malformed")
+deny401("non-ASCII bytes in token", [("x-internal-token", "sk_live_\u00e9\u00e9\u00e9\u00e9")],
+        "malformed")
+case("tab after Bearer is not the Bearer scheme", headers=[("authorization", f"Bearer\t{T['ci-deploy']}")],
+     status=401, reason="no_credential", error="missing_token", response_headers={"www-authenticate": REALM})
+deny401("token case changed fails the checksum", bearer(T["ci-deploy"].upper().replace("SK_LIVE", "sk_live")),
+        "checksum")
+deny401("prefix swapped fails the checksum", bearer("sk_test" + T["ci-deploy"][7:]), "checksum")
+deny401("hash of a token is not a token", bearer(sha(T["ci-deploy"])), "unknown")
+# --- revoke-all cut-off ----------------------------------------------------------------
+deny401("revoke-all revokes tokens created before", bearer(T["root"]), "revoked_all",
+        bundle="revoke-all")
+deny401("revoke-all revokes tokens created exactly at the cut-off", bearer(T["at-cutoff"]),
+        "revoked_all", bundle="revoke-all")
+case("token created after the cut-off passes", bundle="revoke-all", headers=bearer(T["after-cutoff"]),
+     status=200, reason="valid", upstream_headers={"x-tokengate-subject": "after-cutoff"})
+# --- 403 scopes ------------------------------------------------------------------------
+forbid("read-only token cannot write", bearer(T["ci-deploy"]), "orders:write", method="POST",
+       path="/api/orders")
+forbid("token lacks admin", bearer(T["ci-deploy"]), "admin", path="/admin")
+forbid("any-of unsatisfied names the any-of list", bearer(T["ci-deploy"]),
+       "health:read metrics:read", path="/metrics")
+forbid("x:* does not cover another namespace", bearer(T["orders-admin"]), "admin", path="/admin/x")
+forbid("no-scope token on scoped route", bearer(T["no-scopes"]), "orders:read")
+# --- rule matching ---------------------------------------------------------------------
+case("no rule matches: fail closed", path="/elsewhere", headers=bearer(T["root"]), status=403,
+     reason="no_rule", error="access_denied", response_absent=["www-authenticate"])
+case("/apix is not under /api", path="/apix", headers=bearer(T["root"]), status=403,
+     reason="no_rule", error="access_denied")
+allow("/api itself is under /api", "no-scopes", "", bearer(T["no-scopes"]), path="/api")
+case("/healthz/x is not the exact route", path="/healthz/x", status=403, reason="no_rule",
+     error="access_denied")
+case("public rule is method-bound: POST /healthz", path="/healthz", method="POST", status=403,
+     reason="no_rule", error="access_denied")
+case("lower-case method does not match GET", path="/healthz", method="get", status=403,
+     reason="no_rule", error="access_denied")
+allow("lower-case method falls through to the catch-all api rule", "no-scopes", "",
+      bearer(T["no-scopes"]), method="get", path="/api/orders")
+case("host-bound rule does not match another host", path="/deploy/x", authority="evil.internal",
+     headers=bearer(T["ci-deploy"]), status=403, reason="no_rule", error="access_denied")
+# --- paths -----------------------------------------------------------------------------
+for name, path in [("dot-dot into public", "/docs/../admin"),
+                   ("encoded dot-dot", "/docs/%2e%2e/admin"),
+                   ("upper-case encoded dot-dot", "/docs/%2E%2E/admin"),
+                   ("double slash", "//admin")]:
+    case(f"{name} resolves before matching", path=path, status=401, reason="no_credential",
+         error="missing_token")
+allow("dot-dot is resolved and the normalised path forwarded", "root", "*", bearer(T["root"]),
+      path="/docs/../admin/x", upstream_path="/admin/x")
+allow("encoded unreserved characters are decoded for the upstream", "root", "*", bearer(T["root"]),
+      path="/%61dmin?x=1", upstream_path="/admin?x=1")
+for name, path in [("encoded slash", "/api%2Forders"), ("encoded lower-case slash", "/docs%2f..%2fadmin"),
+                   ("encoded backslash", "/docs/%5c../admin"), ("raw backslash", "/docs\\..\\admin"),
+                   ("dot-dot above root", "/../admin"), ("encoded NUL", "/api/%00"),
+                   ("bad percent-encoding", "/api/%zz"), ("relative path", "api/orders")]:
+    deny400(f"{name} is a bad request", bearer(T["root"]), "bad_path", path=path)
+deny400("bad path is refused even on public prefixes", [], "bad_path", path="/docs/%2F")
+# --- duplicate / conflicting credentials -----------------------------------------------
+deny400("two authorization headers", bearer(T["ci-deploy"]) + bearer(T["ci-deploy"]),
+        "several_credentials")
+deny400("two different bearer tokens", bearer(T["ci-deploy"]) + bearer(T["root"]),
+        "several_credentials")
+deny400("same token in two sources", bearer(T["ci-deploy"]) + [("x-internal-token", T["ci-deploy"])],
+        "several_credentials")
+deny400("different tokens in two headers",
+        [("x-internal-token", T["ci-deploy"]), ("x-internal-api-key", T["root"])],
+        "several_credentials")
+deny400("repeated named header", [("x-internal-token", T["root"]), ("X-Internal-Token", T["root"])],
+        "several_credentials")
+deny400("an invalid second credential still conflicts",
+        bearer(T["root"]) + [("x-internal-api-key", "garbage")], "several_credentials")
+# --- anti-spoofing ---------------------------------------------------------------------
+case("spoofed identity headers are removed on public routes", path="/healthz", headers=SPOOF,
+     status=200, reason="public",
+     upstream_absent=["x-tokengate-subject", "x-tokengate-scopes", "x-tokengate-token-id",
+                      "x-tokengate-extra"])
+allow("spoofed identity headers are replaced on protected routes", "ci-deploy", CI,
+      SPOOF + bearer(T["ci-deploy"]))
+case("spoofed headers do not authenticate", headers=SPOOF, status=401, reason="no_credential",
+     error="missing_token")
+case("credential is stripped on public routes too", path="/healthz", headers=bearer(T["root"]),
+     status=200, reason="public", upstream_absent=["authorization"])
+# --- query credentials and forwarding --------------------------------------------------
+case("query credential passes when configured and is stripped", bundle="query",
+     path=f"/api/orders/1?a=1&access_token={T['query-user']}&b=2", status=200, reason="valid",
+     upstream_headers={"x-tokengate-subject": "query-user"}, upstream_path="/api/orders/1?a=1&b=2")
+case("query credential is ignored when not configured",
+     path=f"/api/orders/1?access_token={T['ci-deploy']}", status=401, reason="no_credential",
+     error="missing_token")
+deny400("query and bearer credential conflict", bearer(T["query-user"]), "several_credentials",
+        bundle="query", path=f"/api/orders?access_token={T['query-user']}")
+case("credential forwarded when configured", bundle="forward", headers=bearer(T["ci-deploy"]),
+     status=200, reason="valid",
+     upstream_headers={"authorization": f"Bearer {T['ci-deploy']}", "x-tokengate-subject": "ci-deploy"})
+
+names = [c["name"] for c in cases]
+assert len(names) == len(set(names)), "case names must be unique"
+
+# --- bundles every target must refuse ----------------------------------------------------
+def refusal(name, text, key=KEY, serving_version=None):
+    return {"name": name, "bundle": text, "key": key, "serving_version": serving_version}
+
+
+good = sign(BUNDLES["main"]("envoy"))
+good_text = json.dumps(good, separators=(",", ":"))
+REFUSALS = [
+    refusal("tampered byte", good_text.replace('"orders:read"', '"orders:reae"', 1)),
+    refusal("wrong key", good_text, key=hashlib.sha256(b"another key").hexdigest()),
+    refusal("no signature", json.dumps(BUNDLES["main"]("envoy"))),
+    refusal("signed for the worker", json.dumps(sign(BUNDLES["main"]("worker")))),
+    refusal("signed for another environment",
+            json.dumps(sign({**BUNDLES["main"]("envoy"), "environment": "prod"}))),
+    refusal("older version than served", good_text, serving_version=10),
+    refusal("invalid JSON", good_text[:-2]),
+    refusal("unknown field", json.dumps(sign({**BUNDLES["main"]("envoy"), "debug": True}))),
+    refusal("duplicate token names", json.dumps(sign(bundle(
+        20, MAIN_TOKENS + [record("root", T["never-issued"], [])], POLICY, SOURCES)))),
+    refusal("duplicate token hashes", json.dumps(sign(bundle(
+        20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES)))),
+    refusal("bad scope", json.dumps(sign(bundle(
+        20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES)))),
+    refusal("bad rule path", json.dumps(sign(bundle(
+        20, [], [rule("r", {"prefix": "/api/../x"})], SOURCES)))),
+    refusal("no credential sources", json.dumps(sign(bundle(20, [], POLICY, [])))),
+    refusal("wrong format", json.dumps(sign({**BUNDLES["main"]("envoy"), "format": "tokengate.bundle/v2"}))),
+]
+
+suite = {
+    "now": NOW,
+    "key": KEY,
+    "environment": ENVIRONMENT,
+    "bundles": {name: {t: sign(make(t)) for t in ("envoy", "worker")} for name, make in BUNDLES.items()},
+    "cases": cases,
+    "refusals": REFUSALS,
+}
+text = json.dumps(suite, indent=1, ensure_ascii=False) + "\n"
+out = Path(__file__).with_name("vectors.json")
+if "--check" in sys.argv:
+    if out.read_text() != text:
+        sys.exit("conformance/vectors.json is stale: run python3 conformance/generate.py")
+else:
+    out.write_text(text)
+print(f"{len(cases)} cases, {len(REFUSALS)} refusals", file=sys.stderr)

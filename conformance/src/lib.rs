@@ -1,0 +1,250 @@
+//! The conformance vectors (`vectors.json`, made by `generate.py`) and the one comparison
+//! every target's runner uses, so that the core, the filter under wasmtime, Envoy and the
+//! Worker are held to exactly the same expectations.
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole suite.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suite {
+    /// Unix seconds most cases run at.
+    pub now: u64,
+    /// The fixture signing key, hex.
+    pub key: String,
+    /// The environment fixture bundles are signed for.
+    pub environment: String,
+    /// Signed fixture bundles: name → target (`envoy`, `worker`) → bundle.
+    pub bundles: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// Decision cases.
+    pub cases: Vec<Case>,
+    /// Bundles every target must refuse, for the `envoy` target with the fixture key.
+    pub refusals: Vec<Refusal>,
+}
+
+/// One request and what every target must do with it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    /// What the case checks.
+    pub name: String,
+    /// The fixture bundle it runs against.
+    pub bundle: String,
+    /// The time of the request, unix seconds.
+    pub now: u64,
+    /// True when the case sits on a one-second boundary and so needs a controlled clock.
+    #[serde(default)]
+    pub clock_edge: bool,
+    /// The request.
+    pub request: Request,
+    /// The expectation.
+    pub expect: Expect,
+}
+
+/// A request of a case.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The method.
+    pub method: String,
+    /// `:path`, query included.
+    pub path: String,
+    /// `:authority`.
+    pub authority: String,
+    /// Header pairs in order, repeats included.
+    pub headers: Vec<(String, String)>,
+}
+
+/// What must be observed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// 200 when the request reaches the upstream, else the gate's status.
+    pub status: u16,
+    /// The internal reason (checked where the target exposes it: logs, metrics).
+    pub reason: String,
+    /// Response headers that must be present with exactly these values (names lower case).
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, String>,
+    /// Response headers that must be absent.
+    #[serde(default)]
+    pub response_absent: Vec<String>,
+    /// The body's `error` member, on denials.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Headers the upstream must receive with exactly these values.
+    #[serde(default)]
+    pub upstream_headers: BTreeMap<String, String>,
+    /// Headers the upstream must not receive.
+    #[serde(default)]
+    pub upstream_absent: Vec<String>,
+    /// The path the upstream must receive (when it differs from the request's).
+    #[serde(default)]
+    pub upstream_path: Option<String>,
+}
+
+/// A bundle a target must refuse.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// What is wrong with it.
+    pub name: String,
+    /// The bundle text exactly as pushed.
+    pub bundle: String,
+    /// The key the target holds (hex); the fixture key unless the case is about keys.
+    pub key: String,
+    /// The version the target serves already, if any (rollback cases).
+    #[serde(default)]
+    pub serving_version: Option<u64>,
+}
+
+/// What a runner saw for one case.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// The status the client got (200 when the upstream answered).
+    pub status: u16,
+    /// The reason, when the target exposes it to the runner.
+    pub reason: Option<String>,
+    /// Response headers (any case).
+    pub response_headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: String,
+    /// Headers the upstream received, when it was reached.
+    pub upstream_headers: Option<Vec<(String, String)>>,
+    /// The path the upstream received, when it was reached.
+    pub upstream_path: Option<String>,
+}
+
+/// Where the suite lives in the repository.
+pub fn vectors_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors.json")
+}
+
+/// Loads the suite.
+pub fn load() -> Result<Suite, String> {
+    let path = vectors_path();
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Suite {
+    /// The text of a fixture bundle signed for `target`.
+    pub fn bundle_text(&self, name: &str, target: &str) -> Result<String, String> {
+        self.bundles
+            .get(name)
+            .and_then(|by_target| by_target.get(target))
+            .map(|b| b.to_string())
+            .ok_or_else(|| format!("no fixture bundle {name:?} for target {target:?}"))
+    }
+
+    /// The version of a fixture bundle.
+    pub fn bundle_version(&self, name: &str) -> u64 {
+        self.bundles
+            .get(name)
+            .and_then(|t| t.values().next())
+            .and_then(|b| b.get("version"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or_default()
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// Compares what a target did with what the case expects; every mismatch is listed.
+pub fn check(case: &Case, seen: &Observed) -> Result<(), String> {
+    let expect = &case.expect;
+    let mut problems = Vec::new();
+    if seen.status != expect.status {
+        problems.push(format!("status {} (expected {})", seen.status, expect.status));
+    }
+    if let Some(reason) = &seen.reason {
+        if reason != &expect.reason {
+            problems.push(format!("reason {reason:?} (expected {:?})", expect.reason));
+        }
+    }
+    for (name, want) in &expect.response_headers {
+        let got = header(&seen.response_headers, name);
+        if got != [want.as_str()] {
+            problems.push(format!("response header {name}: {got:?} (expected [{want:?}])"));
+        }
+    }
+    for name in &expect.response_absent {
+        if !header(&seen.response_headers, name).is_empty() {
+            problems.push(format!("response header {name} present (expected absent)"));
+        }
+    }
+    if let Some(error) = &expect.error {
+        let body: serde_json::Value = serde_json::from_str(&seen.body).unwrap_or_default();
+        let got = body.get("error").and_then(|e| e.as_str());
+        if got != Some(error.as_str()) || body.get("error_description").and_then(|d| d.as_str()).is_none() {
+            problems.push(format!("body {:?} (expected error {error:?} and a description)", seen.body));
+        }
+    }
+    let reached = seen.upstream_headers.is_some();
+    if reached != (expect.status == 200) {
+        problems.push(format!("upstream reached: {reached} (expected {})", expect.status == 200));
+    }
+    if let Some(upstream) = &seen.upstream_headers {
+        for (name, want) in &expect.upstream_headers {
+            let got = header(upstream, name);
+            if got != [want.as_str()] {
+                problems.push(format!("upstream header {name}: {got:?} (expected [{want:?}])"));
+            }
+        }
+        for name in &expect.upstream_absent {
+            let got = header(upstream, name);
+            if !got.is_empty() {
+                problems.push(format!("upstream header {name} reached the upstream: {got:?}"));
+            }
+        }
+        let want_path = expect.upstream_path.as_deref().unwrap_or(&case.request.path);
+        if let Some(path) = &seen.upstream_path {
+            if path != want_path {
+                problems.push(format!("upstream path {path:?} (expected {want_path:?})"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", case.name, problems.join("; ")))
+    }
+}
+
+/// Runs every case through `run` and returns one report of all failures.
+pub fn run_all(
+    suite: &Suite,
+    mut run: impl FnMut(&Case) -> Result<Observed, String>,
+) -> Result<usize, String> {
+    let mut failures = Vec::new();
+    for case in &suite.cases {
+        match run(case) {
+            Ok(seen) => {
+                if let Err(problem) = check(case, &seen) {
+                    failures.push(problem);
+                }
+            }
+            Err(error) => failures.push(format!("{}: runner error: {error}", case.name)),
+        }
+    }
+    if failures.is_empty() {
+        Ok(suite.cases.len())
+    } else {
+        Err(format!(
+            "{} of {} conformance cases failed:\n  {}",
+            failures.len(),
+            suite.cases.len(),
+            failures.join("\n  ")
+        ))
+    }
+}

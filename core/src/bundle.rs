@@ -1,0 +1,580 @@
+//! The `tokengate.bundle/v1` document: what the admin signs and every target loads.
+//!
+//! The signature is HMAC-SHA256, by a key the target holds apart from the bundle, over the
+//! bundle's canonical bytes: the compact JSON of the typed model, fields in declaration
+//! order, without the `signature` field. Loading is all-or-nothing: [`Gate::load`] verifies
+//! the signature (constant time), the target, the environment and the version, then
+//! validates every field; any failure rejects the whole bundle.
+
+use core::fmt;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::credentials::{self, Source, SourceError};
+use crate::policy::{self, Policy, PolicyError};
+use crate::token::TokenHash;
+
+/// The `format` every v1 bundle carries.
+pub const FORMAT: &str = "tokengate.bundle/v1";
+/// Tokens a bundle may hold.
+pub const MAX_TOKENS: usize = 1_000_000;
+/// Bytes a bundle may take.
+pub const MAX_BUNDLE_BYTES: usize = 256 * 1024 * 1024;
+/// Bytes of the HMAC key.
+pub const KEY_LEN: usize = 32;
+
+/// Which kind of gate a bundle is signed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The proxy-wasm filter in Envoy.
+    Envoy,
+    /// The Cloudflare Worker.
+    Worker,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Envoy => "envoy",
+            Self::Worker => "worker",
+        })
+    }
+}
+
+/// The bundle as serialised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Monotonic; a target only ever accepts a newer one.
+    pub version: u64,
+    /// Unix seconds at signing.
+    pub issued_at: u64,
+    /// The environment this bundle is for (e.g. `prod`).
+    pub environment: String,
+    /// The kind of gate this bundle is for.
+    pub target: Target,
+    /// The route policy.
+    pub policy: Policy,
+    /// Where credentials are read from.
+    pub credentials: CredentialConfig,
+    /// Token records: hashes only.
+    pub tokens: Vec<TokenRecord>,
+    /// Emergency cut-off: every token created at or before this instant is revoked.
+    pub revoke_all_at: Option<u64>,
+    /// Lower-case hex HMAC-SHA256 of the canonical bytes; absent while signing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// Credential configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// Ordered sources: `bearer`, `header:<name>`, `query:<name>`.
+    pub sources: Vec<String>,
+    /// Whether the credential itself goes on to the upstream (default: no).
+    #[serde(default)]
+    pub forward: bool,
+}
+
+/// One token, as every target sees it: no plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    /// Unique name; becomes `x-tokengate-subject`.
+    pub name: String,
+    /// Public id derived from the hash.
+    pub token_id: String,
+    /// Lower-case hex SHA-256 of the token.
+    pub hash: String,
+    /// Granted scopes (`x:y`, `x:*`, `*`).
+    pub scopes: Vec<String>,
+    /// Unix seconds of creation.
+    pub created_at: u64,
+    /// Not valid before this instant.
+    pub not_before: Option<u64>,
+    /// Not valid at or after this instant.
+    pub expires_at: Option<u64>,
+    /// Revoked at this instant (any value revokes).
+    pub revoked_at: Option<u64>,
+    /// Replaced by rotation: valid until this instant, the end of the grace period.
+    pub grace_until: Option<u64>,
+}
+
+/// The HMAC key a target holds apart from the bundle.
+#[derive(Clone)]
+pub struct SigningKey([u8; KEY_LEN]);
+
+impl SigningKey {
+    /// From 32 bytes the caller drew from the OS CSPRNG.
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// From 64 lower-case hex characters (surrounding whitespace ignored).
+    pub fn from_hex(text: &str) -> Result<Self, BundleError> {
+        crate::hex::decode::<KEY_LEN>(text.trim())
+            .map(Self)
+            .ok_or(BundleError::BadKey)
+    }
+
+    /// The hex form, for writing the key file at `init`.
+    pub fn to_hex(&self) -> String {
+        crate::hex::encode(&self.0)
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC takes keys of any length, so this cannot fail.
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!())
+    }
+
+    /// Hex HMAC-SHA256 of `message`.
+    pub fn sign_bytes(&self, message: &[u8]) -> String {
+        let mut mac = self.mac();
+        mac.update(message);
+        crate::hex::encode(&mac.finalize().into_bytes())
+    }
+
+    /// Checks a hex HMAC-SHA256 of `message` in constant time.
+    pub fn verify_bytes(&self, message: &[u8], signature_hex: &str) -> bool {
+        let Some(tag) = crate::hex::decode::<32>(signature_hex) else {
+            return false;
+        };
+        let mut mac = self.mac();
+        mac.update(message);
+        mac.verify_slice(&tag).is_ok()
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+impl Bundle {
+    /// The bytes the signature covers.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let unsigned = Bundle {
+            signature: None,
+            ..self.clone()
+        };
+        // Serialising plain structs of strings, numbers and vectors cannot fail.
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
+
+    /// Signs in place.
+    pub fn sign(&mut self, key: &SigningKey) {
+        self.signature = None;
+        self.signature = Some(key.sign_bytes(&self.canonical_bytes()));
+    }
+
+    /// Serialises a signed bundle.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// What a target expects of a bundle before it replaces the one it serves.
+#[derive(Debug, Clone)]
+pub struct Expectation<'a> {
+    /// The target's own kind.
+    pub target: Target,
+    /// The environment the target serves; `None` accepts any (the CLI's `check`).
+    pub environment: Option<&'a str>,
+    /// The version served now; the new bundle's must be greater.
+    pub newer_than: Option<u64>,
+}
+
+/// Why a bundle was refused. Nothing of it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// The verification key is not 64 lower-case hex characters.
+    BadKey,
+    /// Larger than [`MAX_BUNDLE_BYTES`].
+    TooLarge(usize),
+    /// Not valid JSON for the model (unknown field, wrong type, …).
+    Json(String),
+    /// `format` is not [`FORMAT`].
+    Format(String),
+    /// No signature, or it does not verify with the key.
+    Signature,
+    /// Signed for the other kind of gate.
+    WrongTarget {
+        /// The target it was signed for.
+        bundle: Target,
+        /// The target that loaded it.
+        expected: Target,
+    },
+    /// Signed for another environment.
+    WrongEnvironment {
+        /// The environment it was signed for.
+        bundle: String,
+        /// The environment the target serves.
+        expected: String,
+    },
+    /// Not newer than the version served (rollback or replay).
+    NotNewer {
+        /// The bundle's version.
+        version: u64,
+        /// The version served now.
+        current: u64,
+    },
+    /// The environment name is not `[a-z0-9][a-z0-9._-]{0,63}`.
+    BadEnvironment(String),
+    /// The policy is invalid.
+    Policy(PolicyError),
+    /// A credential source is invalid.
+    Sources(SourceError),
+    /// More than [`MAX_TOKENS`] tokens.
+    TooManyTokens(usize),
+    /// A token record is invalid.
+    Token {
+        /// The record's name.
+        name: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// Two records share a name.
+    DuplicateName(String),
+    /// Two records share a hash.
+    DuplicateHash(String),
+}
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadKey => write!(f, "the signing key must be 64 lower-case hex characters"),
+            Self::TooLarge(n) => write!(f, "bundle is {n} bytes; the limit is {MAX_BUNDLE_BYTES}"),
+            Self::Json(e) => write!(f, "bundle is not a valid {FORMAT} document: {e}"),
+            Self::Format(found) => write!(f, "format is {found:?}, expected {FORMAT:?}"),
+            Self::Signature => write!(f, "bundle signature is missing or does not verify with this key"),
+            Self::WrongTarget { bundle, expected } => {
+                write!(f, "bundle is signed for target {bundle}, this is {expected}")
+            }
+            Self::WrongEnvironment { bundle, expected } => write!(
+                f,
+                "bundle is signed for environment {bundle:?}, this serves {expected:?}"
+            ),
+            Self::NotNewer { version, current } => write!(
+                f,
+                "bundle version {version} is not newer than the version served ({current}): rollback refused"
+            ),
+            Self::BadEnvironment(e) => {
+                write!(f, "environment {e:?} must match [a-z0-9][a-z0-9._-]{{0,63}}")
+            }
+            Self::Policy(e) => write!(f, "policy: {e}"),
+            Self::Sources(e) => write!(f, "credentials: {e}"),
+            Self::TooManyTokens(n) => write!(f, "{n} tokens; at most {MAX_TOKENS} are allowed"),
+            Self::Token { name, problem } => write!(f, "token {name:?}: {problem}"),
+            Self::DuplicateName(n) => write!(f, "two tokens are named {n:?}"),
+            Self::DuplicateHash(id) => write!(f, "two tokens share one hash (token id {id})"),
+        }
+    }
+}
+
+impl std::error::Error for BundleError {}
+
+/// A token record as the gate holds it, parsed and checked.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) name: String,
+    pub(crate) token_id: String,
+    pub(crate) scopes: Vec<String>,
+    /// The scopes joined by spaces, as `x-tokengate-scopes` carries them.
+    pub(crate) scopes_header: String,
+    pub(crate) created_at: u64,
+    pub(crate) not_before: Option<u64>,
+    pub(crate) expires_at: Option<u64>,
+    pub(crate) revoked: bool,
+    pub(crate) grace_until: Option<u64>,
+}
+
+/// A SHA-256 is already uniformly distributed: its first eight bytes are the hash-map hash.
+#[derive(Default)]
+pub(crate) struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+}
+
+type Index = HashMap<[u8; 32], u32, BuildHasherDefault<DigestHasher>>;
+
+/// A verified, validated bundle ready to decide requests. Lookups are O(1) in the number
+/// of tokens.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub(crate) version: u64,
+    pub(crate) environment: String,
+    pub(crate) policy: Policy,
+    pub(crate) sources: Vec<Source>,
+    pub(crate) forward_credential: bool,
+    pub(crate) records: Vec<Record>,
+    pub(crate) index: Index,
+    pub(crate) revoke_all_at: Option<u64>,
+}
+
+impl Gate {
+    /// Verifies and validates a signed bundle; on any failure nothing is returned.
+    pub fn load(json: &[u8], key: &SigningKey, expect: &Expectation<'_>) -> Result<Self, BundleError> {
+        let bundle = parse_verified(json, key)?;
+        check_expectation(&bundle, expect)?;
+        Self::from_bundle(bundle)
+    }
+
+    /// Validates an already verified bundle (the CLI builds them itself).
+    pub fn from_bundle(bundle: Bundle) -> Result<Self, BundleError> {
+        if !policy::valid_name(&bundle.environment) {
+            return Err(BundleError::BadEnvironment(bundle.environment));
+        }
+        policy::validate(&bundle.policy).map_err(BundleError::Policy)?;
+        let sources =
+            credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)?;
+        if bundle.tokens.len() > MAX_TOKENS {
+            return Err(BundleError::TooManyTokens(bundle.tokens.len()));
+        }
+        let mut index = Index::with_capacity_and_hasher(bundle.tokens.len(), Default::default());
+        let mut names = HashSet::with_capacity(bundle.tokens.len());
+        let mut records = Vec::with_capacity(bundle.tokens.len());
+        for (position, token) in bundle.tokens.into_iter().enumerate() {
+            let record = check_record(&token)?;
+            if !names.insert(token.name.clone()) {
+                return Err(BundleError::DuplicateName(token.name));
+            }
+            let hash = TokenHash::from_hex(&token.hash).ok_or_else(|| BundleError::Token {
+                name: token.name.clone(),
+                problem: "hash must be 64 lower-case hex characters",
+            })?;
+            let position = u32::try_from(position).map_err(|_| BundleError::TooManyTokens(position))?;
+            if index.insert(hash.0, position).is_some() {
+                return Err(BundleError::DuplicateHash(record.token_id));
+            }
+            records.push(record);
+        }
+        Ok(Self {
+            version: bundle.version,
+            environment: bundle.environment,
+            policy: bundle.policy,
+            sources,
+            forward_credential: bundle.credentials.forward,
+            records,
+            index,
+            revoke_all_at: bundle.revoke_all_at,
+        })
+    }
+
+    /// The version this gate serves.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The environment this gate serves.
+    pub fn environment(&self) -> &str {
+        &self.environment
+    }
+
+    /// How many token records it holds.
+    pub fn token_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// The configured credential sources.
+    pub fn sources(&self) -> &[Source] {
+        &self.sources
+    }
+}
+
+/// Parses and verifies the signature and format; no other check.
+pub fn parse_verified(json: &[u8], key: &SigningKey) -> Result<Bundle, BundleError> {
+    if json.len() > MAX_BUNDLE_BYTES {
+        return Err(BundleError::TooLarge(json.len()));
+    }
+    let bundle: Bundle = serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
+    let signature = bundle.signature.as_deref().ok_or(BundleError::Signature)?;
+    if !key.verify_bytes(&bundle.canonical_bytes(), signature) {
+        return Err(BundleError::Signature);
+    }
+    if bundle.format != FORMAT {
+        return Err(BundleError::Format(bundle.format));
+    }
+    Ok(bundle)
+}
+
+/// Checks target, environment and version against what the target expects.
+pub fn check_expectation(bundle: &Bundle, expect: &Expectation<'_>) -> Result<(), BundleError> {
+    if bundle.target != expect.target {
+        return Err(BundleError::WrongTarget {
+            bundle: bundle.target,
+            expected: expect.target,
+        });
+    }
+    if let Some(environment) = expect.environment {
+        if bundle.environment != environment {
+            return Err(BundleError::WrongEnvironment {
+                bundle: bundle.environment.clone(),
+                expected: environment.to_owned(),
+            });
+        }
+    }
+    if let Some(current) = expect.newer_than {
+        if bundle.version <= current {
+            return Err(BundleError::NotNewer {
+                version: bundle.version,
+                current,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_record(token: &TokenRecord) -> Result<Record, BundleError> {
+    let problem = |problem| BundleError::Token {
+        name: token.name.clone(),
+        problem,
+    };
+    if !policy::valid_name(&token.name) {
+        return Err(problem("name must match [a-z0-9][a-z0-9._-]{0,63}"));
+    }
+    let hash = TokenHash::from_hex(&token.hash)
+        .ok_or_else(|| problem("hash must be 64 lower-case hex characters"))?;
+    if token.token_id != hash.token_id() {
+        return Err(problem("token_id is not the one derived from the hash"));
+    }
+    if token.scopes.len() > policy::MAX_SCOPES {
+        return Err(problem("too many scopes"));
+    }
+    if !token.scopes.iter().all(|s| policy::valid_grant(s)) {
+        return Err(problem("a scope is malformed (use 'x:y', 'x:*' or '*')"));
+    }
+    if let (Some(nb), Some(exp)) = (token.not_before, token.expires_at) {
+        if nb >= exp {
+            return Err(problem("not_before is not before expires_at"));
+        }
+    }
+    Ok(Record {
+        name: token.name.clone(),
+        token_id: token.token_id.clone(),
+        scopes: token.scopes.clone(),
+        scopes_header: token.scopes.join(" "),
+        created_at: token.created_at,
+        not_before: token.not_before,
+        expires_at: token.expires_at,
+        revoked: token.revoked_at.is_some(),
+        grace_until: token.grace_until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> Bundle {
+        let hash = TokenHash::of(b"secret-one-secret-one");
+        Bundle {
+            format: FORMAT.into(),
+            version: 3,
+            issued_at: 1_000,
+            environment: "prod".into(),
+            target: Target::Envoy,
+            policy: Policy { rules: vec![] },
+            credentials: CredentialConfig {
+                sources: vec!["bearer".into()],
+                forward: false,
+            },
+            tokens: vec![TokenRecord {
+                name: "ci".into(),
+                token_id: hash.token_id(),
+                hash: hash.to_hex(),
+                scopes: vec!["orders:*".into()],
+                created_at: 900,
+                not_before: None,
+                expires_at: None,
+                revoked_at: None,
+                grace_until: None,
+            }],
+            revoke_all_at: None,
+            signature: None,
+        }
+    }
+
+    const EXPECT: Expectation<'static> = Expectation {
+        target: Target::Envoy,
+        environment: Some("prod"),
+        newer_than: Some(2),
+    };
+
+    #[test]
+    fn signed_bundle_loads_and_any_change_breaks_it() {
+        let key = SigningKey::from_bytes([9; 32]);
+        let mut b = bundle();
+        b.sign(&key);
+        let json = b.to_json();
+        assert!(Gate::load(json.as_bytes(), &key, &EXPECT).is_ok());
+        let tampered = json.replace("orders:*", "orders:x");
+        assert_eq!(
+            Gate::load(tampered.as_bytes(), &key, &EXPECT).err(),
+            Some(BundleError::Signature)
+        );
+        let other_key = SigningKey::from_bytes([8; 32]);
+        assert_eq!(
+            Gate::load(json.as_bytes(), &other_key, &EXPECT).err(),
+            Some(BundleError::Signature)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_duplicates_and_rollback_are_refused() {
+        let key = SigningKey::from_bytes([9; 32]);
+        let mut b = bundle();
+        b.sign(&key);
+        let extra = b.to_json().replacen('{', "{\"extra\":1,", 1);
+        assert!(matches!(
+            Gate::load(extra.as_bytes(), &key, &EXPECT),
+            Err(BundleError::Json(_))
+        ));
+
+        let mut dup = bundle();
+        let mut second = dup.tokens[0].clone();
+        second.name = "other".into();
+        dup.tokens.push(second);
+        dup.sign(&key);
+        assert!(matches!(
+            Gate::load(dup.to_json().as_bytes(), &key, &EXPECT),
+            Err(BundleError::DuplicateHash(_))
+        ));
+
+        let old = Expectation {
+            newer_than: Some(3),
+            ..EXPECT
+        };
+        assert_eq!(
+            Gate::load(b.to_json().as_bytes(), &key, &old).err(),
+            Some(BundleError::NotNewer { version: 3, current: 3 })
+        );
+        let worker = Expectation {
+            target: Target::Worker,
+            ..EXPECT
+        };
+        assert!(matches!(
+            Gate::load(b.to_json().as_bytes(), &key, &worker),
+            Err(BundleError::WrongTarget { .. })
+        ));
+    }
+}

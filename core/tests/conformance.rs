@@ -1,0 +1,102 @@
+//! The core's conformance runner: every vector through `Gate::decide`, and every refusal
+//! through `Gate::load`.
+
+use tokengate_conformance::{self as conformance, Observed};
+use tokengate_core::{Expectation, Gate, Outcome, Request, SigningKey, Target};
+
+fn gate(suite: &conformance::Suite, name: &str) -> Gate {
+    let key = SigningKey::from_hex(&suite.key).unwrap();
+    let text = suite.bundle_text(name, "envoy").unwrap();
+    let expect = Expectation {
+        target: Target::Envoy,
+        environment: Some(&suite.environment),
+        newer_than: None,
+    };
+    Gate::load(text.as_bytes(), &key, &expect).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// What the upstream would receive: the request's headers, less the removed, plus the added.
+fn forwarded(decision: &tokengate_core::Decision, headers: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(n, _)| !decision.remove_headers.contains(&n.to_ascii_lowercase()))
+        .cloned()
+        .collect();
+    for (name, value) in &decision.add_headers {
+        out.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        out.push(((*name).to_owned(), value.clone()));
+    }
+    out
+}
+
+#[test]
+fn every_vector_passes_in_the_core() {
+    let suite = conformance::load().unwrap();
+    assert!(suite.cases.len() >= 80, "the suite must hold at least 80 cases");
+    let count = conformance::run_all(&suite, |case| {
+        let gate = gate(&suite, &case.bundle);
+        let r = &case.request;
+        let decision = gate.decide(
+            &Request {
+                method: &r.method,
+                path: &r.path,
+                authority: &r.authority,
+                headers: &r.headers,
+            },
+            case.now,
+        );
+        let allowed = decision.outcome == Outcome::Allow;
+        let denial = decision.denial.clone().unwrap_or_else(|| tokengate_core::Denial {
+            status: 200,
+            headers: vec![],
+            body: String::new(),
+        });
+        Ok(Observed {
+            status: decision.status(),
+            reason: Some(decision.reason.as_str().to_owned()),
+            response_headers: denial.headers.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect(),
+            body: denial.body,
+            upstream_headers: allowed.then(|| forwarded(&decision, &r.headers)),
+            upstream_path: allowed.then(|| decision.rewrite_path.clone().unwrap_or_else(|| r.path.clone())),
+        })
+    })
+    .unwrap_or_else(|report| panic!("{report}"));
+    println!("{count} conformance cases passed in the core");
+}
+
+#[test]
+fn every_refusal_is_refused_by_the_core() {
+    let suite = conformance::load().unwrap();
+    for refusal in &suite.refusals {
+        let key = SigningKey::from_hex(&refusal.key).unwrap();
+        let expect = Expectation {
+            target: Target::Envoy,
+            environment: Some(&suite.environment),
+            newer_than: refusal.serving_version,
+        };
+        let result = Gate::load(refusal.bundle.as_bytes(), &key, &expect);
+        assert!(result.is_err(), "{} was accepted", refusal.name);
+    }
+}
+
+#[test]
+fn a_401_never_says_why() {
+    let suite = conformance::load().unwrap();
+    let bodies: std::collections::BTreeSet<String> = suite
+        .cases
+        .iter()
+        .filter(|c| c.expect.status == 401 && c.expect.error.as_deref() == Some("invalid_token"))
+        .map(|case| {
+            let gate = gate(&suite, &case.bundle);
+            let r = &case.request;
+            let request = Request {
+                method: &r.method,
+                path: &r.path,
+                authority: &r.authority,
+                headers: &r.headers,
+            };
+            gate.decide(&request, case.now).denial.unwrap().body
+        })
+        .collect();
+    assert_eq!(bodies.len(), 1, "401 bodies differ by reason: {bodies:?}");
+}

@@ -1,0 +1,234 @@
+//! tokengate's proxy-wasm HTTP filter for Envoy.
+//!
+//! A thin adapter: the plugin configuration is the signed bundle, the verification key and
+//! the environment come from the VM's environment variables (`TOKENGATE_SIGNING_KEY`,
+//! `TOKENGATE_ENVIRONMENT`), and every request is decided by `tokengate_core`. This file
+//! only moves headers, time and metrics between Envoy and the core.
+//!
+//! Fail closed: a refused configuration keeps the previous one (Envoy rejects the update);
+//! with no bundle at all every request gets 503; a panic traps the VM and Envoy's
+//! `failure_policy: FAIL_CLOSED` answers 503.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use tokengate_core::decision::{self, Reason};
+use tokengate_core::{Decision, Expectation, Gate, Outcome, Request, SigningKey, Target};
+
+/// The VM environment variable holding the hex HMAC key.
+pub const KEY_VARIABLE: &str = "TOKENGATE_SIGNING_KEY";
+/// The VM environment variable naming the environment this gate serves.
+pub const ENVIRONMENT_VARIABLE: &str = "TOKENGATE_ENVIRONMENT";
+
+thread_local! {
+    /// The newest bundle version this VM has accepted: a root context created by a later
+    /// configuration update must bring a newer one (no rollback, no replay).
+    static NEWEST_VERSION: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        // The message never holds a token: the core does not put secrets in panics.
+        proxy_wasm::hostcalls::log(LogLevel::Critical, &format!("tokengate: panic: {info}")).ok();
+    }));
+    proxy_wasm::set_root_context(|_| Box::new(GateRoot::default()));
+}}
+
+/// Counter ids, one per reason, plus the bundle gauges.
+#[derive(Default, Clone)]
+struct Metrics {
+    by_reason: HashMap<Reason, u32>,
+    bundle_version: Option<u32>,
+    bundle_tokens: Option<u32>,
+    bundle_refused: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let mut by_reason = HashMap::new();
+        for reason in Reason::ALL {
+            let outcome = match reason.outcome() {
+                Outcome::Allow => "allowed",
+                Outcome::Deny => "denied",
+            };
+            let name = format!("tokengate.{outcome}.{}", reason.as_str());
+            if let Ok(id) = proxy_wasm::hostcalls::define_metric(MetricType::Counter, &name) {
+                by_reason.insert(reason, id);
+            }
+        }
+        let gauge = |name| proxy_wasm::hostcalls::define_metric(MetricType::Gauge, name).ok();
+        Self {
+            by_reason,
+            bundle_version: gauge("tokengate.bundle.version"),
+            bundle_tokens: gauge("tokengate.bundle.tokens"),
+            bundle_refused: proxy_wasm::hostcalls::define_metric(MetricType::Counter, "tokengate.bundle.refused").ok(),
+        }
+    }
+
+    fn count(&self, reason: Reason) {
+        if let Some(id) = self.by_reason.get(&reason) {
+            proxy_wasm::hostcalls::increment_metric(*id, 1).ok();
+        }
+    }
+}
+
+#[derive(Default)]
+struct GateRoot {
+    gate: Option<Rc<Gate>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl GateRoot {
+    fn load(&self, config: &[u8]) -> Result<Gate, String> {
+        let key_hex = std::env::var(KEY_VARIABLE)
+            .map_err(|_| format!("{KEY_VARIABLE} is not set in the VM environment"))?;
+        let key = SigningKey::from_hex(&key_hex).map_err(|e| format!("{KEY_VARIABLE}: {e}"))?;
+        let environment = std::env::var(ENVIRONMENT_VARIABLE)
+            .map_err(|_| format!("{ENVIRONMENT_VARIABLE} is not set in the VM environment"))?;
+        let expect = Expectation {
+            target: Target::Envoy,
+            environment: Some(&environment),
+            newer_than: NEWEST_VERSION.with(Cell::get),
+        };
+        Gate::load(config, &key, &expect).map_err(|e| e.to_string())
+    }
+}
+
+impl Context for GateRoot {}
+
+impl RootContext for GateRoot {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        true
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        let metrics = Rc::new(Metrics::define());
+        self.metrics = Some(Rc::clone(&metrics));
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        match self.load(&config) {
+            Ok(gate) => {
+                NEWEST_VERSION.with(|v| v.set(Some(gate.version())));
+                for (id, value) in [
+                    (metrics.bundle_version, gate.version()),
+                    (metrics.bundle_tokens, gate.token_count() as u64),
+                ] {
+                    if let Some(id) = id {
+                        proxy_wasm::hostcalls::record_metric(id, value).ok();
+                    }
+                }
+                proxy_wasm::hostcalls::log(
+                    LogLevel::Info,
+                    &format!(
+                        "tokengate: serving bundle version {} for {} ({} tokens)",
+                        gate.version(),
+                        gate.environment(),
+                        gate.token_count()
+                    ),
+                )
+                .ok();
+                self.gate = Some(Rc::new(gate));
+                true
+            }
+            Err(reason) => {
+                if let Some(id) = metrics.bundle_refused {
+                    proxy_wasm::hostcalls::increment_metric(id, 1).ok();
+                }
+                proxy_wasm::hostcalls::log(LogLevel::Error, &format!("tokengate: bundle refused: {reason}")).ok();
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(GateStream {
+            gate: self.gate.clone(),
+            metrics: self.metrics.clone().unwrap_or_default(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct GateStream {
+    gate: Option<Rc<Gate>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for GateStream {}
+
+impl GateStream {
+    fn decide(&self) -> Decision {
+        let Some(gate) = &self.gate else {
+            return decision::unavailable(Reason::NoBundle);
+        };
+        // Header values may hold any byte; a lossy conversion can only make a token invalid.
+        let headers: Vec<(String, String)> = self
+            .get_http_request_headers_bytes()
+            .into_iter()
+            .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+            .collect();
+        let pseudo = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let now = self
+            .get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let request = Request {
+            method: pseudo(":method"),
+            path: pseudo(":path"),
+            authority: pseudo(":authority"),
+            headers: &headers,
+        };
+        gate.decide(&request, now)
+    }
+
+    /// Puts the identity and reason where Envoy's access log can read them
+    /// (`%FILTER_STATE(wasm.tokengate.subject:PLAIN)%`).
+    fn record_for_access_log(&self, decision: &Decision) {
+        let fields = [
+            ("tokengate.reason", Some(decision.reason.as_str())),
+            ("tokengate.subject", decision.subject.as_deref()),
+            ("tokengate.token_id", decision.token_id.as_deref()),
+            ("tokengate.rule", decision.rule.as_deref()),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                self.set_property(vec![name], Some(value.as_bytes()));
+            }
+        }
+    }
+}
+
+impl HttpContext for GateStream {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let decision = self.decide();
+        self.metrics.count(decision.reason);
+        self.record_for_access_log(&decision);
+        if let Some(denial) = &decision.denial {
+            let headers: Vec<(&str, &str)> = denial.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            self.send_http_response(u32::from(denial.status), headers, Some(denial.body.as_bytes()));
+            return Action::Pause;
+        }
+        for name in &decision.remove_headers {
+            self.set_http_request_header(name, None);
+        }
+        for (name, value) in &decision.add_headers {
+            self.set_http_request_header(name, Some(value));
+        }
+        if let Some(path) = &decision.rewrite_path {
+            self.set_http_request_header(":path", Some(path));
+        }
+        Action::Continue
+    }
+}
