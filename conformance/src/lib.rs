@@ -165,7 +165,10 @@ pub fn check(case: &Case, seen: &Observed) -> Result<(), String> {
     let expect = &case.expect;
     let mut problems = Vec::new();
     if seen.status != expect.status {
-        problems.push(format!("status {} (expected {})", seen.status, expect.status));
+        problems.push(format!(
+            "status {} (expected {})",
+            seen.status, expect.status
+        ));
     }
     if let Some(reason) = &seen.reason {
         if reason != &expect.reason {
@@ -175,7 +178,9 @@ pub fn check(case: &Case, seen: &Observed) -> Result<(), String> {
     for (name, want) in &expect.response_headers {
         let got = header(&seen.response_headers, name);
         if got != [want.as_str()] {
-            problems.push(format!("response header {name}: {got:?} (expected [{want:?}])"));
+            problems.push(format!(
+                "response header {name}: {got:?} (expected [{want:?}])"
+            ));
         }
     }
     for name in &expect.response_absent {
@@ -186,28 +191,46 @@ pub fn check(case: &Case, seen: &Observed) -> Result<(), String> {
     if let Some(error) = &expect.error {
         let body: serde_json::Value = serde_json::from_str(&seen.body).unwrap_or_default();
         let got = body.get("error").and_then(|e| e.as_str());
-        if got != Some(error.as_str()) || body.get("error_description").and_then(|d| d.as_str()).is_none() {
-            problems.push(format!("body {:?} (expected error {error:?} and a description)", seen.body));
+        if got != Some(error.as_str())
+            || body
+                .get("error_description")
+                .and_then(|d| d.as_str())
+                .is_none()
+        {
+            problems.push(format!(
+                "body {:?} (expected error {error:?} and a description)",
+                seen.body
+            ));
         }
     }
     let reached = seen.upstream_headers.is_some();
     if reached != (expect.status == 200) {
-        problems.push(format!("upstream reached: {reached} (expected {})", expect.status == 200));
+        problems.push(format!(
+            "upstream reached: {reached} (expected {})",
+            expect.status == 200
+        ));
     }
     if let Some(upstream) = &seen.upstream_headers {
         for (name, want) in &expect.upstream_headers {
             let got = header(upstream, name);
             if got != [want.as_str()] {
-                problems.push(format!("upstream header {name}: {got:?} (expected [{want:?}])"));
+                problems.push(format!(
+                    "upstream header {name}: {got:?} (expected [{want:?}])"
+                ));
             }
         }
         for name in &expect.upstream_absent {
             let got = header(upstream, name);
             if !got.is_empty() {
-                problems.push(format!("upstream header {name} reached the upstream: {got:?}"));
+                problems.push(format!(
+                    "upstream header {name} reached the upstream: {got:?}"
+                ));
             }
         }
-        let want_path = expect.upstream_path.as_deref().unwrap_or(&case.request.path);
+        let want_path = expect
+            .upstream_path
+            .as_deref()
+            .unwrap_or(&case.request.path);
         if let Some(path) = &seen.upstream_path {
             if path != want_path {
                 problems.push(format!("upstream path {path:?} (expected {want_path:?})"));

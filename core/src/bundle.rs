@@ -333,7 +333,11 @@ pub struct Gate {
 
 impl Gate {
     /// Verifies and validates a signed bundle; on any failure nothing is returned.
-    pub fn load(json: &[u8], key: &SigningKey, expect: &Expectation<'_>) -> Result<Self, BundleError> {
+    pub fn load(
+        json: &[u8],
+        key: &SigningKey,
+        expect: &Expectation<'_>,
+    ) -> Result<Self, BundleError> {
         let bundle = parse_verified(json, key)?;
         check_expectation(&bundle, expect)?;
         Self::from_bundle(bundle)
@@ -345,8 +349,8 @@ impl Gate {
             return Err(BundleError::BadEnvironment(bundle.environment));
         }
         policy::validate(&bundle.policy).map_err(BundleError::Policy)?;
-        let sources =
-            credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)?;
+        let sources = credentials::parse_sources(&bundle.credentials.sources)
+            .map_err(BundleError::Sources)?;
         if bundle.tokens.len() > MAX_TOKENS {
             return Err(BundleError::TooManyTokens(bundle.tokens.len()));
         }
@@ -362,7 +366,8 @@ impl Gate {
                 name: token.name.clone(),
                 problem: "hash must be 64 lower-case hex characters",
             })?;
-            let position = u32::try_from(position).map_err(|_| BundleError::TooManyTokens(position))?;
+            let position =
+                u32::try_from(position).map_err(|_| BundleError::TooManyTokens(position))?;
             if index.insert(hash.0, position).is_some() {
                 return Err(BundleError::DuplicateHash(record.token_id));
             }
@@ -406,7 +411,8 @@ pub fn parse_verified(json: &[u8], key: &SigningKey) -> Result<Bundle, BundleErr
     if json.len() > MAX_BUNDLE_BYTES {
         return Err(BundleError::TooLarge(json.len()));
     }
-    let bundle: Bundle = serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
+    let bundle: Bundle =
+        serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
     let signature = bundle.signature.as_deref().ok_or(BundleError::Signature)?;
     if !key.verify_bytes(&bundle.canonical_bytes(), signature) {
         return Err(BundleError::Signature);
@@ -566,7 +572,10 @@ mod tests {
         };
         assert_eq!(
             Gate::load(b.to_json().as_bytes(), &key, &old).err(),
-            Some(BundleError::NotNewer { version: 3, current: 3 })
+            Some(BundleError::NotNewer {
+                version: 3,
+                current: 3
+            })
         );
         let worker = Expectation {
             target: Target::Worker,

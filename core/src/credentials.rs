@@ -26,7 +26,9 @@ impl Source {
         if let Some(name) = text.strip_prefix("header:") {
             let valid = !name.is_empty()
                 && name.len() <= 64
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
             if !valid {
                 return Err(SourceError::BadHeaderName(name.to_owned()));
             }
@@ -156,7 +158,10 @@ pub fn find<'a>(
                 }
             }
             Source::Header(wanted) => {
-                for (_, value) in headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(wanted)) {
+                for (_, value) in headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(wanted))
+                {
                     note(value.trim_matches([' ', '\t']), source);
                 }
             }
@@ -233,7 +238,10 @@ mod tests {
     fn every_pair_is_read() {
         let sources = parse_sources(&["bearer".into(), "header:x-internal-token".into()]).unwrap();
         let one = h(&[("authorization", "Bearer a")]);
-        assert!(matches!(find(&sources, &one, None), Found::One { value: "a", .. }));
+        assert!(matches!(
+            find(&sources, &one, None),
+            Found::One { value: "a", .. }
+        ));
         let twice = h(&[("authorization", "Bearer a"), ("Authorization", "Bearer a")]);
         assert_eq!(find(&sources, &twice, None), Found::Several);
         let two_sources = h(&[("authorization", "Bearer a"), ("x-internal-token", "a")]);
@@ -257,12 +265,18 @@ mod tests {
             parse_sources(&["bearer".into(), "bearer".into()]),
             Err(SourceError::Duplicate(_))
         ));
-        assert!(matches!(parse_sources(&["cookie:x".into()]), Err(SourceError::Unknown(_))));
+        assert!(matches!(
+            parse_sources(&["cookie:x".into()]),
+            Err(SourceError::Unknown(_))
+        ));
     }
 
     #[test]
     fn query_credentials_are_stripped() {
         let sources = parse_sources(&["query:access_token".into()]).unwrap();
-        assert_eq!(strip_query_credentials("a=1&access_token=x&b=2", &sources), "a=1&b=2");
+        assert_eq!(
+            strip_query_credentials("a=1&access_token=x&b=2", &sources),
+            "a=1&b=2"
+        );
     }
 }

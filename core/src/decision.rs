@@ -302,7 +302,12 @@ impl Gate {
             .iter()
             .find(|rule| rule.matches(request.method, &host, &path))
         else {
-            let d = denial(403, None, "access_denied", "no route policy allows this request");
+            let d = denial(
+                403,
+                None,
+                "access_denied",
+                "no route policy allows this request",
+            );
             return Decision::deny(Reason::NoRule, d, remove);
         };
         let rewrite_path = self.forwarded_path(request.path, &path, query);
@@ -328,7 +333,12 @@ impl Gate {
 
         let value = match credentials::find(&self.sources, request.headers, query) {
             Found::None => {
-                let d = denial(401, Some(REALM.to_owned()), "missing_token", "a service token is required");
+                let d = denial(
+                    401,
+                    Some(REALM.to_owned()),
+                    "missing_token",
+                    "a service token is required",
+                );
                 return with_rule(Decision::deny(Reason::NoCredential, d, remove));
             }
             Found::Several => {
@@ -406,12 +416,18 @@ impl Gate {
         }
         let hash = TokenHash::of(value.as_bytes());
         let index = *self.index.get(&hash.0).ok_or((None, Reason::Unknown))?;
-        let record = self.records.get(index as usize).ok_or((None, Reason::Unknown))?;
+        let record = self
+            .records
+            .get(index as usize)
+            .ok_or((None, Reason::Unknown))?;
         let fail = |reason| Err((Some(index), reason));
         if record.revoked {
             return fail(Reason::Revoked);
         }
-        if self.revoke_all_at.is_some_and(|cutoff| record.created_at <= cutoff) {
+        if self
+            .revoke_all_at
+            .is_some_and(|cutoff| record.created_at <= cutoff)
+        {
             return fail(Reason::RevokedAll);
         }
         if record.not_before.is_some_and(|nb| now < nb) {

@@ -381,7 +381,9 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                 match value {
                     b'/' | b'\\' => return Err(PathError::EncodedSeparator),
                     0 => return Err(PathError::Nul),
-                    v if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => out.push(char::from(v)),
+                    v if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => {
+                        out.push(char::from(v))
+                    }
                     v => {
                         out.push('%');
                         out.push_str(&format!("{v:02X}"));

@@ -232,7 +232,11 @@ const fn crc_table() -> [u32; 256] {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -290,7 +294,15 @@ mod tests {
         for good in ["sk", "sk_live", "sk_test", "ci_prod_v2"] {
             assert_eq!(validate_prefix(good), Ok(()), "{good}");
         }
-        for bad in ["", "SK", "sk__live", "a_b_c_d", "9sk", "sk-live", "abcdefghijklmnopq"] {
+        for bad in [
+            "",
+            "SK",
+            "sk__live",
+            "a_b_c_d",
+            "9sk",
+            "sk-live",
+            "abcdefghijklmnopq",
+        ] {
             assert_eq!(validate_prefix(bad), Err(TokenError::BadPrefix), "{bad}");
         }
     }

@@ -1,5 +1,6 @@
 //! The core's conformance runner: every vector through `Gate::decide`, and every refusal
 //! through `Gate::load`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers: a failure is the report
 
 use tokengate_conformance::{self as conformance, Observed};
 use tokengate_core::{Expectation, Gate, Outcome, Request, SigningKey, Target};
@@ -16,7 +17,10 @@ fn gate(suite: &conformance::Suite, name: &str) -> Gate {
 }
 
 /// What the upstream would receive: the request's headers, less the removed, plus the added.
-fn forwarded(decision: &tokengate_core::Decision, headers: &[(String, String)]) -> Vec<(String, String)> {
+fn forwarded(
+    decision: &tokengate_core::Decision,
+    headers: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = headers
         .iter()
         .filter(|(n, _)| !decision.remove_headers.contains(&n.to_ascii_lowercase()))
@@ -32,7 +36,10 @@ fn forwarded(decision: &tokengate_core::Decision, headers: &[(String, String)]) 
 #[test]
 fn every_vector_passes_in_the_core() {
     let suite = conformance::load().unwrap();
-    assert!(suite.cases.len() >= 80, "the suite must hold at least 80 cases");
+    assert!(
+        suite.cases.len() >= 80,
+        "the suite must hold at least 80 cases"
+    );
     let count = conformance::run_all(&suite, |case| {
         let gate = gate(&suite, &case.bundle);
         let r = &case.request;
@@ -46,18 +53,30 @@ fn every_vector_passes_in_the_core() {
             case.now,
         );
         let allowed = decision.outcome == Outcome::Allow;
-        let denial = decision.denial.clone().unwrap_or_else(|| tokengate_core::Denial {
-            status: 200,
-            headers: vec![],
-            body: String::new(),
-        });
+        let denial = decision
+            .denial
+            .clone()
+            .unwrap_or_else(|| tokengate_core::Denial {
+                status: 200,
+                headers: vec![],
+                body: String::new(),
+            });
         Ok(Observed {
             status: decision.status(),
             reason: Some(decision.reason.as_str().to_owned()),
-            response_headers: denial.headers.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect(),
+            response_headers: denial
+                .headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.clone()))
+                .collect(),
             body: denial.body,
             upstream_headers: allowed.then(|| forwarded(&decision, &r.headers)),
-            upstream_path: allowed.then(|| decision.rewrite_path.clone().unwrap_or_else(|| r.path.clone())),
+            upstream_path: allowed.then(|| {
+                decision
+                    .rewrite_path
+                    .clone()
+                    .unwrap_or_else(|| r.path.clone())
+            }),
         })
     })
     .unwrap_or_else(|report| panic!("{report}"));

@@ -6,7 +6,7 @@
 //! only moves headers, time and metrics between Envoy and the core.
 //!
 //! Fail closed: a refused configuration keeps the previous one (Envoy rejects the update);
-//! with no bundle at all every request gets 503; a panic traps the VM and Envoy's
+//! with no bundle at all (an empty configuration) every request gets 503; a panic traps the VM and Envoy's
 //! `failure_policy: FAIL_CLOSED` answers 503.
 
 use std::cell::Cell;
@@ -66,7 +66,11 @@ impl Metrics {
             by_reason,
             bundle_version: gauge("tokengate.bundle.version"),
             bundle_tokens: gauge("tokengate.bundle.tokens"),
-            bundle_refused: proxy_wasm::hostcalls::define_metric(MetricType::Counter, "tokengate.bundle.refused").ok(),
+            bundle_refused: proxy_wasm::hostcalls::define_metric(
+                MetricType::Counter,
+                "tokengate.bundle.refused",
+            )
+            .ok(),
         }
     }
 
@@ -110,6 +114,13 @@ impl RootContext for GateRoot {
         let metrics = Rc::new(Metrics::define());
         self.metrics = Some(Rc::clone(&metrics));
         let config = self.get_plugin_configuration().unwrap_or_default();
+        if config.is_empty() && self.gate.is_none() {
+            // Envoy's ECDS default before the first push: serve, and answer 503 until a
+            // bundle arrives (fail closed, never pass-through).
+            proxy_wasm::hostcalls::log(LogLevel::Warn, "tokengate: no bundle yet; answering 503")
+                .ok();
+            return true;
+        }
         match self.load(&config) {
             Ok(gate) => {
                 NEWEST_VERSION.with(|v| v.set(Some(gate.version())));
@@ -138,7 +149,11 @@ impl RootContext for GateRoot {
                 if let Some(id) = metrics.bundle_refused {
                     proxy_wasm::hostcalls::increment_metric(id, 1).ok();
                 }
-                proxy_wasm::hostcalls::log(LogLevel::Error, &format!("tokengate: bundle refused: {reason}")).ok();
+                proxy_wasm::hostcalls::log(
+                    LogLevel::Error,
+                    &format!("tokengate: bundle refused: {reason}"),
+                )
+                .ok();
                 false
             }
         }
@@ -216,8 +231,16 @@ impl HttpContext for GateStream {
         self.metrics.count(decision.reason);
         self.record_for_access_log(&decision);
         if let Some(denial) = &decision.denial {
-            let headers: Vec<(&str, &str)> = denial.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            self.send_http_response(u32::from(denial.status), headers, Some(denial.body.as_bytes()));
+            let headers: Vec<(&str, &str)> = denial
+                .headers
+                .iter()
+                .map(|(n, v)| (*n, v.as_str()))
+                .collect();
+            self.send_http_response(
+                u32::from(denial.status),
+                headers,
+                Some(denial.body.as_bytes()),
+            );
             return Action::Pause;
         }
         for name in &decision.remove_headers {

@@ -1,0 +1,253 @@
+//! The built filter under the embedded host: every conformance vector, every refusal, and
+//! the fail-closed paths. Build the filter first:
+//! `cargo build -p tokengate-plugin --target wasm32-wasip1 --release`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers: a failure is the report
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use tokengate_conformance::{self as conformance, Case, Observed, Suite};
+use tokengate_host_tests::{filter_path, Action, Exchange, Host, Vm};
+
+fn host() -> &'static Host {
+    static HOST: OnceLock<Host> = OnceLock::new();
+    HOST.get_or_init(|| Host::load(&filter_path()).unwrap_or_else(|e| panic!("{e:#}")))
+}
+
+fn suite() -> &'static Suite {
+    static SUITE: OnceLock<Suite> = OnceLock::new();
+    SUITE.get_or_init(|| conformance::load().unwrap())
+}
+
+fn vm(key: &str) -> Vm {
+    host()
+        .start(&[
+            ("TOKENGATE_SIGNING_KEY", key),
+            ("TOKENGATE_ENVIRONMENT", &suite().environment),
+        ])
+        .unwrap()
+}
+
+fn configured(bundle: &str) -> Vm {
+    let mut vm = vm(&suite().key);
+    let text = suite().bundle_text(bundle, "envoy").unwrap();
+    assert!(
+        vm.configure(text.as_bytes()).unwrap(),
+        "fixture {bundle} refused: {:?}",
+        vm.logs()
+    );
+    vm
+}
+
+const SECOND: u64 = 1_000_000_000;
+
+fn headers(case: &Case) -> Vec<(String, Vec<u8>)> {
+    let r = &case.request;
+    let mut headers = vec![
+        (":method".to_owned(), r.method.as_bytes().to_vec()),
+        (":path".to_owned(), r.path.as_bytes().to_vec()),
+        (":authority".to_owned(), r.authority.as_bytes().to_vec()),
+    ];
+    headers.extend(
+        r.headers
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec())),
+    );
+    headers
+}
+
+fn observe(exchange: &Exchange) -> Observed {
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let reason = exchange.properties.get("tokengate.reason").cloned();
+    match &exchange.local_response {
+        Some(response) => {
+            assert_eq!(
+                exchange.action,
+                Action::Pause,
+                "a local response must stop the request"
+            );
+            Observed {
+                status: u16::try_from(response.status).unwrap(),
+                reason,
+                response_headers: response.headers.clone(),
+                body: text(&response.body),
+                upstream_headers: None,
+                upstream_path: None,
+            }
+        }
+        None => {
+            assert_eq!(exchange.action, Action::Continue);
+            let upstream: Vec<(String, String)> = exchange
+                .forwarded
+                .iter()
+                .filter(|(n, _)| !n.starts_with(':'))
+                .map(|(n, v)| (n.clone(), text(v)))
+                .collect();
+            let path = exchange
+                .forwarded
+                .iter()
+                .find(|(n, _)| n == ":path")
+                .map(|(_, v)| text(v));
+            Observed {
+                status: 200,
+                reason,
+                response_headers: Vec::new(),
+                body: String::new(),
+                upstream_headers: Some(upstream),
+                upstream_path: path,
+            }
+        }
+    }
+}
+
+#[test]
+fn every_vector_passes_in_the_built_filter() {
+    let suite = suite();
+    let mut vms: HashMap<String, Vm> = HashMap::new();
+    let count = conformance::run_all(suite, |case| {
+        let vm = vms
+            .entry(case.bundle.clone())
+            .or_insert_with(|| configured(&case.bundle));
+        let counter = |vm: &Vm| {
+            let outcome = if case.expect.status == 200 {
+                "allowed"
+            } else {
+                "denied"
+            };
+            vm.metric(&format!("tokengate.{outcome}.{}", case.expect.reason))
+                .unwrap_or(0)
+        };
+        let before = counter(vm);
+        let exchange = vm
+            .request(headers(case), case.now * SECOND + SECOND / 2)
+            .map_err(|e| format!("{e:#}"))?;
+        if counter(vm) != before + 1 {
+            return Err(format!("counter for {} did not move", case.expect.reason));
+        }
+        Ok(observe(&exchange))
+    })
+    .unwrap_or_else(|report| panic!("{report}"));
+    println!("{count} conformance cases passed in the built filter");
+
+    // No token, and no credential of any case, ever reaches a log.
+    for vm in vms.values() {
+        for (_, line) in vm.logs() {
+            for case in &suite.cases {
+                for (_, value) in &case.request.headers {
+                    let secret = value.trim_start_matches("Bearer ").trim();
+                    assert!(
+                        secret.len() < 16 || !line.contains(secret),
+                        "a credential was logged: {line}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
+    let suite = suite();
+    let main = suite.bundle_text("main", "envoy").unwrap();
+    let valid = suite
+        .cases
+        .iter()
+        .find(|c| c.name == "valid bearer token passes with identity headers")
+        .unwrap();
+    for refusal in &suite.refusals {
+        let mut vm = vm(&refusal.key);
+        if refusal.serving_version.is_some() {
+            assert!(vm.configure(main.as_bytes()).unwrap());
+        }
+        assert!(
+            !vm.configure(refusal.bundle.as_bytes()).unwrap(),
+            "{} was accepted",
+            refusal.name
+        );
+        assert_eq!(
+            vm.metric("tokengate.bundle.refused"),
+            Some(1),
+            "{}",
+            refusal.name
+        );
+        let logged = vm
+            .logs()
+            .iter()
+            .any(|(level, l)| *level >= 4 && l.contains("bundle refused"));
+        assert!(
+            logged,
+            "{}: the refusal was not logged: {:?}",
+            refusal.name,
+            vm.logs()
+        );
+        if refusal.serving_version.is_some() {
+            let exchange = vm.request(headers(valid), valid.now * SECOND).unwrap();
+            assert!(
+                exchange.local_response.is_none(),
+                "{}: previous bundle stopped serving",
+                refusal.name
+            );
+            assert_eq!(vm.metric("tokengate.bundle.version"), Some(10));
+        }
+    }
+}
+
+#[test]
+fn a_newer_bundle_replaces_the_old_one_and_the_gauge_follows() {
+    let suite = suite();
+    let mut vm = configured("main");
+    assert_eq!(
+        vm.metric("tokengate.bundle.version"),
+        Some(suite.bundle_version("main"))
+    );
+    let newer = suite.bundle_text("revoke-all", "envoy").unwrap();
+    assert!(vm.configure(newer.as_bytes()).unwrap());
+    assert_eq!(
+        vm.metric("tokengate.bundle.version"),
+        Some(suite.bundle_version("revoke-all"))
+    );
+    // Replaying the older bundle is a rollback.
+    let main = suite.bundle_text("main", "envoy").unwrap();
+    assert!(!vm.configure(main.as_bytes()).unwrap());
+}
+
+#[test]
+fn no_bundle_yet_fails_closed_with_503() {
+    let mut vm = vm(&suite().key);
+    assert!(
+        vm.configure(b"").unwrap(),
+        "an empty configuration is the pre-push default"
+    );
+    let case = &suite().cases[0];
+    let exchange = vm.request(headers(case), case.now * SECOND).unwrap();
+    let response = exchange.local_response.expect("must not pass through");
+    assert_eq!(response.status, 503);
+    assert!(response.headers.iter().any(|(n, _)| n == "retry-after"));
+    assert_eq!(vm.metric("tokengate.denied.no_bundle"), Some(1));
+}
+
+#[test]
+fn a_missing_or_malformed_key_refuses_every_bundle() {
+    let main = suite().bundle_text("main", "envoy").unwrap();
+    let mut no_key = host()
+        .start(&[("TOKENGATE_ENVIRONMENT", "conformance")])
+        .unwrap();
+    assert!(!no_key.configure(main.as_bytes()).unwrap());
+    let mut bad_key = vm("not-hex");
+    assert!(!bad_key.configure(main.as_bytes()).unwrap());
+    let mut no_env = host()
+        .start(&[("TOKENGATE_SIGNING_KEY", &suite().key)])
+        .unwrap();
+    assert!(!no_env.configure(main.as_bytes()).unwrap());
+}
+
+#[test]
+fn invalid_utf8_in_a_header_is_a_denial_not_a_crash() {
+    let mut vm = configured("main");
+    let case = &suite().cases[0];
+    let mut headers = headers(case);
+    headers[1].1 = b"/api/orders/1".to_vec();
+    headers.push(("x-internal-token".to_owned(), vec![0xff, 0xfe, b'a', 0x80]));
+    let exchange = vm.request(headers, case.now * SECOND).unwrap();
+    assert_eq!(exchange.local_response.map(|r| r.status), Some(401));
+}

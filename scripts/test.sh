@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one test command (README): installs what it lacks, then runs every check and test.
+# Safe to re-run; everything it installs goes under target/ or the Rust toolchain.
+set -euo pipefail
+source "$(dirname "$0")/tools.sh"
+cd "$ROOT"
+
+ensure_rust_targets
+
+say "format and lints (native and wasm32-wasip1)"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p tokengate-plugin --target wasm32-wasip1 --release --locked -- -D warnings
+
+say "conformance vectors are up to date"
+python3 conformance/generate.py --check
+
+say "building the filter (wasm32-wasip1, release)"
+cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
+wasm="target/wasm32-wasip1/release/tokengate_filter.wasm"
+say "filter size: $(stat -c %s "$wasm") bytes ($wasm)"
+
+say "unit tests, core conformance, and the built filter under the wasmtime host"
+cargo test --workspace --locked
