@@ -46,9 +46,9 @@ def record(name, token, scopes, created=NOW - 30 * DAY, not_before=None, expires
             "revoked_at": revoked, "grace_until": grace}
 
 
-def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=()):
+def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=(), cf_access=False):
     return {"name": name, "path": path, "methods": list(methods), "host": host,
-            "access": access, "all_of": list(all_of), "any_of": list(any_of)}
+            "access": access, "all_of": list(all_of), "any_of": list(any_of), "cf_access": cf_access}
 
 
 def sign(body: dict) -> dict:
@@ -62,7 +62,7 @@ def bundle(version, tokens, policy, sources, forward=False, revoke_all_at=None, 
     return {"format": "tokengate.bundle/v1", "version": version, "issued_at": NOW - 60,
             "environment": ENVIRONMENT, "target": target, "policy": {"rules": policy},
             "credentials": {"sources": sources, "forward": forward},
-            "tokens": tokens, "revoke_all_at": revoke_all_at}
+            "tokens": tokens, "revoke_all_at": revoke_all_at, "cloudflare_access": None}
 
 
 T = {name: make_token(prefix, name) for name, prefix in [

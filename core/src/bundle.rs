@@ -68,6 +68,9 @@ pub struct Bundle {
     pub tokens: Vec<TokenRecord>,
     /// Emergency cut-off: every token created at or before this instant is revoked.
     pub revoke_all_at: Option<u64>,
+    /// Cloudflare Access settings, for rules with `cf_access` (the Worker only).
+    #[serde(default)]
+    pub cloudflare_access: Option<AccessConfig>,
     /// Lower-case hex HMAC-SHA256 of the canonical bytes; absent while signing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
@@ -82,6 +85,16 @@ pub struct CredentialConfig {
     /// Whether the credential itself goes on to the upstream (default: no).
     #[serde(default)]
     pub forward: bool,
+}
+
+/// Where a Worker finds the Access team's signing keys and which audiences it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The team's certs URL (`https://<team>.cloudflareaccess.com/cdn-cgi/access/certs`).
+    pub certs_url: String,
+    /// Accepted `aud` values (the applications' audience tags).
+    pub audiences: Vec<String>,
 }
 
 /// One token, as every target sees it: no plaintext.
@@ -285,7 +298,8 @@ impl std::error::Error for BundleError {}
 
 /// A token record as the gate holds it, parsed and checked.
 #[derive(Debug, Clone)]
-pub(crate) struct Record {
+pub struct Record {
+    pub(crate) hash: TokenHash,
     pub(crate) name: String,
     pub(crate) token_id: String,
     pub(crate) scopes: Vec<String>,
@@ -362,10 +376,7 @@ impl Gate {
             if !names.insert(token.name.clone()) {
                 return Err(BundleError::DuplicateName(token.name));
             }
-            let hash = TokenHash::from_hex(&token.hash).ok_or_else(|| BundleError::Token {
-                name: token.name.clone(),
-                problem: "hash must be 64 lower-case hex characters",
-            })?;
+            let hash = record.hash;
             let position =
                 u32::try_from(position).map_err(|_| BundleError::TooManyTokens(position))?;
             if index.insert(hash.0, position).is_some() {
@@ -450,6 +461,18 @@ pub fn check_expectation(bundle: &Bundle, expect: &Expectation<'_>) -> Result<()
     Ok(())
 }
 
+impl Record {
+    /// Checks one record on its own (a Worker reads them one at a time from KV).
+    pub fn from_token_record(token: &TokenRecord) -> Result<Self, BundleError> {
+        check_record(token)
+    }
+
+    /// The token's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 fn check_record(token: &TokenRecord) -> Result<Record, BundleError> {
     let problem = |problem| BundleError::Token {
         name: token.name.clone(),
@@ -475,6 +498,7 @@ fn check_record(token: &TokenRecord) -> Result<Record, BundleError> {
         }
     }
     Ok(Record {
+        hash,
         name: token.name.clone(),
         token_id: token.token_id.clone(),
         scopes: token.scopes.clone(),
@@ -516,6 +540,7 @@ mod tests {
                 grace_until: None,
             }],
             revoke_all_at: None,
+            cloudflare_access: None,
             signature: None,
         }
     }

@@ -7,7 +7,7 @@
 
 use core::fmt;
 
-use crate::bundle::Gate;
+use crate::bundle::{Gate, Record};
 use crate::credentials::{self, Found};
 use crate::policy::{self, Access};
 use crate::token::{self, Shape, TokenHash, MAX_TOKEN_LEN};
@@ -254,9 +254,47 @@ pub fn unavailable(reason: Reason) -> Decision {
     )
 }
 
+/// The first half of a decision: either final already, or waiting for the record of one
+/// token hash. Hosts that keep tokens elsewhere (the Worker's KV) look the hash up
+/// themselves and call [`Gate::finish`]; nothing else is decided outside the core.
+#[derive(Debug)]
+pub enum Step<'g> {
+    /// Decided without a lookup (public route, bad request, no credential, bad checksum, …).
+    Done(Decision),
+    /// A well-formed credential: its record is needed.
+    Lookup(Pending<'g>),
+}
+
+/// A decision waiting for the record of [`Pending::hash`].
+#[derive(Debug)]
+pub struct Pending<'g> {
+    /// The SHA-256 of the presented credential: the lookup key.
+    pub hash: TokenHash,
+    rule: &'g policy::Rule,
+    remove: Vec<String>,
+    rewrite_path: Option<String>,
+}
+
 impl Gate {
-    /// Decides one request at `now` (unix seconds).
+    /// Decides one request at `now` (unix seconds), with the gate's own token records.
     pub fn decide(&self, request: &Request<'_>, now: u64) -> Decision {
+        match self.begin(request) {
+            Step::Done(decision) => decision,
+            Step::Lookup(pending) => {
+                let record = self.record(&pending.hash);
+                self.finish(pending, record, now)
+            }
+        }
+    }
+
+    /// The record for a hash, O(1).
+    pub fn record(&self, hash: &TokenHash) -> Option<&Record> {
+        let index = *self.index.get(&hash.0)?;
+        self.records.get(index as usize)
+    }
+
+    /// Everything up to the lookup: path, rule, credential, shape and checksum.
+    pub fn begin(&self, request: &Request<'_>) -> Step<'_> {
         let mut remove: Vec<String> = request
             .headers
             .iter()
@@ -292,7 +330,7 @@ impl Gate {
                     "invalid_request",
                     &format!("the request path cannot be normalised safely: {problem}"),
                 );
-                return Decision::deny(Reason::BadPath, d, remove);
+                return Step::Done(Decision::deny(Reason::BadPath, d, remove));
             }
         };
         let host = policy::host_of(request.authority);
@@ -308,17 +346,17 @@ impl Gate {
                 "access_denied",
                 "no route policy allows this request",
             );
-            return Decision::deny(Reason::NoRule, d, remove);
+            return Step::Done(Decision::deny(Reason::NoRule, d, remove));
         };
         let rewrite_path = self.forwarded_path(request.path, &path, query);
-        let with_rule = |mut decision: Decision| {
+        let done = |mut decision: Decision| {
             decision.rule = Some(rule.name.clone());
             decision.rewrite_path = rewrite_path.clone();
-            decision
+            Step::Done(decision)
         };
 
         if rule.access == Access::Public {
-            return with_rule(Decision {
+            return done(Decision {
                 outcome: Outcome::Allow,
                 reason: Reason::Public,
                 rule: None,
@@ -339,7 +377,7 @@ impl Gate {
                     "missing_token",
                     "a service token is required",
                 );
-                return with_rule(Decision::deny(Reason::NoCredential, d, remove));
+                return done(Decision::deny(Reason::NoCredential, d, remove));
             }
             Found::Several => {
                 let d = denial(
@@ -348,25 +386,68 @@ impl Gate {
                     "invalid_request",
                     "the request carries more than one credential",
                 );
-                return with_rule(Decision::deny(Reason::SeveralCredentials, d, remove));
+                return done(Decision::deny(Reason::SeveralCredentials, d, remove));
             }
             Found::One { value, .. } => value,
         };
-
-        let (index, reason) = match self.identify(value, now) {
-            Ok(index) => (index, None),
-            Err((index, reason)) => (index.unwrap_or(u32::MAX), Some(reason)),
+        let unreadable = if value.is_empty() {
+            Some(Reason::Empty)
+        } else if value.len() > MAX_TOKEN_LEN {
+            Some(Reason::TooLong)
+        } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            Some(Reason::Malformed)
+        } else if token::shape(value) == Shape::TokengateBadChecksum {
+            Some(Reason::Checksum)
+        } else {
+            None
         };
-        let record = self.records.get(index as usize);
-        if let Some(reason) = reason {
-            let mut decision = with_rule(Decision::deny(reason, invalid_token(), remove));
-            decision.subject = record.map(|r| r.name.clone());
-            decision.token_id = record.map(|r| r.token_id.clone());
-            return decision;
+        if let Some(reason) = unreadable {
+            return done(Decision::deny(reason, invalid_token(), remove));
         }
-        let Some(record) = record else {
-            return unavailable(Reason::Internal);
+        Step::Lookup(Pending {
+            hash: TokenHash::of(value.as_bytes()),
+            rule,
+            remove,
+            rewrite_path,
+        })
+    }
+
+    /// Completes a decision with the record found for `pending.hash` (or `None`).
+    pub fn finish(&self, pending: Pending<'_>, record: Option<&Record>, now: u64) -> Decision {
+        let Pending {
+            hash,
+            rule,
+            remove,
+            rewrite_path,
+        } = pending;
+        let base = |outcome, reason, denial, remove_headers| Decision {
+            outcome,
+            reason,
+            rule: Some(rule.name.clone()),
+            subject: None,
+            token_id: None,
+            denial,
+            remove_headers,
+            add_headers: Vec::new(),
+            rewrite_path: rewrite_path.clone(),
         };
+        // A record from outside the gate (KV) must be the one asked for.
+        let Some(record) = record.filter(|r| r.hash == hash) else {
+            return base(
+                Outcome::Deny,
+                Reason::Unknown,
+                Some(invalid_token()),
+                remove,
+            );
+        };
+        let identified = |mut decision: Decision| {
+            decision.subject = Some(record.name.clone());
+            decision.token_id = Some(record.token_id.clone());
+            decision
+        };
+        if let Some(reason) = self.lifetime_failure(record, now) {
+            return identified(base(Outcome::Deny, reason, Some(invalid_token()), remove));
+        }
         if let Some(missing) = policy::missing_scopes(rule, &record.scopes) {
             let needed = missing.join(" ");
             let d = denial(
@@ -377,69 +458,39 @@ impl Gate {
                 "insufficient_scope",
                 &format!("the service token lacks a required scope: {needed}"),
             );
-            let mut decision = with_rule(Decision::deny(Reason::InsufficientScope, d, remove));
-            decision.subject = Some(record.name.clone());
-            decision.token_id = Some(record.token_id.clone());
-            return decision;
+            return identified(base(
+                Outcome::Deny,
+                Reason::InsufficientScope,
+                Some(d),
+                remove,
+            ));
         }
-        with_rule(Decision {
-            outcome: Outcome::Allow,
-            reason: Reason::Valid,
-            rule: None,
-            subject: Some(record.name.clone()),
-            token_id: Some(record.token_id.clone()),
-            denial: None,
-            remove_headers: remove,
-            add_headers: vec![
-                (SUBJECT_HEADER, record.name.clone()),
-                (SCOPES_HEADER, record.scopes_header.clone()),
-                (TOKEN_ID_HEADER, record.token_id.clone()),
-            ],
-            rewrite_path: None,
-        })
+        let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
+        decision.add_headers = vec![
+            (SUBJECT_HEADER, record.name.clone()),
+            (SCOPES_HEADER, record.scopes_header.clone()),
+            (TOKEN_ID_HEADER, record.token_id.clone()),
+        ];
+        decision
     }
 
-    /// Finds the record for a credential and checks its lifetime. On failure, the record's
-    /// index when one was found, for logs.
-    fn identify(&self, value: &str, now: u64) -> Result<u32, (Option<u32>, Reason)> {
-        if value.is_empty() {
-            return Err((None, Reason::Empty));
-        }
-        if value.len() > MAX_TOKEN_LEN {
-            return Err((None, Reason::TooLong));
-        }
-        if !value.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err((None, Reason::Malformed));
-        }
-        if token::shape(value) == Shape::TokengateBadChecksum {
-            return Err((None, Reason::Checksum));
-        }
-        let hash = TokenHash::of(value.as_bytes());
-        let index = *self.index.get(&hash.0).ok_or((None, Reason::Unknown))?;
-        let record = self
-            .records
-            .get(index as usize)
-            .ok_or((None, Reason::Unknown))?;
-        let fail = |reason| Err((Some(index), reason));
+    fn lifetime_failure(&self, record: &Record, now: u64) -> Option<Reason> {
         if record.revoked {
-            return fail(Reason::Revoked);
-        }
-        if self
+            Some(Reason::Revoked)
+        } else if self
             .revoke_all_at
             .is_some_and(|cutoff| record.created_at <= cutoff)
         {
-            return fail(Reason::RevokedAll);
+            Some(Reason::RevokedAll)
+        } else if record.not_before.is_some_and(|nb| now < nb) {
+            Some(Reason::NotYetValid)
+        } else if record.expires_at.is_some_and(|exp| now >= exp) {
+            Some(Reason::Expired)
+        } else if record.grace_until.is_some_and(|end| now >= end) {
+            Some(Reason::RotationGraceOver)
+        } else {
+            None
         }
-        if record.not_before.is_some_and(|nb| now < nb) {
-            return fail(Reason::NotYetValid);
-        }
-        if record.expires_at.is_some_and(|exp| now >= exp) {
-            return fail(Reason::Expired);
-        }
-        if record.grace_until.is_some_and(|end| now >= end) {
-            return fail(Reason::RotationGraceOver);
-        }
-        Ok(index)
     }
 
     /// The path to forward: the normalised one, with query credentials removed.

@@ -18,5 +18,5 @@ mod hex;
 pub mod policy;
 pub mod token;
 
-pub use bundle::{Bundle, BundleError, Expectation, Gate, SigningKey, Target, TokenRecord};
-pub use decision::{Decision, Denial, Outcome, Reason, Request};
+pub use bundle::{Bundle, BundleError, Expectation, Gate, Record, SigningKey, Target, TokenRecord};
+pub use decision::{Decision, Denial, Outcome, Pending, Reason, Request, Step};

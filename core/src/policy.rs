@@ -44,6 +44,9 @@ pub struct Rule {
     /// If not empty, a token must also hold at least one of these.
     #[serde(default)]
     pub any_of: Vec<String>,
+    /// Whether a valid Cloudflare Access assertion is an identity here too (Worker only).
+    #[serde(default)]
+    pub cf_access: bool,
 }
 
 /// How a rule matches the normalised path.
