@@ -39,11 +39,15 @@ def sha(token: str) -> str:
 
 
 def record(name, token, scopes, created=NOW - 30 * DAY, not_before=None, expires=None,
-           revoked=None, grace=None):
+           revoked=None, previous=None, grace=None):
     h = sha(token)
+    prev = None
+    if previous is not None:
+        ph = sha(previous)
+        prev = {"token_id": "tid_" + ph[:16], "hash": ph, "grace_until": grace}
     return {"name": name, "token_id": "tid_" + h[:16], "hash": h, "scopes": scopes,
             "created_at": created, "not_before": not_before, "expires_at": expires,
-            "revoked_at": revoked, "grace_until": grace}
+            "revoked_at": revoked, "grace_until": None, "previous": prev}
 
 
 def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=(), cf_access=False):
@@ -94,8 +98,8 @@ MAIN_TOKENS = [
     record("revoked", T["revoked"], ["orders:read"], revoked=NOW - DAY),
     record("expiring", T["expiring"], ["orders:read"], expires=NOW + 3600),
     record("future", T["future"], ["orders:read"], not_before=NOW + 600),
-    record("rotated-old", T["rotated-old"], ["orders:read"], grace=NOW + 300),
-    record("rotated-new", T["rotated-new"], ["orders:read"], created=NOW - 100),
+    record("rotated", T["rotated-new"], ["orders:read"], created=NOW - 100,
+           previous=T["rotated-old"], grace=NOW + 300),
     record("no-scopes", T["no-scopes"], []),
     record("legacy-service", LEGACY, ["orders:read"]),
 ]
@@ -140,8 +144,9 @@ def bearer(token):
 
 def allow(name, token_name, scopes, headers, upstream_absent=("authorization",), **kw):
     token_id = "tid_" + sha(T.get(token_name, LEGACY))[:16]
+    subject = {"rotated-old": "rotated", "rotated-new": "rotated"}.get(token_name, token_name)
     case(name, headers=headers, status=200, reason="valid",
-         upstream_headers={"x-tokengate-subject": token_name, "x-tokengate-scopes": scopes,
+         upstream_headers={"x-tokengate-subject": subject, "x-tokengate-scopes": scopes,
                            "x-tokengate-token-id": token_id},
          upstream_absent=list(upstream_absent) + SPOOF_NAMES, **kw)
 
@@ -359,6 +364,9 @@ REFUSALS = [
         20, MAIN_TOKENS + [record("root", T["never-issued"], [])], POLICY, SOURCES)))),
     refusal("duplicate token hashes", json.dumps(sign(bundle(
         20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES)))),
+    refusal("rotation's previous hash is another token's hash", json.dumps(sign(bundle(
+        20, MAIN_TOKENS + [record("rot", T["never-issued"], [], previous=T["root"], grace=NOW)],
+        POLICY, SOURCES)))),
     refusal("bad scope", json.dumps(sign(bundle(
         20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES)))),
     refusal("bad rule path", json.dumps(sign(bundle(

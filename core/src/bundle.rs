@@ -117,8 +117,48 @@ pub struct TokenRecord {
     pub expires_at: Option<u64>,
     /// Revoked at this instant (any value revokes).
     pub revoked_at: Option<u64>,
-    /// Replaced by rotation: valid until this instant, the end of the grace period.
+    /// This hash stops being valid at this instant. Null in bundles; set on the lookup
+    /// record of a replaced token (see [`TokenRecord::lookup_records`]).
     pub grace_until: Option<u64>,
+    /// The token this one replaced by rotation, valid until the end of its grace period.
+    #[serde(default)]
+    pub previous: Option<PreviousToken>,
+}
+
+/// The token a rotation replaced. It keeps the name and scopes of the record it hangs off,
+/// so the upstream sees the same subject during the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousToken {
+    /// Public id derived from the old hash.
+    pub token_id: String,
+    /// Lower-case hex SHA-256 of the old token.
+    pub hash: String,
+    /// The old token is valid until this instant (exclusive).
+    pub grace_until: u64,
+}
+
+impl TokenRecord {
+    /// One record per hash a gate recognises: this token and, during a rotation's grace,
+    /// the token it replaced (same name and scopes, its own id and hash, `grace_until` set).
+    /// This is the form a Worker stores in KV, keyed by hash.
+    pub fn lookup_records(&self) -> Vec<TokenRecord> {
+        let current = TokenRecord {
+            previous: None,
+            ..self.clone()
+        };
+        let mut out = vec![current];
+        if let Some(previous) = &self.previous {
+            out.push(TokenRecord {
+                token_id: previous.token_id.clone(),
+                hash: previous.hash.clone(),
+                grace_until: Some(previous.grace_until),
+                previous: None,
+                ..self.clone()
+            });
+        }
+        out
+    }
 }
 
 /// The HMAC key a target holds apart from the bundle.
@@ -340,6 +380,8 @@ pub struct Gate {
     pub(crate) policy: Policy,
     pub(crate) sources: Vec<Source>,
     pub(crate) forward_credential: bool,
+    pub(crate) token_count: usize,
+    /// One per recognised hash (a rotated token has two).
     pub(crate) records: Vec<Record>,
     pub(crate) index: Index,
     pub(crate) revoke_all_at: Option<u64>,
@@ -371,18 +413,19 @@ impl Gate {
         let mut index = Index::with_capacity_and_hasher(bundle.tokens.len(), Default::default());
         let mut names = HashSet::with_capacity(bundle.tokens.len());
         let mut records = Vec::with_capacity(bundle.tokens.len());
-        for (position, token) in bundle.tokens.into_iter().enumerate() {
-            let record = check_record(&token)?;
-            if !names.insert(token.name.clone()) {
-                return Err(BundleError::DuplicateName(token.name));
+        for token in &bundle.tokens {
+            if !names.insert(token.name.as_str()) {
+                return Err(BundleError::DuplicateName(token.name.clone()));
             }
-            let hash = record.hash;
-            let position =
-                u32::try_from(position).map_err(|_| BundleError::TooManyTokens(position))?;
-            if index.insert(hash.0, position).is_some() {
-                return Err(BundleError::DuplicateHash(record.token_id));
+            for lookup in token.lookup_records() {
+                let record = check_record(&lookup)?;
+                let position = u32::try_from(records.len())
+                    .map_err(|_| BundleError::TooManyTokens(records.len()))?;
+                if index.insert(record.hash.0, position).is_some() {
+                    return Err(BundleError::DuplicateHash(record.token_id));
+                }
+                records.push(record);
             }
-            records.push(record);
         }
         Ok(Self {
             version: bundle.version,
@@ -390,6 +433,7 @@ impl Gate {
             policy: bundle.policy,
             sources,
             forward_credential: bundle.credentials.forward,
+            token_count: bundle.tokens.len(),
             records,
             index,
             revoke_all_at: bundle.revoke_all_at,
@@ -408,7 +452,7 @@ impl Gate {
 
     /// How many token records it holds.
     pub fn token_count(&self) -> usize {
-        self.records.len()
+        self.token_count
     }
 
     /// The configured credential sources.
@@ -538,6 +582,7 @@ mod tests {
                 expires_at: None,
                 revoked_at: None,
                 grace_until: None,
+                previous: None,
             }],
             revoke_all_at: None,
             cloudflare_access: None,

@@ -119,3 +119,46 @@ fn a_401_never_says_why() {
         .collect();
     assert_eq!(bodies.len(), 1, "401 bodies differ by reason: {bodies:?}");
 }
+
+/// The Worker's path: policy without tokens, records looked up one hash at a time, as from
+/// KV. Every case must decide exactly as with the in-memory gate.
+#[test]
+fn split_lookup_decides_exactly_like_the_in_memory_gate() {
+    use std::collections::HashMap;
+    use tokengate_core::{Bundle, Record, Step};
+
+    let suite = conformance::load().unwrap();
+    for case in &suite.cases {
+        let text = suite.bundle_text(&case.bundle, "envoy").unwrap();
+        let full: Bundle = serde_json::from_str(&text).unwrap();
+        let kv: HashMap<String, tokengate_core::TokenRecord> = full
+            .tokens
+            .iter()
+            .flat_map(|t| t.lookup_records())
+            .map(|r| (r.hash.clone(), r))
+            .collect();
+        let meta = Gate::from_bundle(Bundle {
+            tokens: vec![],
+            ..full
+        })
+        .unwrap();
+        let r = &case.request;
+        let request = Request {
+            method: &r.method,
+            path: &r.path,
+            authority: &r.authority,
+            headers: &r.headers,
+        };
+        let split = match meta.begin(&request) {
+            Step::Done(decision) => decision,
+            Step::Lookup(pending) => {
+                let record = kv
+                    .get(&pending.hash.to_hex())
+                    .map(|t| Record::from_token_record(t).unwrap());
+                meta.finish(pending, record.as_ref(), case.now)
+            }
+        };
+        let whole = gate(&suite, &case.bundle).decide(&request, case.now);
+        assert_eq!(split, whole, "{}", case.name);
+    }
+}
