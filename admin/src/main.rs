@@ -1,0 +1,912 @@
+//! `tokengate`: the admin CLI. Issues tokens (shown once), keeps hashes, scopes, expiry,
+//! rotation and revocation in an embedded store, and signs and pushes bundles to the gates.
+//!
+//! `create` and `rotate` print the new token alone on stdout; everything else goes to
+//! stderr, or to stdout as a listing (`--json` on every listing).
+
+mod policy_file;
+mod push;
+mod store;
+mod time;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokengate_core::bundle::{Bundle, CredentialConfig, FORMAT};
+use tokengate_core::{token, Expectation, Gate, Outcome, Request, SigningKey, Target};
+
+use crate::store::{Actor, Store, Token};
+
+/// Writes a line to stdout; a failed write (a full disk while saving a token) is an error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+#[derive(Parser)]
+#[command(
+    name = "tokengate",
+    version,
+    about = "Service tokens at the edge: issue, rotate, revoke, push"
+)]
+struct Cli {
+    /// The store (SQLite file).
+    #[arg(
+        long,
+        global = true,
+        env = "TOKENGATE_STORE",
+        default_value = "tokengate.db"
+    )]
+    store: PathBuf,
+    /// The signing key file (64 hex characters); default: the store's path with `.key`.
+    /// TOKENGATE_SIGNING_KEY (the hex itself) takes precedence.
+    #[arg(long, global = true, env = "TOKENGATE_SIGNING_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Who is acting, for the audit trail (default: $USER).
+    #[arg(long, global = true, env = "TOKENGATE_ACTOR")]
+    actor: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a store and its signing key.
+    Init {
+        /// The environment bundles are signed for (e.g. prod).
+        #[arg(long)]
+        environment: String,
+    },
+    /// Issue a token; prints it once, alone, on stdout.
+    Create {
+        name: String,
+        /// Comma-separated scopes (`orders:read`, `orders:*`, `*`).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Token prefix.
+        #[arg(long, default_value = token::DEFAULT_PREFIX)]
+        prefix: String,
+        #[command(flatten)]
+        lifetime: Lifetime,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Import an existing shared secret, read from stdin or an environment variable (never argv).
+    Import {
+        name: String,
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Read the secret from this environment variable instead of stdin.
+        #[arg(long)]
+        from_env: Option<String>,
+        #[command(flatten)]
+        lifetime: Lifetime,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List tokens.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one token.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token (and its previous secret, if rotating).
+    Revoke {
+        name: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Replace a token's secret; the old one keeps working for the grace period.
+    Rotate {
+        name: String,
+        /// How long the old secret stays valid (e.g. 24h; 0s ends it now).
+        #[arg(long)]
+        grace: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Emergency: revoke every token issued so far.
+    RevokeAll {
+        #[arg(long)]
+        reason: String,
+        /// Required: this cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// What the gate would decide for a token (read from stdin or --token-env), method and path.
+    Check {
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Read the token from this environment variable instead of stdin.
+        #[arg(long)]
+        token_env: Option<String>,
+        /// Check without any credential.
+        #[arg(long)]
+        no_token: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Route policy and credential sources.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// Write a signed bundle (stdout, or --out).
+    Bundle {
+        #[arg(long, value_enum)]
+        target: TargetArg,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Sign and push the token set to a gate.
+    Push {
+        #[command(subcommand)]
+        target: PushTarget,
+    },
+    /// The audit trail.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokens expiring within a window; exits 1 when there are any (for cron and CI).
+    Expiring {
+        #[arg(long)]
+        within: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct Lifetime {
+    /// Expire after this long (e.g. 90d).
+    #[arg(long, conflicts_with = "expires_at")]
+    expires_in: Option<String>,
+    /// Expire at this instant (2027-01-31T00:00:00Z or Unix seconds).
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// Not valid before this instant.
+    #[arg(long)]
+    not_before: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Validate a policy file (TOML) and store it.
+    Set { file: PathBuf },
+    /// Print the stored policy (JSON).
+    Show,
+    /// Print the default policy file, a starting point.
+    Example,
+}
+
+#[derive(Subcommand)]
+enum PushTarget {
+    /// Write the filter's ECDS resource atomically; Envoy reloads it without a restart.
+    Envoy {
+        /// The ECDS file Envoy watches.
+        #[arg(long, env = "TOKENGATE_ENVOY_ECDS")]
+        file: PathBuf,
+        /// The filter .wasm Envoy loads (absolute path written into the resource).
+        #[arg(
+            long,
+            env = "TOKENGATE_FILTER_WASM",
+            default_value = "target/wasm32-wasip1/release/tokengate_filter.wasm"
+        )]
+        wasm: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    Envoy,
+    Worker,
+}
+
+impl From<TargetArg> for Target {
+    fn from(t: TargetArg) -> Self {
+        match t {
+            TargetArg::Envoy => Target::Envoy,
+            TargetArg::Worker => Target::Worker,
+        }
+    }
+}
+
+/// Signals "the answer is no" (a denied check, something expiring) apart from errors.
+struct Negative;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(Negative)) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("tokengate: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn actor(cli_actor: Option<String>, why: Option<String>) -> Actor {
+    let who = cli_actor
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned());
+    Actor { who, why }
+}
+
+fn key_path(cli: &Cli) -> PathBuf {
+    cli.key_file
+        .clone()
+        .unwrap_or_else(|| cli.store.with_extension("key"))
+}
+
+fn signing_key(path: &Path) -> Result<SigningKey> {
+    if let Ok(hex) = std::env::var("TOKENGATE_SIGNING_KEY") {
+        return SigningKey::from_hex(&hex).context("TOKENGATE_SIGNING_KEY");
+    }
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading the signing key {} (or set TOKENGATE_SIGNING_KEY)",
+            path.display()
+        )
+    })?;
+    SigningKey::from_hex(&text).with_context(|| format!("{}", path.display()))
+}
+
+fn random_32() -> Result<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("the OS random generator failed: {e}"))?;
+    Ok(bytes)
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    // Short enough to stay a readable subject header.
+    if !tokengate_core::policy::valid_name(name) || name.len() > 48 {
+        bail!("token name {name:?} must match [a-z0-9][a-z0-9._-]{{0,47}}");
+    }
+    Ok(())
+}
+
+fn validate_scopes(scopes: &[String]) -> Result<()> {
+    if let Some(bad) = scopes
+        .iter()
+        .find(|s| !tokengate_core::policy::valid_grant(s))
+    {
+        bail!("scope {bad:?} must be like 'orders:read', 'orders:*' or '*'");
+    }
+    if scopes.len() > tokengate_core::policy::MAX_SCOPES {
+        bail!("at most {} scopes", tokengate_core::policy::MAX_SCOPES);
+    }
+    Ok(())
+}
+
+fn lifetime(l: &Lifetime, now: u64) -> Result<(Option<u64>, Option<u64>)> {
+    let expires = match (&l.expires_in, &l.expires_at) {
+        (Some(d), _) => Some(now + time::parse_duration(d)?),
+        (None, Some(at)) => Some(time::parse_instant(at)?),
+        (None, None) => None,
+    };
+    let not_before = l
+        .not_before
+        .as_deref()
+        .map(time::parse_instant)
+        .transpose()?;
+    if let Some(exp) = expires {
+        if exp <= now {
+            bail!(
+                "the expiry {} is not in the future",
+                time::format_instant(exp)
+            );
+        }
+        if not_before.is_some_and(|nb| nb >= exp) {
+            bail!("--not-before must be before the expiry");
+        }
+    }
+    Ok((not_before, expires))
+}
+
+/// Tokens created after a revoke-all must not fall under its cut-off, even in the same second.
+fn creation_time(store: &Store, now: u64) -> Result<u64> {
+    Ok(store.revoke_all_at()?.map_or(now, |cut| now.max(cut + 1)))
+}
+
+fn read_secret(from_env: Option<&str>) -> Result<String> {
+    if let Some(var) = from_env {
+        return std::env::var(var)
+            .with_context(|| format!("environment variable {var} is not set"));
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("paste the secret and press enter (it is not echoed anywhere):");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("reading the secret from stdin")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+fn run(cli: Cli) -> Result<Option<Negative>> {
+    let now = time::now();
+    let key_file = key_path(&cli);
+    match cli.command {
+        Command::Init { ref environment } => {
+            if !tokengate_core::policy::valid_name(environment) {
+                bail!("environment {environment:?} must match [a-z0-9][a-z0-9._-]{{0,63}}");
+            }
+            let who = actor(cli.actor.clone(), None);
+            let make_key = std::env::var("TOKENGATE_SIGNING_KEY").is_err();
+            if make_key && key_file.exists() {
+                bail!(
+                    "{} already exists; refusing to overwrite a signing key",
+                    key_file.display()
+                );
+            }
+            let default = policy_file::parse("default", policy_file::DEFAULT_POLICY)?;
+            let mut store = Store::create(&cli.store, environment, now, &who)?;
+            store.transaction(
+                &who,
+                "policy.set",
+                None,
+                serde_json::json!({"source": "default"}),
+                now,
+                |tx| store::set(tx, "policy", &serde_json::to_string(&default)?),
+            )?;
+            if make_key {
+                let key = SigningKey::from_bytes(random_32()?);
+                write_private(&key_file, &key.to_hex())?;
+                eprintln!(
+                    "signing key written to {} (mode 0600); it is never printed",
+                    key_file.display()
+                );
+            }
+            eprintln!(
+                "store created at {} for environment {environment}",
+                cli.store.display()
+            );
+            Ok(None)
+        }
+        Command::Create {
+            ref name,
+            ref scopes,
+            ref prefix,
+            ref lifetime,
+            ref description,
+            ref reason,
+        } => {
+            validate_name(name)?;
+            validate_scopes(scopes)?;
+            let (not_before, expires_at) = self::lifetime(lifetime, now)?;
+            let secret = token::generate(prefix, random_32()?)
+                .map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
+            let mut store = Store::open(&cli.store)?;
+            let hash = secret.hash();
+            let record = Token {
+                name: name.clone(),
+                token_id: hash.token_id(),
+                hash: hash.to_hex(),
+                scopes: scopes.clone(),
+                created_at: creation_time(&store, now)?,
+                not_before,
+                expires_at,
+                revoked_at: None,
+                imported: false,
+                prefix: Some(prefix.clone()),
+                description: description.clone(),
+                previous_token_id: None,
+                previous_hash: None,
+                previous_grace_until: None,
+            };
+            let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "expires_at": expires_at});
+            store.transaction(
+                &actor(cli.actor.clone(), reason.clone()),
+                "token.create",
+                Some(name),
+                details,
+                now,
+                |tx| store::insert_token(tx, &record),
+            )?;
+            eprintln!(
+                "created {name} ({}); the token is shown once, below:",
+                record.token_id
+            );
+            out!("{}", secret.expose());
+            Ok(None)
+        }
+        Command::Import {
+            ref name,
+            ref scopes,
+            ref from_env,
+            ref lifetime,
+            ref description,
+            ref reason,
+        } => {
+            validate_name(name)?;
+            validate_scopes(scopes)?;
+            let (not_before, expires_at) = self::lifetime(lifetime, now)?;
+            let secret = token::import(&read_secret(from_env.as_deref())?)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut store = Store::open(&cli.store)?;
+            let hash = secret.hash();
+            let record = Token {
+                name: name.clone(),
+                token_id: hash.token_id(),
+                hash: hash.to_hex(),
+                scopes: scopes.clone(),
+                created_at: creation_time(&store, now)?,
+                not_before,
+                expires_at,
+                revoked_at: None,
+                imported: true,
+                prefix: None,
+                description: description.clone(),
+                previous_token_id: None,
+                previous_hash: None,
+                previous_grace_until: None,
+            };
+            let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "imported": true});
+            store.transaction(
+                &actor(cli.actor.clone(), reason.clone()),
+                "token.import",
+                Some(name),
+                details,
+                now,
+                |tx| store::insert_token(tx, &record),
+            )?;
+            eprintln!(
+                "imported {name} ({}); only its hash is stored",
+                record.token_id
+            );
+            Ok(None)
+        }
+        Command::List { json } => {
+            let store = Store::open(&cli.store)?;
+            let cut = store.revoke_all_at()?;
+            let tokens = store.tokens()?;
+            if json {
+                let rows: Vec<_> = tokens.iter().map(|t| token_json(t, now, cut)).collect();
+                out!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let mut rows = vec![["NAME", "TOKEN ID", "STATUS", "SCOPES", "EXPIRES"]
+                    .map(str::to_owned)
+                    .to_vec()];
+                for t in &tokens {
+                    rows.push(vec![
+                        t.name.clone(),
+                        t.token_id.clone(),
+                        t.status(now, cut).to_owned(),
+                        t.scopes.join(","),
+                        t.expires_at
+                            .map_or("never".to_owned(), time::format_instant),
+                    ]);
+                }
+                print_table(&rows)?;
+            }
+            Ok(None)
+        }
+        Command::Show { ref name, json } => {
+            let store = Store::open(&cli.store)?;
+            let t = store
+                .token(name)?
+                .with_context(|| format!("no token named {name:?}"))?;
+            let value = token_json(&t, now, store.revoke_all_at()?);
+            if json {
+                out!("{}", serde_json::to_string_pretty(&value)?);
+            } else if let Some(map) = value.as_object() {
+                for (k, v) in map {
+                    out!(
+                        "{k:>22}: {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                    );
+                }
+            }
+            Ok(None)
+        }
+        Command::Revoke {
+            ref name,
+            ref reason,
+        } => {
+            let mut store = Store::open(&cli.store)?;
+            let t = store
+                .token(name)?
+                .with_context(|| format!("no token named {name:?}"))?;
+            if t.revoked_at.is_some() {
+                bail!("{name} is already revoked; nothing was changed");
+            }
+            let details = serde_json::json!({"token_id": t.token_id});
+            store.transaction(
+                &actor(cli.actor.clone(), Some(reason.clone())),
+                "token.revoke",
+                Some(name),
+                details,
+                now,
+                |tx| store::revoke_token(tx, name, now),
+            )?;
+            eprintln!(
+                "revoked {name} ({}); push to make the gates enforce it",
+                t.token_id
+            );
+            Ok(None)
+        }
+        Command::Rotate {
+            ref name,
+            ref grace,
+            ref reason,
+        } => {
+            let grace = time::parse_duration(grace)?;
+            let mut store = Store::open(&cli.store)?;
+            let old = store
+                .token(name)?
+                .with_context(|| format!("no token named {name:?}"))?;
+            if old.revoked_at.is_some()
+                || store.revoke_all_at()?.is_some_and(|c| old.created_at <= c)
+            {
+                bail!("{name} is revoked; create a new token instead");
+            }
+            if old.imported && old.previous_hash.is_none() {
+                eprintln!("note: {name} was imported; its replacement is a tokengate token");
+            }
+            let prefix = old
+                .prefix
+                .clone()
+                .unwrap_or_else(|| token::DEFAULT_PREFIX.to_owned());
+            let secret =
+                token::generate(&prefix, random_32()?).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let hash = secret.hash();
+            let grace_until = now + grace;
+            let details = serde_json::json!({"old_token_id": old.token_id, "new_token_id": hash.token_id(), "grace_until": grace_until});
+            store.transaction(
+                &actor(cli.actor.clone(), reason.clone()),
+                "token.rotate",
+                Some(name),
+                details,
+                now,
+                |tx| {
+                    store::rotate_token(
+                        tx,
+                        &old,
+                        &prefix,
+                        &hash.to_hex(),
+                        &hash.token_id(),
+                        grace_until,
+                    )
+                },
+            )?;
+            eprintln!(
+                "rotated {name}: {} replaces {}, which stays valid until {}; the new token is shown once, below:",
+                hash.token_id(),
+                old.token_id,
+                time::format_instant(grace_until)
+            );
+            out!("{}", secret.expose());
+            Ok(None)
+        }
+        Command::RevokeAll { ref reason, yes } => {
+            if !yes {
+                bail!(
+                    "revoke-all revokes every token issued so far and cannot be undone; add --yes"
+                );
+            }
+            let mut store = Store::open(&cli.store)?;
+            let count = store.transaction(
+                &actor(cli.actor.clone(), Some(reason.clone())),
+                "token.revoke_all",
+                None,
+                serde_json::json!({"cutoff": now}),
+                now,
+                |tx| store::revoke_all(tx, now),
+            )?;
+            eprintln!(
+                "revoked all {count} live tokens (cut-off {}); push now to every gate",
+                time::format_instant(now)
+            );
+            Ok(None)
+        }
+        Command::Check {
+            ref method,
+            ref path,
+            ref host,
+            ref token_env,
+            no_token,
+            json,
+        } => {
+            let store = Store::open(&cli.store)?;
+            let bundle = build_bundle(
+                &store,
+                Target::Envoy,
+                store
+                    .pushed_version(&Target::Envoy.to_string())?
+                    .unwrap_or(0),
+                now,
+            )?;
+            let gate = Gate::from_bundle(bundle).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut headers = Vec::new();
+            if !no_token {
+                let secret = read_secret(token_env.as_deref())?;
+                headers.push(("authorization".to_owned(), format!("Bearer {secret}")));
+            }
+            let request = Request {
+                method,
+                path,
+                authority: host,
+                headers: &headers,
+            };
+            let decision = gate.decide(&request, now);
+            let value = serde_json::json!({
+                "status": decision.status(),
+                "outcome": if decision.outcome == Outcome::Allow { "allow" } else { "deny" },
+                "reason": decision.reason.as_str(),
+                "rule": decision.rule,
+                "subject": decision.subject,
+                "token_id": decision.token_id,
+            });
+            if json {
+                out!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                out!(
+                    "{} {} -> {} {} (reason: {}; rule: {}; subject: {})",
+                    method,
+                    path,
+                    decision.status(),
+                    if decision.outcome == Outcome::Allow {
+                        "allow"
+                    } else {
+                        "deny"
+                    },
+                    decision.reason,
+                    decision.rule.as_deref().unwrap_or("none"),
+                    decision.subject.as_deref().unwrap_or("none"),
+                );
+            }
+            Ok((decision.outcome == Outcome::Deny).then_some(Negative))
+        }
+        Command::Policy { ref action } => match action {
+            PolicyAction::Example => {
+                write!(std::io::stdout().lock(), "{}", policy_file::DEFAULT_POLICY)?;
+                Ok(None)
+            }
+            PolicyAction::Show => {
+                let store = Store::open(&cli.store)?;
+                let policy = store.policy()?.context("no policy is set")?;
+                out!("{}", serde_json::to_string_pretty(&policy)?);
+                Ok(None)
+            }
+            PolicyAction::Set { file } => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let parsed = policy_file::parse(&file.display().to_string(), &text)?;
+                let mut store = Store::open(&cli.store)?;
+                let details = serde_json::json!({"file": file.display().to_string(), "rules": parsed.rules.len()});
+                store.transaction(
+                    &actor(cli.actor.clone(), None),
+                    "policy.set",
+                    None,
+                    details,
+                    now,
+                    |tx| store::set(tx, "policy", &serde_json::to_string(&parsed)?),
+                )?;
+                eprintln!("policy set: {} rules; push to apply it", parsed.rules.len());
+                Ok(None)
+            }
+        },
+        Command::Bundle { target, ref out } => {
+            let key = signing_key(&key_file)?;
+            let mut store = Store::open(&cli.store)?;
+            let target: Target = target.into();
+            let bundle = issue_bundle(
+                &mut store,
+                &key,
+                target,
+                now,
+                &actor(cli.actor.clone(), None),
+            )?;
+            let text = bundle.to_json();
+            match out {
+                Some(path) => {
+                    push::write_atomically(path, text.as_bytes())?;
+                    eprintln!(
+                        "bundle version {} for {target} written to {}",
+                        bundle.version,
+                        path.display()
+                    );
+                }
+                None => out!("{text}"),
+            }
+            Ok(None)
+        }
+        Command::Push { ref target } => match target {
+            PushTarget::Envoy { file, wasm } => {
+                let key = signing_key(&key_file)?;
+                let mut store = Store::open(&cli.store)?;
+                let who = actor(cli.actor.clone(), None);
+                let version = push::envoy(&mut store, &key, file, wasm, now, &who)?;
+                eprintln!(
+                    "pushed bundle version {version} to Envoy via {}",
+                    file.display()
+                );
+                Ok(None)
+            }
+        },
+        Command::Audit { limit, json } => {
+            let store = Store::open(&cli.store)?;
+            let events = store.audit(limit)?;
+            if json {
+                out!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                let mut rows = vec![["WHEN", "WHO", "WHAT", "SUBJECT", "WHY"]
+                    .map(str::to_owned)
+                    .to_vec()];
+                for e in &events {
+                    rows.push(vec![
+                        time::format_instant(e.at),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.subject.clone().unwrap_or_default(),
+                        e.reason.clone().unwrap_or_default(),
+                    ]);
+                }
+                print_table(&rows)?;
+            }
+            Ok(None)
+        }
+        Command::Expiring { ref within, json } => {
+            let window = time::parse_duration(within)?;
+            let store = Store::open(&cli.store)?;
+            let cut = store.revoke_all_at()?;
+            let soon: Vec<Token> = store
+                .tokens()?
+                .into_iter()
+                .filter(|t| matches!(t.status(now, cut), "active" | "rotating" | "not-yet-valid"))
+                .filter(|t| t.expires_at.is_some_and(|e| e <= now + window))
+                .collect();
+            if json {
+                let rows: Vec<_> = soon.iter().map(|t| token_json(t, now, cut)).collect();
+                out!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if soon.is_empty() {
+                eprintln!("nothing expires within {within}");
+            } else {
+                let mut rows = vec![["NAME", "TOKEN ID", "EXPIRES"].map(str::to_owned).to_vec()];
+                for t in &soon {
+                    rows.push(vec![
+                        t.name.clone(),
+                        t.token_id.clone(),
+                        t.expires_at.map(time::format_instant).unwrap_or_default(),
+                    ]);
+                }
+                print_table(&rows)?;
+            }
+            Ok((!soon.is_empty()).then_some(Negative))
+        }
+    }
+}
+
+fn token_json(t: &Token, now: u64, cut: Option<u64>) -> serde_json::Value {
+    let at = |v: Option<u64>| v.map(time::format_instant);
+    serde_json::json!({
+        "name": t.name,
+        "token_id": t.token_id,
+        "status": t.status(now, cut),
+        "scopes": t.scopes,
+        "created_at": time::format_instant(t.created_at),
+        "not_before": at(t.not_before),
+        "expires_at": at(t.expires_at),
+        "revoked_at": at(t.revoked_at),
+        "imported": t.imported,
+        "prefix": t.prefix,
+        "description": t.description,
+        "previous_token_id": t.previous_token_id,
+        "previous_grace_until": at(t.previous_grace_until),
+    })
+}
+
+fn print_table(rows: &[Vec<String>]) -> Result<()> {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{text}")?;
+    Ok(())
+}
+
+/// The bundle for the store's current state (unsigned).
+pub(crate) fn build_bundle(
+    store: &Store,
+    target: Target,
+    version: u64,
+    now: u64,
+) -> Result<Bundle> {
+    let policy = store
+        .policy()?
+        .context("no policy is set (tokengate policy set FILE)")?;
+    let tokens = store.tokens()?.iter().map(|t| t.record(now)).collect();
+    Ok(Bundle {
+        format: FORMAT.to_owned(),
+        version,
+        issued_at: now,
+        environment: store.environment()?,
+        target,
+        policy: policy.policy(),
+        credentials: CredentialConfig {
+            sources: policy.credentials.sources.clone(),
+            forward: policy.credentials.forward,
+        },
+        tokens,
+        revoke_all_at: store.revoke_all_at()?,
+        cloudflare_access: policy.cloudflare_access.clone(),
+        signature: None,
+    })
+}
+
+/// Takes a new version, signs, and checks the bundle exactly as the target will: a bundle
+/// the gate would refuse is never written or sent.
+pub(crate) fn issue_bundle(
+    store: &mut Store,
+    key: &SigningKey,
+    target: Target,
+    now: u64,
+    who: &Actor,
+) -> Result<Bundle> {
+    let version = store.transaction(
+        who,
+        "bundle.version",
+        None,
+        serde_json::json!({"target": target.to_string()}),
+        now,
+        store::next_version,
+    )?;
+    let mut bundle = build_bundle(store, target, version, now)?;
+    bundle.sign(key);
+    let environment = store.environment()?;
+    let expect = Expectation {
+        target,
+        environment: Some(&environment),
+        newer_than: store.pushed_version(&target.to_string())?,
+    };
+    Gate::load(bundle.to_json().as_bytes(), key, &expect)
+        .map_err(|e| anyhow::anyhow!("the bundle would be refused by the gate: {e}"))?;
+    Ok(bundle)
+}

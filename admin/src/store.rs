@@ -1,0 +1,513 @@
+//! The embedded store: SQLite (bundled), one file, the source of truth for tokens.
+//!
+//! - Only hashes are written; the plaintext exists in memory until it is printed once.
+//! - A schema version (`PRAGMA user_version`) with ordered migrations.
+//! - Every change runs in one transaction together with its audit event.
+//! - An exclusive lock file beside the database keeps two CLIs from interleaving
+//!   read-modify-write cycles (SQLite's own locking covers single statements only).
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde::Serialize;
+use tokengate_core::bundle::{PreviousToken, TokenRecord};
+
+use crate::policy_file::PolicyFile;
+
+/// Ordered migrations; `user_version` is how many have run.
+const MIGRATIONS: &[&str] = &[
+    // 1: tokens, audit, settings, pushes.
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL UNIQUE,
+        hash TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        not_before INTEGER,
+        expires_at INTEGER,
+        revoked_at INTEGER,
+        imported INTEGER NOT NULL DEFAULT 0,
+        prefix TEXT,
+        description TEXT NOT NULL DEFAULT '',
+        previous_token_id TEXT,
+        previous_hash TEXT UNIQUE,
+        previous_grace_until INTEGER
+     );
+     CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        subject TEXT,
+        reason TEXT,
+        details TEXT NOT NULL DEFAULT '{}'
+     );
+     CREATE TABLE pushes (
+        target TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        destination TEXT NOT NULL
+     );",
+];
+
+/// An open store, holding the lock file for as long as it lives.
+pub struct Store {
+    conn: Connection,
+    _lock: File,
+}
+
+/// A token as the store keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Token {
+    pub name: String,
+    pub token_id: String,
+    #[serde(skip)]
+    pub hash: String,
+    pub scopes: Vec<String>,
+    pub created_at: u64,
+    pub not_before: Option<u64>,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    pub imported: bool,
+    /// The token prefix (not secret); none for imported secrets.
+    pub prefix: Option<String>,
+    pub description: String,
+    pub previous_token_id: Option<String>,
+    #[serde(skip)]
+    pub previous_hash: Option<String>,
+    pub previous_grace_until: Option<u64>,
+}
+
+impl Token {
+    /// What the gate would say of this token at `now`, ignoring routes.
+    pub fn status(&self, now: u64, revoke_all_at: Option<u64>) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if revoke_all_at.is_some_and(|cut| self.created_at <= cut) {
+            "revoked-all"
+        } else if self.expires_at.is_some_and(|e| now >= e) {
+            "expired"
+        } else if self.not_before.is_some_and(|nb| now < nb) {
+            "not-yet-valid"
+        } else if self.previous_grace_until.is_some_and(|g| now < g) {
+            "rotating"
+        } else {
+            "active"
+        }
+    }
+
+    /// The bundle form: hashes only.
+    pub fn record(&self, now: u64) -> TokenRecord {
+        let previous = match (
+            &self.previous_token_id,
+            &self.previous_hash,
+            self.previous_grace_until,
+        ) {
+            // A finished grace period is simply dropped from the bundle.
+            (Some(token_id), Some(hash), Some(grace_until)) if grace_until > now => {
+                Some(PreviousToken {
+                    token_id: token_id.clone(),
+                    hash: hash.clone(),
+                    grace_until,
+                })
+            }
+            _ => None,
+        };
+        TokenRecord {
+            name: self.name.clone(),
+            token_id: self.token_id.clone(),
+            hash: self.hash.clone(),
+            scopes: self.scopes.clone(),
+            created_at: self.created_at,
+            not_before: self.not_before,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+            grace_until: None,
+            previous,
+        }
+    }
+}
+
+/// One audit event.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: u64,
+    pub actor: String,
+    pub action: String,
+    pub subject: Option<String>,
+    pub reason: Option<String>,
+    pub details: serde_json::Value,
+}
+
+/// Who did it and why, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub who: String,
+    pub why: Option<String>,
+}
+
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+fn lock(path: &Path) -> Result<File> {
+    let lock_path = path.with_extension("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening lock file {}", lock_path.display()))?;
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !told {
+                    eprintln!(
+                        "waiting for another tokengate command holding {}",
+                        lock_path.display()
+                    );
+                    told = true;
+                }
+                if started.elapsed() > LOCK_WAIT {
+                    bail!(
+                        "the store is locked by another tokengate command ({}); gave up after {}s",
+                        lock_path.display(),
+                        LOCK_WAIT.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).context("locking the store"),
+        }
+    }
+}
+
+fn scopes_from(text: String) -> rusqlite::Result<Vec<String>> {
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn seconds(value: Option<i64>) -> Option<u64> {
+    value.and_then(|v| u64::try_from(v).ok())
+}
+
+fn signed(value: Option<u64>) -> Option<i64> {
+    value.and_then(|v| i64::try_from(v).ok())
+}
+
+const TOKEN_COLUMNS: &str = "name, token_id, hash, scopes, created_at, not_before, expires_at, revoked_at, imported, description, previous_token_id, previous_hash, previous_grace_until, prefix";
+
+fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Token> {
+    Ok(Token {
+        name: row.get(0)?,
+        token_id: row.get(1)?,
+        hash: row.get(2)?,
+        scopes: scopes_from(row.get(3)?)?,
+        created_at: seconds(row.get(4)?).unwrap_or_default(),
+        not_before: seconds(row.get(5)?),
+        expires_at: seconds(row.get(6)?),
+        revoked_at: seconds(row.get(7)?),
+        imported: row.get::<_, i64>(8)? != 0,
+        description: row.get(9)?,
+        previous_token_id: row.get(10)?,
+        previous_hash: row.get(11)?,
+        previous_grace_until: seconds(row.get(12)?),
+        prefix: row.get(13)?,
+    })
+}
+
+impl Store {
+    /// Creates a new store; refuses to overwrite one.
+    pub fn create(path: &Path, environment: &str, now: u64, actor: &Actor) -> Result<Self> {
+        if path.exists() {
+            bail!(
+                "{} already exists; refusing to overwrite a store",
+                path.display()
+            );
+        }
+        let mut store = Self::open_unchecked(path)?;
+        store.transaction(
+            actor,
+            "init",
+            None,
+            serde_json::json!({ "environment": environment }),
+            now,
+            |tx| {
+                set(tx, "environment", environment)?;
+                set(tx, "bundle_version", "0")?;
+                Ok(())
+            },
+        )?;
+        Ok(store)
+    }
+
+    /// Opens an existing store and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!(
+                "no store at {} (run `tokengate init` first, or pass --store)",
+                path.display()
+            );
+        }
+        Self::open_unchecked(path)
+    }
+
+    fn open_unchecked(path: &Path) -> Result<Self> {
+        let lock = lock(path)?;
+        let mut conn =
+            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version = usize::try_from(version).context("negative schema version")?;
+        if version > MIGRATIONS.len() {
+            bail!(
+                "{} has schema version {version}, newer than this tokengate understands ({}); upgrade tokengate",
+                path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        if version < MIGRATIONS.len() {
+            let tx = conn.transaction()?;
+            for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+                tx.execute_batch(migration)
+                    .with_context(|| format!("running migration {}", i + 1))?;
+            }
+            tx.pragma_update(None, "user_version", i64::try_from(MIGRATIONS.len())?)?;
+            tx.commit()?;
+        }
+        Ok(Self { conn, _lock: lock })
+    }
+
+    /// Runs `change` and its audit event in one transaction.
+    pub fn transaction<T>(
+        &mut self,
+        actor: &Actor,
+        action: &str,
+        subject: Option<&str>,
+        details: serde_json::Value,
+        now: u64,
+        change: impl FnOnce(&Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self.conn.transaction()?;
+        let out = change(&tx)?;
+        tx.execute(
+            "INSERT INTO audit (at, actor, action, subject, reason, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![signed(Some(now)), actor.who, action, subject, actor.why, details.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// A setting.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// The environment the store issues bundles for.
+    pub fn environment(&self) -> Result<String> {
+        self.setting("environment")?
+            .context("the store has no environment; was it made by `tokengate init`?")
+    }
+
+    /// The revoke-all cut-off, if one was set.
+    pub fn revoke_all_at(&self) -> Result<Option<u64>> {
+        Ok(self.setting("revoke_all_at")?.and_then(|v| v.parse().ok()))
+    }
+
+    /// The policy, if one was set.
+    pub fn policy(&self) -> Result<Option<PolicyFile>> {
+        self.setting("policy")?
+            .map(|text| serde_json::from_str(&text).context("the stored policy is unreadable"))
+            .transpose()
+    }
+
+    /// One token by name.
+    pub fn token(&self, name: &str) -> Result<Option<Token>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = ?1"),
+                [name],
+                token_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Every token, by name.
+    pub fn tokens(&self) -> Result<Vec<Token>> {
+        let mut statement = self
+            .conn
+            .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY name"))?;
+        let rows = statement.query_map([], token_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Audit events, newest last.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>> {
+        let mut statement = self.conn.prepare(
+            "SELECT id, at, actor, action, subject, reason, details FROM
+               (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let rows = statement.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            let details: String = r.get(6)?;
+            Ok(AuditEvent {
+                id: r.get(0)?,
+                at: seconds(r.get(1)?).unwrap_or_default(),
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                subject: r.get(4)?,
+                reason: r.get(5)?,
+                details: serde_json::from_str(&details).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The last version pushed to a target, if any.
+    pub fn pushed_version(&self, target: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT version FROM pushes WHERE target = ?1",
+                [target],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .and_then(|v| u64::try_from(v).ok()))
+    }
+}
+
+/// Writes a setting inside a transaction.
+pub fn set(tx: &Transaction<'_>, key: &str, value: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Takes the next bundle version inside a transaction.
+pub fn next_version(tx: &Transaction<'_>) -> Result<u64> {
+    let current: u64 = tx
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'bundle_version'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let next = current + 1;
+    set(tx, "bundle_version", &next.to_string())?;
+    Ok(next)
+}
+
+/// Records a successful push inside a transaction.
+pub fn record_push(
+    tx: &Transaction<'_>,
+    target: &str,
+    version: u64,
+    now: u64,
+    destination: &str,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO pushes (target, version, at, destination) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(target) DO UPDATE SET version = excluded.version, at = excluded.at, destination = excluded.destination",
+        params![target, signed(Some(version)), signed(Some(now)), destination],
+    )?;
+    Ok(())
+}
+
+/// Inserts a new token inside a transaction; names and hashes are unique.
+pub fn insert_token(tx: &Transaction<'_>, token: &Token) -> Result<()> {
+    let taken: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM tokens WHERE hash = ?1 OR previous_hash = ?1)",
+        [&token.hash],
+        |r| r.get(0),
+    )?;
+    if taken {
+        bail!("that secret is already in the store (as another token); nothing was changed");
+    }
+    let result = tx.execute(
+        &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        params![
+            token.name,
+            token.token_id,
+            token.hash,
+            serde_json::to_string(&token.scopes)?,
+            signed(Some(token.created_at)),
+            signed(token.not_before),
+            signed(token.expires_at),
+            signed(token.revoked_at),
+            i64::from(token.imported),
+            token.description,
+            token.previous_token_id,
+            token.previous_hash,
+            signed(token.previous_grace_until),
+            token.prefix,
+        ],
+    );
+    match result {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            bail!(
+                "a token named {:?} already exists; nothing was changed",
+                token.name
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replaces a token's secret by rotation: the old hash stays valid until `grace_until`.
+pub fn rotate_token(
+    tx: &Transaction<'_>,
+    old: &Token,
+    new_prefix: &str,
+    new_hash: &str,
+    new_token_id: &str,
+    grace_until: u64,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE tokens SET previous_token_id = token_id, previous_hash = hash, previous_grace_until = ?1,
+                           token_id = ?2, hash = ?3, imported = 0, prefix = ?5
+         WHERE name = ?4",
+        params![signed(Some(grace_until)), new_token_id, new_hash, old.name, new_prefix],
+    )?;
+    Ok(())
+}
+
+/// Marks a token revoked (its previous secret, if rotating, goes with it).
+pub fn revoke_token(tx: &Transaction<'_>, name: &str, now: u64) -> Result<()> {
+    tx.execute(
+        "UPDATE tokens SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+        params![signed(Some(now)), name],
+    )?;
+    Ok(())
+}
+
+/// Marks every token revoked and sets the cut-off; returns how many were live.
+pub fn revoke_all(tx: &Transaction<'_>, now: u64) -> Result<usize> {
+    let count = tx.execute(
+        "UPDATE tokens SET revoked_at = ?1 WHERE revoked_at IS NULL",
+        params![signed(Some(now))],
+    )?;
+    set(tx, "revoke_all_at", &now.to_string())?;
+    Ok(count)
+}

@@ -1,0 +1,379 @@
+//! The real `tokengate` binary against its real store: what an operator would check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failure is the report
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tokengate-cli-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        let env = Self { dir };
+        env.ok(&["init", "--environment", "test"]);
+        env
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.join("tokengate.db")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokengate"));
+        command
+            .args(args)
+            .env_remove("TOKENGATE_SIGNING_KEY")
+            .env("TOKENGATE_STORE", self.store())
+            .env("TOKENGATE_ACTOR", "tester");
+        command
+    }
+
+    fn run(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args, "");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str], stdin: &str) -> String {
+        let out = self.run(args, stdin);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn audit_len(&self) -> usize {
+        let json: serde_json::Value =
+            serde_json::from_str(&self.ok(&["audit", "--json", "--limit", "1000"])).unwrap();
+        json.as_array().unwrap().len()
+    }
+
+    fn check(&self, token: &str, path: &str) -> serde_json::Value {
+        let out = self.run(&["check", "--path", path, "--json"], token);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+fn files_contain(dir: &Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|entry| {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+#[test]
+fn create_prints_the_token_alone_once_and_stores_only_its_hash() {
+    let env = Env::new("create");
+    let out = env.run(&["create", "ci-deploy", "--scopes", "orders:read"], "");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let token = token.strip_suffix('\n').unwrap();
+    assert!(
+        token.starts_with("sk_live_") && token.len() == 57,
+        "stdout must be the token alone: {token:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(token));
+    assert!(
+        !files_contain(&env.dir, token),
+        "the plaintext reached the disk"
+    );
+    for listing in [
+        env.ok(&["list"]),
+        env.ok(&["list", "--json"]),
+        env.ok(&["show", "ci-deploy", "--json"]),
+        env.ok(&["audit", "--json"]),
+    ] {
+        assert!(!listing.contains(token));
+    }
+    assert_eq!(env.check(token, "/api/x")["status"], 200);
+    assert_eq!(env.check(token, "/api/x")["subject"], "ci-deploy");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let env = Env::new("bad");
+    env.ok(&["create", "taken", "--scopes", "a:b"]);
+    let before = env.audit_len();
+    let cases: &[(&[&str], &str)] = &[
+        (&["create", "taken", "--scopes", "a:b"], "already exists"),
+        (&["create", "Bad Name"], "must match"),
+        (&["create", "x", "--scopes", "Orders Read"], "scope"),
+        (&["create", "x", "--prefix", "SK"], "prefix"),
+        (&["create", "x", "--expires-in", "5y"], "unit"),
+        (
+            &["create", "x", "--expires-at", "2001-01-01T00:00:00Z"],
+            "not in the future",
+        ),
+        (&["revoke", "nobody", "--reason", "r"], "no token named"),
+        (&["rotate", "nobody", "--grace", "1h"], "no token named"),
+        (&["revoke-all", "--reason", "r"], "--yes"),
+        (&["init", "--environment", "test"], "already exists"),
+    ];
+    for (args, needle) in cases {
+        let error = env.fails(args, "");
+        assert!(error.contains(needle), "{args:?}: {error}");
+    }
+    let error = env.fails(&["import", "legacy"], "short");
+    assert!(error.contains("16"), "{error}");
+    assert_eq!(
+        env.audit_len(),
+        before,
+        "a refused command wrote an audit event"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn import_reads_the_secret_from_stdin_or_env_never_argv() {
+    let env = Env::new("import");
+    let secret = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let out = env.run(
+        &["import", "legacy", "--scopes", "orders:read"],
+        &format!("{secret}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "import must not echo the secret");
+    assert_eq!(env.check(secret, "/api/orders")["status"], 200);
+    let out = env
+        .command(&["import", "legacy2", "--from-env", "LEGACY_SECRET"])
+        .env("LEGACY_SECRET", format!("{secret}-2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!files_contain(&env.dir, secret));
+    // The same secret twice is refused.
+    env.fails(&["import", "again"], secret);
+}
+
+#[test]
+fn rotate_revoke_and_revoke_all_as_the_gate_sees_them() {
+    let env = Env::new("lifecycle");
+    let old = env
+        .ok(&["create", "svc", "--scopes", "*"])
+        .trim()
+        .to_owned();
+    let new = env
+        .ok(&["rotate", "svc", "--grace", "1h", "--reason", "quarterly"])
+        .trim()
+        .to_owned();
+    assert_ne!(old, new);
+    assert_eq!(
+        env.check(&old, "/x")["status"],
+        200,
+        "old token passes during grace"
+    );
+    assert_eq!(env.check(&new, "/x")["status"], 200);
+    assert_eq!(
+        env.check(&old, "/x")["subject"],
+        "svc",
+        "same subject during grace"
+    );
+    let ended = env
+        .ok(&["rotate", "svc", "--grace", "0s"])
+        .trim()
+        .to_owned();
+    assert_eq!(
+        env.check(&new, "/x")["reason"],
+        "unknown",
+        "a zero grace ends the old secret now"
+    );
+    assert_eq!(env.check(&ended, "/x")["status"], 200);
+
+    env.ok(&["revoke", "svc", "--reason", "leaked"]);
+    assert_eq!(env.check(&ended, "/x")["reason"], "revoked");
+
+    let other = env.ok(&["create", "other"]).trim().to_owned();
+    env.ok(&["revoke-all", "--reason", "incident", "--yes"]);
+    assert_eq!(env.check(&other, "/x")["status"], 401);
+    let after = env.ok(&["create", "after"]).trim().to_owned();
+    assert_eq!(
+        env.check(&after, "/x")["status"],
+        200,
+        "tokens issued after revoke-all work"
+    );
+
+    let audit: serde_json::Value = serde_json::from_str(&env.ok(&["audit", "--json"])).unwrap();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "token.create",
+        "token.rotate",
+        "token.revoke",
+        "token.revoke_all",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
+    }
+    let revoke = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "token.revoke")
+        .unwrap();
+    assert_eq!(revoke["actor"], "tester");
+    assert_eq!(revoke["reason"], "leaked");
+}
+
+#[test]
+fn expiring_exits_non_zero_when_something_expires_within_the_window() {
+    let env = Env::new("expiring");
+    env.ok(&["create", "long", "--expires-in", "90d"]);
+    assert_eq!(
+        env.run(&["expiring", "--within", "7d"], "").status.code(),
+        Some(0)
+    );
+    env.ok(&["create", "short", "--expires-in", "2d"]);
+    let out = env.run(&["expiring", "--within", "7d", "--json"], "");
+    assert_eq!(out.status.code(), Some(1));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["name"], "short");
+}
+
+#[test]
+fn policy_errors_point_at_the_line_and_change_nothing() {
+    let env = Env::new("policy");
+    let file = env.dir.join("policy.toml");
+    let example = env.ok(&["policy", "example"]);
+    std::fs::write(
+        &file,
+        example.replace("methods = [\"GET\", \"HEAD\"]", "methods = [\"get\"]"),
+    )
+    .unwrap();
+    let before = env.ok(&["policy", "show"]);
+    let error = env.fails(&["policy", "set", file.to_str().unwrap()], "");
+    assert!(
+        error.contains("policy.toml:7:") && error.contains("method"),
+        "{error}"
+    );
+    assert_eq!(env.ok(&["policy", "show"]), before);
+    std::fs::write(
+        &file,
+        example.replace("access = \"token\"", "access = \"tokne\""),
+    )
+    .unwrap();
+    let error = env.fails(&["policy", "set", file.to_str().unwrap()], "");
+    assert!(error.contains("policy.toml:15"), "{error}");
+}
+
+#[test]
+fn concurrent_commands_never_corrupt_the_store() {
+    let env = Env::new("concurrent");
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            env.command(&["create", &format!("svc-{i}"), "--scopes", "a:b"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let tokens: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        })
+        .collect();
+    let listed: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 8);
+    for token in &tokens {
+        assert_eq!(env.check(token, "/x")["status"], 200);
+    }
+}
+
+#[test]
+fn push_envoy_writes_a_bundle_the_filter_accepts_and_never_the_key() {
+    let env = Env::new("push");
+    let token = env.ok(&["create", "svc"]).trim().to_owned();
+    let wasm = env.dir.join("filter.wasm");
+    std::fs::write(&wasm, b"\0asm").unwrap();
+    let ecds = env.dir.join("ecds.json");
+    env.ok(&[
+        "push",
+        "envoy",
+        "--file",
+        ecds.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+    ]);
+    let first: serde_json::Value = serde_json::from_slice(&std::fs::read(&ecds).unwrap()).unwrap();
+    env.ok(&[
+        "push",
+        "envoy",
+        "--file",
+        ecds.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+    ]);
+    let second: serde_json::Value = serde_json::from_slice(&std::fs::read(&ecds).unwrap()).unwrap();
+    let version =
+        |v: &serde_json::Value| v["version_info"].as_str().unwrap().parse::<u64>().unwrap();
+    assert!(
+        version(&second) > version(&first),
+        "each push is a newer version"
+    );
+    let key = std::fs::read_to_string(env.dir.join("tokengate.key")).unwrap();
+    let text = std::fs::read_to_string(&ecds).unwrap();
+    assert!(!text.contains(key.trim()) && !text.contains(&token));
+    // Without the key, nothing is pushed.
+    std::fs::remove_file(env.dir.join("tokengate.key")).unwrap();
+    let error = env.fails(
+        &[
+            "push",
+            "envoy",
+            "--file",
+            ecds.to_str().unwrap(),
+            "--wasm",
+            wasm.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(error.contains("signing key"), "{error}");
+    assert_eq!(std::fs::read_to_string(&ecds).unwrap(), text);
+}
