@@ -131,8 +131,9 @@ cases = []
 
 
 def case(name, path="/api/orders/1", method="GET", headers=(), bundle="main", now=NOW,
-         authority="api.internal", clock_edge=False, **expect):
+         authority="api.internal", clock_edge=False, proxy_may_reject=False, **expect):
     cases.append({"name": name, "bundle": bundle, "now": now, "clock_edge": clock_edge,
+                  "proxy_may_reject": proxy_may_reject,
                   "request": {"method": method, "path": path, "authority": authority,
                               "headers": [list(h) for h in headers]},
                   "expect": expect})
@@ -280,9 +281,9 @@ case("/healthz/x is not the exact route", path="/healthz/x", status=403, reason=
 case("public rule is method-bound: POST /healthz", path="/healthz", method="POST", status=403,
      reason="no_rule", error="access_denied")
 case("lower-case method does not match GET", path="/healthz", method="get", status=403,
-     reason="no_rule", error="access_denied")
+     reason="no_rule", error="access_denied", proxy_may_reject=True)
 allow("lower-case method falls through to the catch-all api rule", "no-scopes", "",
-      bearer(T["no-scopes"]), method="get", path="/api/orders")
+      bearer(T["no-scopes"]), method="get", path="/api/orders", proxy_may_reject=True)
 case("host-bound rule does not match another host", path="/deploy/x", authority="evil.internal",
      headers=bearer(T["ci-deploy"]), status=403, reason="no_rule", error="access_denied")
 # --- paths -----------------------------------------------------------------------------
@@ -300,10 +301,16 @@ for name, path in [("encoded slash", "/api%2Forders"), ("encoded lower-case slas
                    ("encoded backslash", "/docs/%5c../admin"), ("raw backslash", "/docs\\..\\admin"),
                    ("dot-dot above root", "/../admin"), ("encoded NUL", "/api/%00"),
                    ("bad percent-encoding", "/api/%zz"), ("relative path", "api/orders")]:
-    deny400(f"{name} is a bad request", bearer(T["root"]), "bad_path", path=path)
+    deny400(f"{name} is a bad request", bearer(T["root"]), "bad_path", path=path,
+            proxy_may_reject=path == "api/orders")
 deny400("bad path is refused even on public prefixes", [], "bad_path", path="/docs/%2F")
 # --- duplicate / conflicting credentials -----------------------------------------------
 deny400("two authorization headers", bearer(T["ci-deploy"]) + bearer(T["ci-deploy"]),
+        "several_credentials")
+deny400("repeated authorization joined by a proxy", [("authorization", f"Bearer {T['ci-deploy']},Bearer {T['root']}")],
+        "several_credentials")
+deny400("a bearer token after a basic one in a joined header",
+        [("authorization", f"Basic dXNlcjpwYXNz,Bearer {T['root']}"), ("x-internal-token", T["root"])],
         "several_credentials")
 deny400("two different bearer tokens", bearer(T["ci-deploy"]) + bearer(T["root"]),
         "several_credentials")
@@ -344,8 +351,8 @@ names = [c["name"] for c in cases]
 assert len(names) == len(set(names)), "case names must be unique"
 
 # --- bundles every target must refuse ----------------------------------------------------
-def refusal(name, text, key=KEY, serving_version=None):
-    return {"name": name, "bundle": text, "key": key, "serving_version": serving_version}
+def refusal(name, text, key=KEY, serving=None):
+    return {"name": name, "bundle": text, "key": key, "serving": serving}
 
 
 good = sign(BUNDLES["main"]("envoy"))
@@ -357,7 +364,9 @@ REFUSALS = [
     refusal("signed for the worker", json.dumps(sign(BUNDLES["main"]("worker")))),
     refusal("signed for another environment",
             json.dumps(sign({**BUNDLES["main"]("envoy"), "environment": "prod"}))),
-    refusal("older version than served", good_text, serving_version=10),
+    refusal("older version than served", good_text, serving="revoke-all"),
+    refusal("same version as served, other content",
+            json.dumps(sign({**BUNDLES["revoke-all"]("envoy"), "revoke_all_at": None})), serving="revoke-all"),
     refusal("invalid JSON", good_text[:-2]),
     refusal("unknown field", json.dumps(sign({**BUNDLES["main"]("envoy"), "debug": True}))),
     refusal("duplicate token names", json.dumps(sign(bundle(

@@ -39,6 +39,11 @@ pub struct Case {
     /// True when the case sits on a one-second boundary and so needs a controlled clock.
     #[serde(default)]
     pub clock_edge: bool,
+    /// An HTTP proxy in front of the gate may refuse this request itself with a 400 before
+    /// the gate sees it (Envoy rejects a lower-case method or a relative path); a runner
+    /// behind such a proxy accepts that as long as nothing reached the upstream.
+    #[serde(default)]
+    pub proxy_may_reject: bool,
     /// The request.
     pub request: Request,
     /// The expectation.
@@ -97,9 +102,9 @@ pub struct Refusal {
     pub bundle: String,
     /// The key the target holds (hex); the fixture key unless the case is about keys.
     pub key: String,
-    /// The version the target serves already, if any (rollback cases).
+    /// The fixture bundle the target serves already, if any (rollback and replay cases).
     #[serde(default)]
-    pub serving_version: Option<u64>,
+    pub serving: Option<String>,
 }
 
 /// What a runner saw for one case.

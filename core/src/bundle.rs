@@ -517,6 +517,58 @@ impl Record {
     }
 }
 
+/// The bundle a gate serves, as far as succession is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// Its version.
+    pub version: u64,
+    /// Its signature (hex).
+    pub signature: String,
+}
+
+impl Served {
+    /// The mark a verified bundle leaves.
+    pub fn of(bundle: &Bundle) -> Self {
+        Self {
+            version: bundle.version,
+            signature: bundle.signature.clone().unwrap_or_default(),
+        }
+    }
+
+    /// A compact text form, for hosts that share the mark between VMs.
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.version, self.signature)
+    }
+
+    /// The inverse of [`Served::encode`].
+    pub fn decode(text: &str) -> Option<Self> {
+        let (version, signature) = text.split_once(' ')?;
+        Some(Self {
+            version: version.parse().ok()?,
+            signature: signature.to_owned(),
+        })
+    }
+}
+
+/// Whether a verified bundle may follow the one served: it must be newer, or be the very
+/// bundle served (same version and signature), which several VMs of one gate each load.
+/// An older or different bundle of the same version is a rollback or a replay.
+pub fn check_succession(served: Option<&Served>, bundle: &Bundle) -> Result<(), BundleError> {
+    let Some(served) = served else {
+        return Ok(());
+    };
+    let same = bundle.version == served.version
+        && bundle.signature.as_deref() == Some(served.signature.as_str());
+    if bundle.version > served.version || same {
+        Ok(())
+    } else {
+        Err(BundleError::NotNewer {
+            version: bundle.version,
+            current: served.version,
+        })
+    }
+}
+
 fn check_record(token: &TokenRecord) -> Result<Record, BundleError> {
     let problem = |problem| BundleError::Token {
         name: token.name.clone(),

@@ -151,8 +151,10 @@ pub fn find<'a>(
                 let authorizations = headers
                     .iter()
                     .filter(|(name, _)| name.eq_ignore_ascii_case("authorization"));
-                for (_, value) in authorizations {
-                    if let Some(token) = bearer_token(value) {
+                // A proxy may join repeated headers with ',' (Envoy does); a token68 never
+                // holds one, so each part is a credential of its own.
+                for part in authorizations.flat_map(|(_, value)| value.split(',')) {
+                    if let Some(token) = bearer_token(part) {
                         note(token, source);
                     }
                 }
@@ -180,7 +182,7 @@ pub fn find<'a>(
 
 /// Whether an `Authorization` value uses the Bearer scheme (and so is ours to strip).
 pub fn is_bearer(value: &str) -> bool {
-    bearer_token(value).is_some()
+    value.split(',').any(|part| bearer_token(part).is_some())
 }
 
 /// The token of a `Bearer` credential: the scheme is case-insensitive and followed by one or
@@ -246,6 +248,8 @@ mod tests {
         assert_eq!(find(&sources, &twice, None), Found::Several);
         let two_sources = h(&[("authorization", "Bearer a"), ("x-internal-token", "a")]);
         assert_eq!(find(&sources, &two_sources, None), Found::Several);
+        let joined = h(&[("authorization", "Bearer a,Bearer b")]);
+        assert_eq!(find(&sources, &joined, None), Found::Several);
         let basic = h(&[("authorization", "Basic a")]);
         assert_eq!(find(&sources, &basic, None), Found::None);
     }

@@ -91,7 +91,10 @@ fn every_refusal_is_refused_by_the_core() {
         let expect = Expectation {
             target: Target::Envoy,
             environment: Some(&suite.environment),
-            newer_than: refusal.serving_version,
+            newer_than: refusal
+                .serving
+                .as_deref()
+                .map(|name| suite.bundle_version(name)),
         };
         let result = Gate::load(refusal.bundle.as_bytes(), &key, &expect);
         assert!(result.is_err(), "{} was accepted", refusal.name);
@@ -157,6 +160,7 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
                     .map(|t| Record::from_token_record(t).unwrap());
                 meta.finish(pending, record.as_ref(), case.now)
             }
+            other => panic!("{}: unexpected step {other:?}", case.name),
         };
         let whole = gate(&suite, &case.bundle).decide(&request, case.now);
         assert_eq!(split, whole, "{}", case.name);

@@ -8,6 +8,7 @@ use crate::{HostState, LocalResponse, Metric};
 const OK: u32 = 0;
 const NOT_FOUND: u32 = 1;
 const BAD_ARGUMENT: u32 = 2;
+const CAS_MISMATCH: u32 = 8;
 
 /// `MapType::HttpRequestHeaders`.
 pub(crate) const REQUEST_HEADERS: u32 = 0;
@@ -24,6 +25,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
     logging::add(linker)?;
     metrics::add(linker)?;
     time::add(linker)?;
+    shared::add(linker)?;
     wasi::add(linker)?;
     Ok(())
 }
@@ -476,6 +478,66 @@ mod time {
             |mut caller: Ctx<'_>, ret: u32| -> Result<u32> {
                 let now = caller.data().now_nanos;
                 write(&mut caller, ret, &now.to_le_bytes())?;
+                Ok(OK)
+            },
+        )?;
+        Ok(())
+    }
+}
+
+mod shared {
+    use super::*;
+
+    pub(super) fn add(linker: &mut Linker<HostState>) -> Result<()> {
+        linker.func_wrap(
+            "env",
+            "proxy_get_shared_data",
+            |mut caller: Ctx<'_>,
+             kptr: u32,
+             klen: u32,
+             ret_ptr: u32,
+             ret_len: u32,
+             ret_cas: u32|
+             -> Result<u32> {
+                let key = read_text(&mut caller, kptr, klen)?;
+                let found = caller
+                    .data()
+                    .shared
+                    .0
+                    .lock()
+                    .map_err(|_| wasmtime::Error::msg("shared data lock poisoned"))?
+                    .get(&key)
+                    .cloned();
+                let Some((value, cas)) = found else {
+                    return Ok(NOT_FOUND);
+                };
+                give(&mut caller, &value, ret_ptr, ret_len)?;
+                write(&mut caller, ret_cas, &cas.to_le_bytes())?;
+                Ok(OK)
+            },
+        )?;
+        linker.func_wrap(
+            "env",
+            "proxy_set_shared_data",
+            |mut caller: Ctx<'_>,
+             kptr: u32,
+             klen: u32,
+             vptr: u32,
+             vlen: u32,
+             cas: u32|
+             -> Result<u32> {
+                let key = read_text(&mut caller, kptr, klen)?;
+                let value = read(&mut caller, vptr, vlen)?;
+                let shared = caller.data().shared.clone();
+                let mut map = shared
+                    .0
+                    .lock()
+                    .map_err(|_| wasmtime::Error::msg("shared data lock poisoned"))?;
+                let current = map.get(&key).map_or(0, |(_, c)| *c);
+                if cas != 0 && cas != current {
+                    return Ok(CAS_MISMATCH);
+                }
+                map.insert(key, (value, current.wrapping_add(1).max(1)));
                 Ok(OK)
             },
         )?;

@@ -11,6 +11,7 @@ mod abi;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use wasmtime::{Config, Engine, Instance, Linker, Module, Store, TypedFunc};
 pub use wasmtime::{Error, Result};
@@ -70,7 +71,13 @@ pub struct HostState {
     pub(crate) logs: Vec<(u32, String)>,
     pub(crate) metrics: Vec<Metric>,
     pub(crate) random_state: u64,
+    pub(crate) shared: SharedData,
 }
+
+/// proxy-wasm shared data: one key-value store for every VM of one `vm_id` in a proxy
+/// process. VMs started with the same handle share it, as Envoy's canary and worker VMs do.
+#[derive(Clone, Default)]
+pub struct SharedData(pub(crate) Arc<Mutex<HashMap<String, (Vec<u8>, u32)>>>);
 
 /// What happened to one request.
 #[derive(Debug, Clone)]
@@ -115,9 +122,16 @@ impl Host {
         })
     }
 
-    /// Starts a VM with these environment variables (Envoy's `vm_config.environment_variables`).
+    /// Starts a VM with these environment variables (Envoy's `vm_config.environment_variables`)
+    /// and shared data of its own.
     pub fn start(&self, environment: &[(&str, &str)]) -> Result<Vm> {
+        self.start_shared(environment, &SharedData::default())
+    }
+
+    /// Starts a VM that shares `shared` with the other VMs started with it.
+    pub fn start_shared(&self, environment: &[(&str, &str)], shared: &SharedData) -> Result<Vm> {
         let state = HostState {
+            shared: shared.clone(),
             environment: environment
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use tokengate_conformance::{self as conformance, Case, Observed, Suite};
-use tokengate_host_tests::{filter_path, Action, Exchange, Host, Vm};
+use tokengate_host_tests::{filter_path, Action, Exchange, Host, SharedData, Vm};
 
 fn host() -> &'static Host {
     static HOST: OnceLock<Host> = OnceLock::new();
@@ -148,7 +148,6 @@ fn every_vector_passes_in_the_built_filter() {
 #[test]
 fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
     let suite = suite();
-    let main = suite.bundle_text("main", "envoy").unwrap();
     let valid = suite
         .cases
         .iter()
@@ -156,8 +155,9 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
         .unwrap();
     for refusal in &suite.refusals {
         let mut vm = vm(&refusal.key);
-        if refusal.serving_version.is_some() {
-            assert!(vm.configure(main.as_bytes()).unwrap());
+        if let Some(serving) = &refusal.serving {
+            let text = suite.bundle_text(serving, "envoy").unwrap();
+            assert!(vm.configure(text.as_bytes()).unwrap());
         }
         assert!(
             !vm.configure(refusal.bundle.as_bytes()).unwrap(),
@@ -180,14 +180,15 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
             refusal.name,
             vm.logs()
         );
-        if refusal.serving_version.is_some() {
+        if let Some(serving) = &refusal.serving {
             let exchange = vm.request(headers(valid), valid.now * SECOND).unwrap();
-            assert!(
-                exchange.local_response.is_none(),
-                "{}: previous bundle stopped serving",
-                refusal.name
+            let status = exchange.local_response.map_or(200, |r| r.status);
+            // The revoke-all bundle keeps serving: the main bundle's token is unknown there.
+            assert_eq!(status, 401, "{}: the bundle served changed", refusal.name);
+            assert_eq!(
+                vm.metric("tokengate.bundle.version"),
+                Some(suite.bundle_version(serving))
             );
-            assert_eq!(vm.metric("tokengate.bundle.version"), Some(10));
         }
     }
 }
@@ -209,6 +210,37 @@ fn a_newer_bundle_replaces_the_old_one_and_the_gauge_follows() {
     // Replaying the older bundle is a rollback.
     let main = suite.bundle_text("main", "envoy").unwrap();
     assert!(!vm.configure(main.as_bytes()).unwrap());
+}
+
+/// Envoy configures every update first in a fresh "canary" VM, then in each worker's VM.
+/// The canary must refuse a rollback exactly as the workers do, or Envoy would commit an
+/// update the workers refuse and drop the filter.
+#[test]
+fn a_fresh_vm_sharing_data_refuses_a_rollback_and_accepts_the_bundle_served() {
+    let suite = suite();
+    let env = [
+        ("TOKENGATE_SIGNING_KEY", suite.key.as_str()),
+        ("TOKENGATE_ENVIRONMENT", suite.environment.as_str()),
+    ];
+    let shared = SharedData::default();
+    let newer = suite.bundle_text("revoke-all", "envoy").unwrap();
+    let older = suite.bundle_text("main", "envoy").unwrap();
+    let mut worker = host().start_shared(&env, &shared).unwrap();
+    assert!(worker.configure(newer.as_bytes()).unwrap());
+    let mut canary = host().start_shared(&env, &shared).unwrap();
+    assert!(
+        !canary.configure(older.as_bytes()).unwrap(),
+        "the canary accepted a rollback"
+    );
+    assert!(
+        !canary.configure(b"").unwrap(),
+        "an empty configuration replaced a bundle"
+    );
+    let mut second_worker = host().start_shared(&env, &shared).unwrap();
+    assert!(
+        second_worker.configure(newer.as_bytes()).unwrap(),
+        "a worker VM must load the bundle served"
+    );
 }
 
 #[test]

@@ -9,13 +9,13 @@
 //! with no bundle at all (an empty configuration) every request gets 503; a panic traps the VM and Envoy's
 //! `failure_policy: FAIL_CLOSED` answers 503.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use tokengate_core::bundle::{self, Served};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::{Decision, Expectation, Gate, Outcome, Request, SigningKey, Target};
 
@@ -24,11 +24,11 @@ pub const KEY_VARIABLE: &str = "TOKENGATE_SIGNING_KEY";
 /// The VM environment variable naming the environment this gate serves.
 pub const ENVIRONMENT_VARIABLE: &str = "TOKENGATE_ENVIRONMENT";
 
-thread_local! {
-    /// The newest bundle version this VM has accepted: a root context created by a later
-    /// configuration update must bring a newer one (no rollback, no replay).
-    static NEWEST_VERSION: Cell<Option<u64>> = const { Cell::new(None) };
-}
+/// Shared-data key of the bundle served (version and signature). Shared data is common to
+/// every VM with our `vm_id` in the Envoy process, including the throw-away "canary" VM
+/// Envoy configures first: so the canary refuses a rollback exactly as the worker VMs
+/// would, and Envoy rejects the update as a whole instead of dropping the filter.
+const SERVED_KEY: &str = "tokengate.served";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -87,8 +87,14 @@ struct GateRoot {
     metrics: Option<Rc<Metrics>>,
 }
 
+fn served() -> Option<Served> {
+    let (value, _) = proxy_wasm::hostcalls::get_shared_data(SERVED_KEY).ok()?;
+    Served::decode(&String::from_utf8_lossy(&value?))
+}
+
 impl GateRoot {
-    fn load(&self, config: &[u8]) -> Result<Gate, String> {
+    /// Verifies, checks succession against the bundle served, and validates.
+    fn load(&self, config: &[u8], served: Option<&Served>) -> Result<(Gate, Served), String> {
         let key_hex = std::env::var(KEY_VARIABLE)
             .map_err(|_| format!("{KEY_VARIABLE} is not set in the VM environment"))?;
         let key = SigningKey::from_hex(&key_hex).map_err(|e| format!("{KEY_VARIABLE}: {e}"))?;
@@ -97,9 +103,14 @@ impl GateRoot {
         let expect = Expectation {
             target: Target::Envoy,
             environment: Some(&environment),
-            newer_than: NEWEST_VERSION.with(Cell::get),
+            newer_than: None,
         };
-        Gate::load(config, &key, &expect).map_err(|e| e.to_string())
+        let bundle = bundle::parse_verified(config, &key).map_err(|e| e.to_string())?;
+        bundle::check_expectation(&bundle, &expect).map_err(|e| e.to_string())?;
+        bundle::check_succession(served, &bundle).map_err(|e| e.to_string())?;
+        let mark = Served::of(&bundle);
+        let gate = Gate::from_bundle(bundle).map_err(|e| e.to_string())?;
+        Ok((gate, mark))
     }
 }
 
@@ -114,16 +125,34 @@ impl RootContext for GateRoot {
         let metrics = Rc::new(Metrics::define());
         self.metrics = Some(Rc::clone(&metrics));
         let config = self.get_plugin_configuration().unwrap_or_default();
-        if config.is_empty() && self.gate.is_none() {
+        let served = served();
+        let loaded = match (&served, config.is_empty()) {
             // Envoy's ECDS default before the first push: serve, and answer 503 until a
             // bundle arrives (fail closed, never pass-through).
-            proxy_wasm::hostcalls::log(LogLevel::Warn, "tokengate: no bundle yet; answering 503")
+            (None, true) => {
+                proxy_wasm::hostcalls::log(
+                    LogLevel::Warn,
+                    "tokengate: no bundle yet; answering 503",
+                )
                 .ok();
-            return true;
-        }
-        match self.load(&config) {
-            Ok(gate) => {
-                NEWEST_VERSION.with(|v| v.set(Some(gate.version())));
+                return true;
+            }
+            (Some(s), true) => Err(format!(
+                "an empty configuration cannot replace bundle version {}",
+                s.version
+            )),
+            (_, false) => self.load(&config, served.as_ref()),
+        };
+        match loaded {
+            Ok((gate, mark)) => {
+                if served.as_ref() != Some(&mark) {
+                    proxy_wasm::hostcalls::set_shared_data(
+                        SERVED_KEY,
+                        Some(mark.encode().as_bytes()),
+                        None,
+                    )
+                    .ok();
+                }
                 for (id, value) in [
                     (metrics.bundle_version, gate.version()),
                     (metrics.bundle_tokens, gate.token_count() as u64),
