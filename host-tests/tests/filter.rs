@@ -145,6 +145,9 @@ fn every_vector_passes_in_the_built_filter() {
     }
 }
 
+/// Envoy applies an update only if a fresh "canary" VM accepts it; the worker VMs then keep
+/// or replace what they serve. Every refusal must be refused by the canary; a worker VM that
+/// already serves a bundle keeps serving it.
 #[test]
 fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
     let suite = suite();
@@ -154,23 +157,29 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
         .find(|c| c.name == "valid bearer token passes with identity headers")
         .unwrap();
     for refusal in &suite.refusals {
-        let mut vm = vm(&refusal.key);
+        let env = [
+            ("TOKENGATE_SIGNING_KEY", refusal.key.as_str()),
+            ("TOKENGATE_ENVIRONMENT", suite.environment.as_str()),
+        ];
+        let shared = SharedData::default();
+        let mut worker = host().start_shared(&env, &shared).unwrap();
         if let Some(serving) = &refusal.serving {
             let text = suite.bundle_text(serving, "envoy").unwrap();
-            assert!(vm.configure(text.as_bytes()).unwrap());
+            assert!(worker.configure(text.as_bytes()).unwrap());
         }
+        let mut canary = host().start_shared(&env, &shared).unwrap();
         assert!(
-            !vm.configure(refusal.bundle.as_bytes()).unwrap(),
+            !canary.configure(refusal.bundle.as_bytes()).unwrap(),
             "{} was accepted",
             refusal.name
         );
         assert_eq!(
-            vm.metric("tokengate.bundle.refused"),
+            canary.metric("tokengate.bundle.refused"),
             Some(1),
             "{}",
             refusal.name
         );
-        let logged = vm
+        let logged = canary
             .logs()
             .iter()
             .any(|(level, l)| *level >= 4 && l.contains("bundle refused"));
@@ -178,15 +187,17 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
             logged,
             "{}: the refusal was not logged: {:?}",
             refusal.name,
-            vm.logs()
+            canary.logs()
         );
         if let Some(serving) = &refusal.serving {
-            let exchange = vm.request(headers(valid), valid.now * SECOND).unwrap();
+            // Forced onto a worker VM anyway, it keeps the bundle it serves.
+            worker.configure(refusal.bundle.as_bytes()).unwrap();
+            let exchange = worker.request(headers(valid), valid.now * SECOND).unwrap();
             let status = exchange.local_response.map_or(200, |r| r.status);
             // The revoke-all bundle keeps serving: the main bundle's token is unknown there.
             assert_eq!(status, 401, "{}: the bundle served changed", refusal.name);
             assert_eq!(
-                vm.metric("tokengate.bundle.version"),
+                worker.metric("tokengate.bundle.version"),
                 Some(suite.bundle_version(serving))
             );
         }
@@ -207,9 +218,14 @@ fn a_newer_bundle_replaces_the_old_one_and_the_gauge_follows() {
         vm.metric("tokengate.bundle.version"),
         Some(suite.bundle_version("revoke-all"))
     );
-    // Replaying the older bundle is a rollback.
+    // Replaying the older bundle is a rollback: refused, and the newer one keeps serving.
     let main = suite.bundle_text("main", "envoy").unwrap();
-    assert!(!vm.configure(main.as_bytes()).unwrap());
+    vm.configure(main.as_bytes()).unwrap();
+    assert_eq!(vm.metric("tokengate.bundle.refused"), Some(1));
+    assert_eq!(
+        vm.metric("tokengate.bundle.version"),
+        Some(suite.bundle_version("revoke-all"))
+    );
 }
 
 /// Envoy configures every update first in a fresh "canary" VM, then in each worker's VM.

@@ -9,6 +9,7 @@
 //! with no bundle at all (an empty configuration) every request gets 503; a panic traps the VM and Envoy's
 //! `failure_policy: FAIL_CLOSED` answers 503.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -87,31 +88,68 @@ struct GateRoot {
     metrics: Option<Rc<Metrics>>,
 }
 
+thread_local! {
+    /// The gate this VM serves, across root contexts: a configuration Envoy applies without
+    /// asking the canary first (it caches verdicts for configurations it has seen) but that
+    /// is stale here keeps this gate instead of failing and dropping the filter.
+    static SERVING: RefCell<Option<Rc<Gate>>> = const { RefCell::new(None) };
+}
+
 fn served() -> Option<Served> {
     let (value, _) = proxy_wasm::hostcalls::get_shared_data(SERVED_KEY).ok()?;
     Served::decode(&String::from_utf8_lossy(&value?))
 }
 
+/// Why a configuration was not taken.
+enum Refusal {
+    /// Valid, but older than (or a replay of another bundle of) the version served.
+    Stale(String),
+    /// Not a bundle this gate may load at all.
+    Invalid(String),
+}
+
 impl GateRoot {
     /// Verifies, checks succession against the bundle served, and validates.
-    fn load(&self, config: &[u8], served: Option<&Served>) -> Result<(Gate, Served), String> {
+    fn load(config: &[u8], served: Option<&Served>) -> Result<(Gate, Served), Refusal> {
+        let invalid = |e: String| Refusal::Invalid(e);
         let key_hex = std::env::var(KEY_VARIABLE)
-            .map_err(|_| format!("{KEY_VARIABLE} is not set in the VM environment"))?;
-        let key = SigningKey::from_hex(&key_hex).map_err(|e| format!("{KEY_VARIABLE}: {e}"))?;
-        let environment = std::env::var(ENVIRONMENT_VARIABLE)
-            .map_err(|_| format!("{ENVIRONMENT_VARIABLE} is not set in the VM environment"))?;
+            .map_err(|_| invalid(format!("{KEY_VARIABLE} is not set in the VM environment")))?;
+        let key =
+            SigningKey::from_hex(&key_hex).map_err(|e| invalid(format!("{KEY_VARIABLE}: {e}")))?;
+        let environment = std::env::var(ENVIRONMENT_VARIABLE).map_err(|_| {
+            invalid(format!(
+                "{ENVIRONMENT_VARIABLE} is not set in the VM environment"
+            ))
+        })?;
         let expect = Expectation {
             target: Target::Envoy,
             environment: Some(&environment),
             newer_than: None,
         };
-        let bundle = bundle::parse_verified(config, &key).map_err(|e| e.to_string())?;
-        bundle::check_expectation(&bundle, &expect).map_err(|e| e.to_string())?;
-        bundle::check_succession(served, &bundle).map_err(|e| e.to_string())?;
+        let bundle = bundle::parse_verified(config, &key).map_err(|e| invalid(e.to_string()))?;
+        bundle::check_expectation(&bundle, &expect).map_err(|e| invalid(e.to_string()))?;
+        bundle::check_succession(served, &bundle).map_err(|e| Refusal::Stale(e.to_string()))?;
         let mark = Served::of(&bundle);
-        let gate = Gate::from_bundle(bundle).map_err(|e| e.to_string())?;
+        let gate = Gate::from_bundle(bundle).map_err(|e| invalid(e.to_string()))?;
         Ok((gate, mark))
     }
+
+    fn serve(&mut self, gate: Rc<Gate>, metrics: &Metrics) {
+        for (id, value) in [
+            (metrics.bundle_version, gate.version()),
+            (metrics.bundle_tokens, gate.token_count() as u64),
+        ] {
+            if let Some(id) = id {
+                proxy_wasm::hostcalls::record_metric(id, value).ok();
+            }
+        }
+        SERVING.with(|s| *s.borrow_mut() = Some(Rc::clone(&gate)));
+        self.gate = Some(gate);
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    proxy_wasm::hostcalls::log(level, message).ok();
 }
 
 impl Context for GateRoot {}
@@ -130,18 +168,23 @@ impl RootContext for GateRoot {
             // Envoy's ECDS default before the first push: serve, and answer 503 until a
             // bundle arrives (fail closed, never pass-through).
             (None, true) => {
-                proxy_wasm::hostcalls::log(
-                    LogLevel::Warn,
-                    "tokengate: no bundle yet; answering 503",
-                )
-                .ok();
+                log(LogLevel::Warn, "tokengate: no bundle yet; answering 503");
                 return true;
             }
-            (Some(s), true) => Err(format!(
+            (Some(s), true) => Err(Refusal::Stale(format!(
                 "an empty configuration cannot replace bundle version {}",
                 s.version
-            )),
-            (_, false) => self.load(&config, served.as_ref()),
+            ))),
+            (_, false) => Self::load(&config, served.as_ref()),
+        };
+        let refused = |reason: &str| {
+            if let Some(id) = metrics.bundle_refused {
+                proxy_wasm::hostcalls::increment_metric(id, 1).ok();
+            }
+            log(
+                LogLevel::Error,
+                &format!("tokengate: bundle refused: {reason}"),
+            );
         };
         match loaded {
             Ok((gate, mark)) => {
@@ -153,15 +196,7 @@ impl RootContext for GateRoot {
                     )
                     .ok();
                 }
-                for (id, value) in [
-                    (metrics.bundle_version, gate.version()),
-                    (metrics.bundle_tokens, gate.token_count() as u64),
-                ] {
-                    if let Some(id) = id {
-                        proxy_wasm::hostcalls::record_metric(id, value).ok();
-                    }
-                }
-                proxy_wasm::hostcalls::log(
+                log(
                     LogLevel::Info,
                     &format!(
                         "tokengate: serving bundle version {} for {} ({} tokens)",
@@ -169,20 +204,29 @@ impl RootContext for GateRoot {
                         gate.environment(),
                         gate.token_count()
                     ),
-                )
-                .ok();
-                self.gate = Some(Rc::new(gate));
+                );
+                self.serve(Rc::new(gate), &metrics);
                 true
             }
-            Err(reason) => {
-                if let Some(id) = metrics.bundle_refused {
-                    proxy_wasm::hostcalls::increment_metric(id, 1).ok();
+            Err(Refusal::Stale(reason)) => match SERVING.with(|s| s.borrow().clone()) {
+                // A VM that serves a newer bundle keeps it: failing here would make Envoy
+                // drop the filter. A fresh VM (Envoy's canary) has none and refuses, so
+                // Envoy rejects the update.
+                Some(current) => {
+                    refused(&format!(
+                        "{reason}; still serving version {}",
+                        current.version()
+                    ));
+                    self.serve(current, &metrics);
+                    true
                 }
-                proxy_wasm::hostcalls::log(
-                    LogLevel::Error,
-                    &format!("tokengate: bundle refused: {reason}"),
-                )
-                .ok();
+                None => {
+                    refused(&reason);
+                    false
+                }
+            },
+            Err(Refusal::Invalid(reason)) => {
+                refused(&reason);
                 false
             }
         }
