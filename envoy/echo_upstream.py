@@ -8,9 +8,11 @@ Every request, whatever the method, gets 200 and a JSON body
     {"method": "...", "path": "...", "headers": [[name, value], ...]}
 holding the raw request line's method and target and every header pair in the order
 received, repeats kept (values decoded as latin-1, so no byte is lost). A request body is
-read and discarded. Threaded; logs nothing.
+read and discarded. The same JSON, base64-encoded, is also in the `x-echo` response header,
+so a HEAD request shows what reached the upstream too. Threaded; logs nothing.
 """
 
+import base64
 import http.client
 import json
 import sys
@@ -37,6 +39,7 @@ class Echo(BaseHTTPRequestHandler):
         ).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
+        self.send_header("x-echo", base64.b64encode(body).decode())
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":

@@ -22,3 +22,8 @@ say "filter size: $(stat -c %s "$wasm") bytes ($wasm)"
 
 say "unit tests, core conformance, and the built filter under the wasmtime host"
 cargo test --workspace --locked
+
+say "end-to-end: the CLI and a real Envoy (conformance vectors, lifecycle, bad pushes, hot reload)"
+ensure_envoy
+cargo build -p tokengate-admin --locked
+python3 tests/envoy/e2e.py

@@ -215,6 +215,9 @@ enum PushTarget {
             default_value = "target/wasm32-wasip1/release/tokengate_filter.wasm"
         )]
         wasm: PathBuf,
+        /// Push this bundle (from `tokengate bundle --out`) instead of signing a new one.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
     },
 }
 
@@ -739,11 +742,12 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             Ok(None)
         }
         Command::Push { ref target } => match target {
-            PushTarget::Envoy { file, wasm } => {
+            PushTarget::Envoy { file, wasm, bundle } => {
                 let key = signing_key(&key_file)?;
                 let mut store = Store::open(&cli.store)?;
                 let who = actor(cli.actor.clone(), None);
-                let version = push::envoy(&mut store, &key, file, wasm, now, &who)?;
+                let version =
+                    push::envoy(&mut store, &key, file, wasm, bundle.as_deref(), now, &who)?;
                 eprintln!(
                     "pushed bundle version {version} to Envoy via {}",
                     file.display()

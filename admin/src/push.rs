@@ -8,7 +8,8 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tokengate_core::{SigningKey, Target};
+use tokengate_core::bundle::{self, Bundle};
+use tokengate_core::{Expectation, Gate, SigningKey, Target};
 
 use crate::store::{self, Actor, Store};
 
@@ -73,13 +74,32 @@ pub fn ecds_resource(bundle_json: &str, version: u64, wasm: &Path) -> serde_json
     })
 }
 
-/// Signs a new bundle for Envoy, checks it as the filter will, writes the ECDS file, and
-/// records the push; returns the version.
+/// A bundle made earlier (`tokengate bundle --out`), checked exactly as the filter will.
+pub fn prebuilt(store: &Store, key: &SigningKey, path: &Path) -> Result<Bundle> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let environment = store.environment()?;
+    let expect = Expectation {
+        target: Target::Envoy,
+        environment: Some(&environment),
+        newer_than: store.pushed_version("envoy")?,
+    };
+    Gate::load(&text, key, &expect).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: the filter would refuse this bundle: {e}",
+            path.display()
+        )
+    })?;
+    bundle::parse_verified(&text, key).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Signs a new bundle for Envoy (or takes a prebuilt one), checks it as the filter will,
+/// writes the ECDS file, and records the push; returns the version.
 pub fn envoy(
     store: &mut Store,
     key: &SigningKey,
     file: &Path,
     wasm: &Path,
+    prebuilt_bundle: Option<&Path>,
     now: u64,
     who: &Actor,
 ) -> Result<u64> {
@@ -89,7 +109,10 @@ pub fn envoy(
             wasm.display()
         )
     })?;
-    let bundle = crate::issue_bundle(store, key, Target::Envoy, now, who)?;
+    let bundle = match prebuilt_bundle {
+        Some(path) => prebuilt(store, key, path)?,
+        None => crate::issue_bundle(store, key, Target::Envoy, now, who)?,
+    };
     let resource = ecds_resource(&bundle.to_json(), bundle.version, &wasm);
     let destination = file.display().to_string();
     let details = serde_json::json!({"version": bundle.version, "file": destination, "tokens": bundle.tokens.len()});

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+# The demo: the real CLI issues tokens, a real Envoy gates requests with them (stdlib only).
+"""Called by scripts/demo.sh once the filter, the CLI and Envoy are built and installed."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "envoy"))
+from harness import WASM, Gateway  # noqa: E402
+
+CLI = os.path.join(ROOT, "target", "debug", "tokengate")
+DEMO = os.path.join(ROOT, "target", "demo")
+
+
+def step(text):
+    print(f"\033[1m==> {text}\033[0m", flush=True)
+
+
+def cli(*args, stdin="", env=None):
+    proc = subprocess.run([CLI, *args], input=stdin, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"tokengate {' '.join(args)}: {proc.stderr}")
+    return proc.stdout.strip()
+
+
+def main():
+    os.makedirs(DEMO, exist_ok=True)
+    for name in os.listdir(DEMO):
+        if name.startswith("tokengate."):
+            os.remove(os.path.join(DEMO, name))
+    os.environ["TOKENGATE_STORE"] = os.path.join(DEMO, "tokengate.db")
+    os.environ["TOKENGATE_ACTOR"] = "demo"
+    os.environ.pop("TOKENGATE_SIGNING_KEY", None)
+
+    step("tokengate init: a new store and signing key in target/demo/")
+    cli("init", "--environment", "demo")
+    cli("policy", "set", os.path.join(ROOT, "scripts", "demo-policy.toml"))
+    step("issuing tokens (each is printed once, by `tokengate create`)")
+    ci = cli("create", "ci-deploy", "--scopes", "deploy:write,orders:read", "--expires-in", "90d")
+    probe = cli("create", "uptime-probe", "--prefix", "sk_test", "--scopes", "health:read")
+    leaked = cli("create", "old-cron", "--scopes", "orders:read")
+    cli("revoke", "old-cron", "--reason", "leaked in a build log")
+    legacy = "7f3d9c1e5b2a48d6a0c4e8f1b3d5a7c9e1f3a5b7c9d1e3f5a7b9c1d3e5f7a9b1"
+    cli("import", "billing-legacy", "--scopes", "orders:read", stdin=legacy + "\n")
+    print(cli("list"))
+
+    key = open(os.path.join(DEMO, "tokengate.key")).read().strip()
+    step("starting the echo upstream and Envoy 1.40 with the tokengate filter (loopback only)")
+    gw = Gateway(env={"TOKENGATE_SIGNING_KEY": key, "TOKENGATE_ENVIRONMENT": "demo"},
+                 run_dir=os.path.join(DEMO, "envoy"))
+    gw.start()
+    step("tokengate push envoy: signed bundle -> ECDS file -> Envoy reloads it, no restart")
+    cli("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM)
+    time.sleep(0.3)
+
+    def bearer(t):
+        return [("authorization", f"Bearer {t}")]
+
+    requests = [
+        ("public health check", "GET", "/healthz", []),
+        ("no token", "GET", "/api/orders/42", []),
+        ("ci-deploy reads orders", "GET", "/api/orders/42", bearer(ci)),
+        ("ci-deploy deploys", "POST", "/deploy/web", bearer(ci)),
+        ("probe deploys (scope missing)", "POST", "/deploy/web", bearer(probe)),
+        ("probe reads /metrics (any-of)", "GET", "/metrics", bearer(probe)),
+        ("legacy secret, X-Internal-Token", "GET", "/api/orders/7", [("x-internal-token", legacy)]),
+        ("revoked token", "GET", "/api/orders/42", bearer(leaked)),
+        ("mistyped token (checksum)", "GET", "/api/orders/42", bearer(ci[:-1] + ("A" if ci[-1] != "A" else "B"))),
+        ("spoofed identity header", "GET", "/api/orders/42", [("x-tokengate-subject", "root")]),
+        ("two credentials", "GET", "/api/orders/42", bearer(ci) + [("x-internal-token", ci)]),
+        ("path traversal to /deploy", "POST", "/healthz/../deploy/web", []),
+        ("no rule matches", "GET", "/admin", bearer(ci)),
+    ]
+    rows = [("request", "status", "upstream saw x-tokengate-subject", "gate says")]
+    for label, method, path, headers in requests:
+        status, resp_headers, body = gw.request(method, path, headers)
+        echoed = [v for n, v in resp_headers if n.lower() == "x-echo"]
+        if echoed:
+            seen = json.loads(base64.b64decode(echoed[0]))
+            subject = [v for n, v in seen["headers"] if n.lower() == "x-tokengate-subject"]
+            rows.append((label, str(status), subject[0] if subject else "(none)", "passed"))
+        else:
+            try:
+                error = json.loads(body).get("error", "")
+            except ValueError:
+                error = body.decode(errors="replace")[:30]
+            rows.append((label, str(status), "(not forwarded)", error))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    step(f"requests through Envoy on 127.0.0.1:{gw.listen_port}")
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+    step("what Envoy recorded (access log: the token name, never the token)")
+    time.sleep(0.3)
+    for line in gw.access_log_lines()[-4:]:
+        print("  " + line)
+    stats = gw.stats()
+    print("  " + ", ".join(f"{k.split('wasmcustom.')[1]}={v}" for k, v in sorted(stats.items())
+                          if k.startswith("wasmcustom.tokengate.") and v))
+
+    print(f"""
+Try it yourself (Envoy pid {gw.pid}, admin on 127.0.0.1:{gw.admin_port}):
+  curl -i http://127.0.0.1:{gw.listen_port}/api/orders/1 -H 'Authorization: Bearer {ci}'
+  curl -i http://127.0.0.1:{gw.listen_port}/api/orders/1
+  export TOKENGATE_STORE={os.environ['TOKENGATE_STORE']}
+  {CLI} revoke ci-deploy --reason demo && {CLI} push envoy --file {gw.ecds_path} --wasm {WASM}
+  curl -s http://127.0.0.1:{gw.admin_port}/stats/prometheus | grep tokengate_
+""")
+    if sys.stdin.isatty() and "--no-wait" not in sys.argv:
+        print("Envoy keeps running: press Ctrl-C to stop it.", flush=True)
+        try:
+            while gw.envoy.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    gw.close()
+    print("stopped Envoy and the upstream.")
+
+
+if __name__ == "__main__":
+    main()
