@@ -7,6 +7,7 @@
 
 use core::fmt;
 
+use crate::access::{self, Assertion, KeyCheck};
 use crate::bundle::{Gate, Record};
 use crate::credentials::{self, Found};
 use crate::policy::{self, Access};
@@ -20,6 +21,9 @@ pub const SUBJECT_HEADER: &str = "x-tokengate-subject";
 pub const SCOPES_HEADER: &str = "x-tokengate-scopes";
 /// The token's public id.
 pub const TOKEN_ID_HEADER: &str = "x-tokengate-token-id";
+/// How a Cloudflare Access identity was established (`email` or `service_token`); set only
+/// for Access identities, which carry no token id.
+pub const ACCESS_HEADER: &str = "x-tokengate-access";
 /// Seconds a client should wait after a 503.
 pub const RETRY_AFTER_SECONDS: u32 = 5;
 
@@ -90,11 +94,16 @@ pub enum Reason {
     NoBundle,
     /// The gate itself failed.
     Internal,
+    /// A valid Cloudflare Access assertion on a `cf_access` rule.
+    Access,
+    /// A Cloudflare Access assertion that failed a check (alg, kid, signature, iss, aud, exp,
+    /// nbf, subject).
+    AccessInvalid,
 }
 
 impl Reason {
     /// Every reason, for hosts that define one counter each up front.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Self::Public,
         Self::Valid,
         Self::NoRule,
@@ -114,6 +123,8 @@ impl Reason {
         Self::InsufficientScope,
         Self::NoBundle,
         Self::Internal,
+        Self::Access,
+        Self::AccessInvalid,
     ];
 
     /// A stable snake_case name, used in metrics, logs and the conformance vectors.
@@ -138,13 +149,15 @@ impl Reason {
             Self::InsufficientScope => "insufficient_scope",
             Self::NoBundle => "no_bundle",
             Self::Internal => "internal",
+            Self::Access => "access",
+            Self::AccessInvalid => "access_invalid",
         }
     }
 
     /// Whether requests with this reason pass.
     pub fn outcome(self) -> Outcome {
         match self {
-            Self::Public | Self::Valid => Outcome::Allow,
+            Self::Public | Self::Valid | Self::Access => Outcome::Allow,
             _ => Outcome::Deny,
         }
     }
@@ -263,6 +276,27 @@ pub enum Step<'g> {
     Done(Decision),
     /// A well-formed credential: its record is needed.
     Lookup(Pending<'g>),
+    /// No token credential but a parsed Cloudflare Access assertion on a `cf_access` rule:
+    /// the host checks its signature and calls [`Gate::finish_access`].
+    Access(AccessPending<'g>),
+}
+
+/// A decision waiting for the host's signature check of a Cloudflare Access assertion.
+#[derive(Debug)]
+pub struct AccessPending<'g> {
+    /// The parsed assertion: the host needs its `kid`, signed bytes and signature.
+    pub assertion: Assertion,
+    settings: &'g access::Settings,
+    rule: &'g policy::Rule,
+    remove: Vec<String>,
+    rewrite_path: Option<String>,
+}
+
+impl AccessPending<'_> {
+    /// The bundle's Access settings (the host fetches team keys from their certs URL).
+    pub fn settings(&self) -> &access::Settings {
+        self.settings
+    }
 }
 
 /// A decision waiting for the record of [`Pending::hash`].
@@ -284,6 +318,9 @@ impl Gate {
                 let record = self.record(&pending.hash);
                 self.finish(pending, record, now)
             }
+            // `begin` passes no Access settings, so this cannot happen; if it did, no key
+            // could have been checked, and the assertion is refused.
+            Step::Access(pending) => self.finish_access(pending, KeyCheck::UnknownKey, now),
         }
     }
 
@@ -295,6 +332,17 @@ impl Gate {
 
     /// Everything up to the lookup: path, rule, credential, shape and checksum.
     pub fn begin(&self, request: &Request<'_>) -> Step<'_> {
+        self.begin_with_access(request, None)
+    }
+
+    /// [`Gate::begin`] for a host that can verify Cloudflare Access assertions (the Worker):
+    /// with `access` set, a request on a `cf_access` rule that carries no token credential but
+    /// one `Cf-Access-Jwt-Assertion` becomes [`Step::Access`].
+    pub fn begin_with_access<'g>(
+        &'g self,
+        request: &Request<'_>,
+        access: Option<&'g access::Settings>,
+    ) -> Step<'g> {
         let mut remove: Vec<String> = request
             .headers
             .iter()
@@ -371,6 +419,37 @@ impl Gate {
 
         let value = match credentials::find(&self.sources, request.headers, query) {
             Found::None => {
+                if let Some(settings) = access.filter(|_| rule.cf_access) {
+                    let mut assertions = request
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case(access::ASSERTION_HEADER));
+                    if let Some((_, jwt)) = assertions.next() {
+                        if assertions.next().is_some() {
+                            let d = denial(
+                                400,
+                                Some(format!("{REALM}, error=\"invalid_request\"")),
+                                "invalid_request",
+                                "the request carries more than one Access assertion",
+                            );
+                            return done(Decision::deny(Reason::SeveralCredentials, d, remove));
+                        }
+                        return match Assertion::parse(jwt.trim_matches([' ', '\t'])) {
+                            Ok(assertion) => Step::Access(AccessPending {
+                                assertion,
+                                settings,
+                                rule,
+                                remove,
+                                rewrite_path,
+                            }),
+                            Err(_) => done(Decision::deny(
+                                Reason::AccessInvalid,
+                                invalid_token(),
+                                remove,
+                            )),
+                        };
+                    }
+                }
                 let d = denial(
                     401,
                     Some(REALM.to_owned()),
@@ -471,6 +550,56 @@ impl Gate {
             (SCOPES_HEADER, record.scopes_header.clone()),
             (TOKEN_ID_HEADER, record.token_id.clone()),
         ];
+        decision
+    }
+
+    /// Completes a Cloudflare Access decision with the host's verdict on the key and the
+    /// signature: the claims are checked here, then the rule's scopes (an Access identity
+    /// holds none, so only rules without required scopes pass).
+    pub fn finish_access(&self, pending: AccessPending<'_>, key: KeyCheck, now: u64) -> Decision {
+        let AccessPending {
+            assertion,
+            settings,
+            rule,
+            remove,
+            rewrite_path,
+        } = pending;
+        let base = |outcome, reason, denial| Decision {
+            outcome,
+            reason,
+            rule: Some(rule.name.clone()),
+            subject: None,
+            token_id: None,
+            denial,
+            remove_headers: remove.clone(),
+            add_headers: Vec::new(),
+            rewrite_path: rewrite_path.clone(),
+        };
+        let identity = match assertion.check(key, settings, now) {
+            Ok(identity) => identity,
+            Err(_) => return base(Outcome::Deny, Reason::AccessInvalid, Some(invalid_token())),
+        };
+        if let Some(missing) = policy::missing_scopes(rule, &[]) {
+            let needed = missing.join(" ");
+            let d = denial(
+                403,
+                Some(format!(
+                    "{REALM}, error=\"insufficient_scope\", scope=\"{needed}\""
+                )),
+                "insufficient_scope",
+                &format!("an Access identity holds no scopes; this route needs: {needed}"),
+            );
+            let mut decision = base(Outcome::Deny, Reason::InsufficientScope, Some(d));
+            decision.subject = Some(identity.subject);
+            return decision;
+        }
+        let mut decision = base(Outcome::Allow, Reason::Access, None);
+        decision.add_headers = vec![
+            (SUBJECT_HEADER, identity.subject.clone()),
+            (SCOPES_HEADER, String::new()),
+            (ACCESS_HEADER, identity.kind.to_owned()),
+        ];
+        decision.subject = Some(identity.subject);
         decision
     }
 

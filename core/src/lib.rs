@@ -9,8 +9,10 @@
 //! - [`policy`]: ordered rules, path normalisation, scope grants.
 //! - [`credentials`]: where a request's credential is read from.
 //! - [`decision`]: `Gate::decide(request, now)`.
+//! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod bundle;
 pub mod credentials;
 pub mod decision;
@@ -19,4 +21,4 @@ pub mod policy;
 pub mod token;
 
 pub use bundle::{Bundle, BundleError, Expectation, Gate, Record, SigningKey, Target, TokenRecord};
-pub use decision::{Decision, Denial, Outcome, Pending, Reason, Request, Step};
+pub use decision::{AccessPending, Decision, Denial, Outcome, Pending, Reason, Request, Step};

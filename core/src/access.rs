@@ -1,0 +1,680 @@
+//! Cloudflare Access assertions (`Cf-Access-Jwt-Assertion`): parsing and every claims check.
+//!
+//! On rules with `cf_access: true`, a request that carries no token credential but an Access
+//! assertion is an identity too. The core parses the JWT and decides on every claim; the
+//! host does only what needs its platform: it finds the team key named by the assertion's
+//! `kid` and verifies the RS256 signature (WebCrypto in the Worker), then hands the verdict
+//! back as a [`KeyCheck`]. Like the rest of the core this module does no I/O and reads no
+//! clock.
+//!
+//! Checks, in order: the JWT is three base64url parts of JSON, `alg` is `RS256` (nothing
+//! else, so `none` and HMAC confusion are impossible), `kid` is present; the host's
+//! [`KeyCheck`]; then `iss` is the origin of the configured certs URL, `aud` holds one of the
+//! configured audiences, `exp` is in the future, `nbf` (if any) is not, and the subject is
+//! the `email` claim or, for Access service tokens, `common_name`.
+
+use core::fmt;
+
+use serde_json::Value;
+
+use crate::bundle::AccessConfig;
+
+/// The header Cloudflare Access puts on requests it let through (compared case-insensitively).
+pub const ASSERTION_HEADER: &str = "cf-access-jwt-assertion";
+/// The longest assertion the gate parses; Access assertions are about 1 KB.
+pub const MAX_ASSERTION_LEN: usize = 16 * 1024;
+/// The only signature algorithm Access uses, and so the only one accepted.
+pub const ALGORITHM: &str = "RS256";
+const MAX_AUDIENCES: usize = 64;
+const MAX_SUBJECT_LEN: usize = 256;
+
+/// The Access settings of a bundle, checked once when the bundle is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    certs_url: String,
+    issuer: String,
+    audiences: Vec<String>,
+}
+
+/// Why a bundle's `cloudflare_access` section was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The certs URL is not `https://host/...` (or `http://` to a loopback host, for tests).
+    CertsUrl(String),
+    /// No audience, too many, or one that is empty or not visible ASCII.
+    Audiences,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::CertsUrl(url) => write!(
+                f,
+                "cloudflare_access.certs_url {url:?} must be an https:// URL (http:// only to 127.0.0.1 or localhost)"
+            ),
+            Self::Audiences => write!(
+                f,
+                "cloudflare_access.audiences must hold 1 to {MAX_AUDIENCES} non-empty audience tags of visible ASCII"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Settings {
+    /// Checks the bundle's section and derives the expected issuer (the certs URL's origin).
+    pub fn from_config(config: &AccessConfig) -> Result<Self, ConfigError> {
+        let url = config.certs_url.as_str();
+        let bad_url = || ConfigError::CertsUrl(url.to_owned());
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad_url)?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host = crate::policy::host_of(authority);
+        let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]");
+        let scheme_ok = scheme == "https" || (scheme == "http" && loopback);
+        let authority_ok = !authority.is_empty()
+            && authority
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !scheme_ok || !authority_ok || !url.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad_url());
+        }
+        let audiences_ok = !config.audiences.is_empty()
+            && config.audiences.len() <= MAX_AUDIENCES
+            && config.audiences.iter().all(|a| {
+                !a.is_empty()
+                    && a.len() <= MAX_SUBJECT_LEN
+                    && a.bytes().all(|b| b.is_ascii_graphic())
+            });
+        if !audiences_ok {
+            return Err(ConfigError::Audiences);
+        }
+        Ok(Self {
+            certs_url: url.to_owned(),
+            issuer: format!("{scheme}://{}", authority.to_ascii_lowercase()),
+            audiences: config.audiences.clone(),
+        })
+    }
+
+    /// Where the host fetches the team's signing keys (a JWKS document).
+    pub fn certs_url(&self) -> &str {
+        &self.certs_url
+    }
+
+    /// The `iss` an assertion must carry: the certs URL's `scheme://host[:port]`.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+}
+
+/// Why an assertion is not an identity. Clients see one generic 401; this is for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccessError {
+    /// Not three base64url parts of JSON objects, or longer than [`MAX_ASSERTION_LEN`].
+    Malformed,
+    /// `alg` is not `RS256`.
+    Algorithm(String),
+    /// No `kid` in the header.
+    NoKeyId,
+    /// The host knows no team key with this `kid`.
+    UnknownKey,
+    /// The RS256 signature does not verify with the team key.
+    Signature,
+    /// `iss` is not the team's origin.
+    Issuer,
+    /// `aud` holds none of the configured audiences.
+    Audience,
+    /// No `exp`, or `now` is at or after it.
+    Expired,
+    /// `now` is before `nbf`.
+    NotYetValid,
+    /// Neither a usable `email` nor `common_name` claim.
+    NoSubject,
+}
+
+impl fmt::Display for AccessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed => f.write_str("the assertion is not a well-formed JWT"),
+            Self::Algorithm(alg) => write!(f, "alg {alg:?} is not {ALGORITHM}"),
+            Self::NoKeyId => f.write_str("the assertion names no kid"),
+            Self::UnknownKey => f.write_str("no team key has the assertion's kid"),
+            Self::Signature => f.write_str("the signature does not verify"),
+            Self::Issuer => f.write_str("iss is not the team domain"),
+            Self::Audience => f.write_str("aud holds no configured audience"),
+            Self::Expired => f.write_str("the assertion has expired (or has no exp)"),
+            Self::NotYetValid => f.write_str("the assertion is not valid yet (nbf)"),
+            Self::NoSubject => f.write_str("the assertion has no usable email or common_name"),
+        }
+    }
+}
+
+impl std::error::Error for AccessError {}
+
+/// Who an accepted assertion identifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The `email` claim, or `common_name` for service tokens.
+    pub subject: String,
+    /// `email` for people, `service_token` for Access service tokens.
+    pub kind: &'static str,
+}
+
+/// What the host found when it checked the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// No team key has the assertion's `kid` (after refreshing the keys, if the host does).
+    UnknownKey,
+    /// The key exists and the signature does not verify.
+    BadSignature,
+    /// The key exists and the signature verifies.
+    Verified,
+}
+
+/// A parsed assertion whose signature has not been checked yet.
+#[derive(Clone)]
+pub struct Assertion {
+    kid: String,
+    signed: Vec<u8>,
+    signature: Vec<u8>,
+    claims: serde_json::Map<String, Value>,
+}
+
+impl fmt::Debug for Assertion {
+    // The claims hold a person's email: keep them out of debug output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Assertion")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Assertion {
+    /// Parses the JWT and checks its header: `alg` must be `RS256` and `kid` present.
+    pub fn parse(jwt: &str) -> Result<Self, AccessError> {
+        if jwt.len() > MAX_ASSERTION_LEN {
+            return Err(AccessError::Malformed);
+        }
+        let mut parts = jwt.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AccessError::Malformed);
+        };
+        let header = json_object(header)?;
+        let claims = json_object(payload)?;
+        let signature = base64url_decode(signature).ok_or(AccessError::Malformed)?;
+        match header.get("alg").and_then(Value::as_str) {
+            Some(ALGORITHM) => {}
+            Some(other) => return Err(AccessError::Algorithm(other.to_owned())),
+            None => return Err(AccessError::Algorithm(String::new())),
+        }
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .filter(|kid| !kid.is_empty())
+            .ok_or(AccessError::NoKeyId)?
+            .to_owned();
+        if signature.is_empty() {
+            return Err(AccessError::Malformed);
+        }
+        // The signed input is the first two parts exactly as sent, dot included.
+        let signed_len = jwt.len() - jwt.rsplit('.').next().map_or(0, str::len) - 1;
+        Ok(Self {
+            kid,
+            signed: jwt.as_bytes()[..signed_len].to_vec(),
+            signature,
+            claims,
+        })
+    }
+
+    /// The `kid` the host looks the team key up by.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The bytes the RS256 signature covers (`<header>.<payload>`, as sent).
+    pub fn signed_bytes(&self) -> &[u8] {
+        &self.signed
+    }
+
+    /// The raw signature.
+    pub fn signature(&self) -> &[u8] {
+        &self.signature
+    }
+
+    /// Every check after the parse: the host's key verdict, then `iss`, `aud`, `exp`, `nbf`
+    /// and the subject.
+    pub fn check(
+        &self,
+        key: KeyCheck,
+        settings: &Settings,
+        now: u64,
+    ) -> Result<Identity, AccessError> {
+        match key {
+            KeyCheck::UnknownKey => return Err(AccessError::UnknownKey),
+            KeyCheck::BadSignature => return Err(AccessError::Signature),
+            KeyCheck::Verified => {}
+        }
+        let claim = |name: &str| self.claims.get(name);
+        if claim("iss").and_then(Value::as_str) != Some(settings.issuer()) {
+            return Err(AccessError::Issuer);
+        }
+        let audience_ok = match claim("aud") {
+            Some(Value::String(aud)) => settings.audiences.contains(aud),
+            Some(Value::Array(auds)) => auds
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|aud| settings.audiences.iter().any(|a| a == aud)),
+            _ => false,
+        };
+        if !audience_ok {
+            return Err(AccessError::Audience);
+        }
+        // Same boundaries as token lifetimes: invalid at exp, valid from nbf on.
+        match claim("exp").and_then(seconds) {
+            Some(exp) if now < exp => {}
+            _ => return Err(AccessError::Expired),
+        }
+        if let Some(nbf) = claim("nbf") {
+            match seconds(nbf) {
+                Some(nbf) if now >= nbf => {}
+                _ => return Err(AccessError::NotYetValid),
+            }
+        }
+        let usable = |name: &str| {
+            claim(name)
+                .and_then(Value::as_str)
+                .filter(|s| {
+                    !s.is_empty()
+                        && s.len() <= MAX_SUBJECT_LEN
+                        && s.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .map(str::to_owned)
+        };
+        if let Some(email) = usable("email") {
+            return Ok(Identity {
+                subject: email,
+                kind: "email",
+            });
+        }
+        if let Some(name) = usable("common_name") {
+            return Ok(Identity {
+                subject: name,
+                kind: "service_token",
+            });
+        }
+        Err(AccessError::NoSubject)
+    }
+}
+
+/// A NumericDate: whole seconds (a fractional part is dropped; negatives are invalid).
+fn seconds(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e15)
+            .map(|f| f as u64)
+    })
+}
+
+fn json_object(part: &str) -> Result<serde_json::Map<String, Value>, AccessError> {
+    let bytes = base64url_decode(part).ok_or(AccessError::Malformed)?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(AccessError::Malformed),
+    }
+}
+
+/// Decodes unpadded base64url (RFC 7515 §2); padding, other alphabets and stray bits are
+/// refused, so every JWT has exactly one accepted encoding.
+pub fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        match c {
+            b'A'..=b'Z' => Some(u32::from(c - b'A')),
+            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
+            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
+            b'-' => Some(62),
+            b'_' => Some(63),
+            _ => None,
+        }
+    }
+    let bytes = text.as_bytes();
+    if bytes.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= value(c)? << (18 - 6 * i);
+        }
+        // n characters carry 6n bits: n - 1 whole bytes and 8 - 2n spare bits, which must be
+        // zero so that every byte string has exactly one encoding.
+        let n = chunk.len();
+        let produced = n - 1;
+        let spare = 8 - 2 * n as u32;
+        if (acc >> (24 - 6 * n as u32)) & ((1 << spare) - 1) != 0 {
+            return None;
+        }
+        let be = acc.to_be_bytes();
+        out.extend_from_slice(&be[1..1 + produced]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let mut word = [0u8; 3];
+            word[..chunk.len()].copy_from_slice(chunk);
+            let n = u32::from(word[0]) << 16 | u32::from(word[1]) << 8 | u32::from(word[2]);
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    fn jwt(header: Value, claims: Value) -> String {
+        format!(
+            "{}.{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes()),
+            b64(b"not checked here")
+        )
+    }
+
+    fn settings() -> Settings {
+        Settings::from_config(&AccessConfig {
+            certs_url: "https://team.cloudflareaccess.com/cdn-cgi/access/certs".into(),
+            audiences: vec!["aud-1".into(), "aud-2".into()],
+        })
+        .unwrap()
+    }
+
+    fn claims() -> Value {
+        serde_json::json!({
+            "iss": "https://team.cloudflareaccess.com",
+            "aud": ["aud-2"],
+            "email": "ada@example.com",
+            "exp": 2_000,
+            "nbf": 1_000,
+        })
+    }
+
+    const RS256: fn() -> Value = || serde_json::json!({"alg": "RS256", "kid": "k1"});
+
+    #[test]
+    fn base64url_round_trips_and_is_strict() {
+        for len in 0..40 {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(base64url_decode(&b64(&data)).as_deref(), Some(&data[..]));
+        }
+        assert_eq!(base64url_decode("QQ=="), None, "padding");
+        assert_eq!(base64url_decode("QQ+/"), None, "standard alphabet");
+        assert_eq!(base64url_decode("Q"), None, "impossible length");
+        assert_eq!(base64url_decode("QR"), None, "non-zero trailing bits");
+        assert_eq!(base64url_decode("QQ"), Some(b"A".to_vec()));
+    }
+
+    #[test]
+    fn header_must_be_rs256_with_a_kid() {
+        let ok = Assertion::parse(&jwt(RS256(), claims())).unwrap();
+        assert_eq!(ok.kid(), "k1");
+        assert_eq!(ok.signature(), b"not checked here");
+        let text = jwt(RS256(), claims());
+        let dot = text.rfind('.').unwrap();
+        assert_eq!(ok.signed_bytes(), &text.as_bytes()[..dot]);
+        for alg in ["HS256", "none", "RS512", "ES256"] {
+            let header = serde_json::json!({"alg": alg, "kid": "k1"});
+            assert_eq!(
+                Assertion::parse(&jwt(header, claims())).err(),
+                Some(AccessError::Algorithm(alg.into()))
+            );
+        }
+        let no_kid = serde_json::json!({"alg": "RS256"});
+        assert_eq!(
+            Assertion::parse(&jwt(no_kid, claims())).err(),
+            Some(AccessError::NoKeyId)
+        );
+        for garbage in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            "!!.!!.!!",
+            &format!("{}.e30.", b64(b"{}")),
+        ] {
+            assert!(Assertion::parse(garbage).is_err(), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn claims_are_checked_after_the_key() {
+        let s = settings();
+        let parse = |c: Value| Assertion::parse(&jwt(RS256(), c)).unwrap();
+        let good = parse(claims());
+        assert_eq!(
+            good.check(KeyCheck::Verified, &s, 1_500),
+            Ok(Identity {
+                subject: "ada@example.com".into(),
+                kind: "email"
+            })
+        );
+        assert_eq!(
+            good.check(KeyCheck::UnknownKey, &s, 1_500),
+            Err(AccessError::UnknownKey)
+        );
+        assert_eq!(
+            good.check(KeyCheck::BadSignature, &s, 1_500),
+            Err(AccessError::Signature)
+        );
+        assert_eq!(
+            good.check(KeyCheck::Verified, &s, 2_000),
+            Err(AccessError::Expired)
+        );
+        assert!(good.check(KeyCheck::Verified, &s, 1_999).is_ok());
+        assert_eq!(
+            good.check(KeyCheck::Verified, &s, 999),
+            Err(AccessError::NotYetValid)
+        );
+        assert!(good.check(KeyCheck::Verified, &s, 1_000).is_ok());
+
+        let mut c = claims();
+        c["aud"] = "aud-3".into();
+        assert_eq!(
+            parse(c).check(KeyCheck::Verified, &s, 1_500),
+            Err(AccessError::Audience)
+        );
+        let mut c = claims();
+        c["aud"] = "aud-1".into();
+        assert!(parse(c).check(KeyCheck::Verified, &s, 1_500).is_ok());
+        let mut c = claims();
+        c["iss"] = "https://evil.cloudflareaccess.com".into();
+        assert_eq!(
+            parse(c).check(KeyCheck::Verified, &s, 1_500),
+            Err(AccessError::Issuer)
+        );
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("exp");
+        assert_eq!(
+            parse(c).check(KeyCheck::Verified, &s, 1_500),
+            Err(AccessError::Expired)
+        );
+        let mut c = claims();
+        c["email"] = "".into();
+        c["common_name"] = "abc123.access".into();
+        assert_eq!(
+            parse(c)
+                .check(KeyCheck::Verified, &s, 1_500)
+                .map(|i| (i.subject, i.kind)),
+            Ok(("abc123.access".into(), "service_token"))
+        );
+        let mut c = claims();
+        c["email"] = "ada@example.com\r\nx-evil: 1".into();
+        assert_eq!(
+            parse(c).check(KeyCheck::Verified, &s, 1_500),
+            Err(AccessError::NoSubject)
+        );
+    }
+
+    /// The decision around an assertion: only on `cf_access` rules, only without a token,
+    /// scopes still apply, identity headers for the upstream.
+    #[test]
+    fn gate_turns_an_assertion_into_an_identity() {
+        use crate::decision::{Outcome, Reason, Request, Step, ACCESS_HEADER, SUBJECT_HEADER};
+        use crate::{Bundle, Gate};
+        let bundle: Bundle = serde_json::from_value(serde_json::json!({
+            "format": "tokengate.bundle/v1", "version": 1, "issued_at": 0,
+            "environment": "prod", "target": "worker",
+            "policy": {"rules": [
+                {"name": "app", "path": {"prefix": "/app"}, "access": "token", "cf_access": true},
+                {"name": "scoped", "path": {"prefix": "/scoped"}, "access": "token",
+                 "all_of": ["orders:read"], "cf_access": true},
+                {"name": "plain", "path": {"prefix": "/plain"}, "access": "token"}
+            ]},
+            "credentials": {"sources": ["bearer"]},
+            "tokens": [], "revoke_all_at": null,
+            "cloudflare_access": {
+                "certs_url": "https://team.cloudflareaccess.com/cdn-cgi/access/certs",
+                "audiences": ["aud-1"]
+            }
+        }))
+        .unwrap();
+        let access = Settings::from_config(bundle.cloudflare_access.as_ref().unwrap()).unwrap();
+        let gate = Gate::from_bundle(bundle).unwrap();
+        let mut c = claims();
+        c["aud"] = "aud-1".into();
+        let assertion = jwt(RS256(), c);
+        let headers = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let with_jwt = headers(&[
+            ("Cf-Access-Jwt-Assertion", &assertion),
+            ("x-tokengate-subject", "x"),
+        ]);
+        fn request<'a>(path: &'a str, headers: &'a [(String, String)]) -> Request<'a> {
+            Request {
+                method: "GET",
+                path,
+                authority: "a",
+                headers,
+            }
+        }
+        let with_jwt = with_jwt.as_slice();
+
+        let Step::Access(pending) =
+            gate.begin_with_access(&request("/app/x", with_jwt), Some(&access))
+        else {
+            panic!("expected an Access step")
+        };
+        assert_eq!(pending.assertion.kid(), "k1");
+        let allowed = gate.finish_access(pending, KeyCheck::Verified, 1_500);
+        assert_eq!(
+            (allowed.outcome, allowed.reason),
+            (Outcome::Allow, Reason::Access)
+        );
+        assert!(allowed
+            .add_headers
+            .contains(&(SUBJECT_HEADER, "ada@example.com".into())));
+        assert!(allowed
+            .add_headers
+            .contains(&(ACCESS_HEADER, "email".into())));
+        assert!(allowed
+            .remove_headers
+            .contains(&"x-tokengate-subject".to_owned()));
+
+        let Step::Access(pending) =
+            gate.begin_with_access(&request("/app/x", with_jwt), Some(&access))
+        else {
+            panic!("expected an Access step")
+        };
+        let bad = gate.finish_access(pending, KeyCheck::BadSignature, 1_500);
+        assert_eq!((bad.status(), bad.reason), (401, Reason::AccessInvalid));
+
+        let Step::Access(pending) =
+            gate.begin_with_access(&request("/scoped", with_jwt), Some(&access))
+        else {
+            panic!("expected an Access step")
+        };
+        let scoped = gate.finish_access(pending, KeyCheck::Verified, 1_500);
+        assert_eq!(
+            (scoped.status(), scoped.reason),
+            (403, Reason::InsufficientScope)
+        );
+
+        // Not a cf_access rule, or a host that cannot verify: no identity, no credential.
+        for (path, settings) in [("/plain", Some(&access)), ("/app", None)] {
+            let Step::Done(d) = gate.begin_with_access(&request(path, with_jwt), settings) else {
+                panic!("expected a final decision")
+            };
+            assert_eq!((d.status(), d.reason), (401, Reason::NoCredential));
+        }
+        // A token credential wins over an assertion.
+        let both = headers(&[
+            ("authorization", "Bearer some-opaque-secret-value"),
+            ("cf-access-jwt-assertion", &assertion),
+        ]);
+        assert!(matches!(
+            gate.begin_with_access(&request("/app", &both), Some(&access)),
+            Step::Lookup(_)
+        ));
+        let twice = headers(&[
+            ("cf-access-jwt-assertion", &assertion),
+            ("cf-access-jwt-assertion", &assertion),
+        ]);
+        let Step::Done(d) = gate.begin_with_access(&request("/app", &twice), Some(&access)) else {
+            panic!("expected a final decision")
+        };
+        assert_eq!(d.status(), 400);
+        let garbage = headers(&[("cf-access-jwt-assertion", "not.a.jwt")]);
+        let Step::Done(d) = gate.begin_with_access(&request("/app", &garbage), Some(&access))
+        else {
+            panic!("expected a final decision")
+        };
+        assert_eq!((d.status(), d.reason), (401, Reason::AccessInvalid));
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let config = |url: &str, auds: &[&str]| AccessConfig {
+            certs_url: url.into(),
+            audiences: auds.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        let local = Settings::from_config(&config("http://127.0.0.1:8787/certs", &["a"])).unwrap();
+        assert_eq!(local.issuer(), "http://127.0.0.1:8787");
+        for bad in [
+            "http://team.example.com/certs",
+            "ftp://x/y",
+            "https:///x",
+            "team/certs",
+        ] {
+            assert!(
+                matches!(
+                    Settings::from_config(&config(bad, &["a"])),
+                    Err(ConfigError::CertsUrl(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Settings::from_config(&config("https://t.example.com/c", &[])),
+            Err(ConfigError::Audiences)
+        );
+        assert_eq!(
+            Settings::from_config(&config("https://t.example.com/c", &[""])),
+            Err(ConfigError::Audiences)
+        );
+    }
+}
