@@ -77,7 +77,10 @@ pub struct HostState {
 /// proxy-wasm shared data: one key-value store for every VM of one `vm_id` in a proxy
 /// process. VMs started with the same handle share it, as Envoy's canary and worker VMs do.
 #[derive(Clone, Default)]
-pub struct SharedData(pub(crate) Arc<Mutex<HashMap<String, (Vec<u8>, u32)>>>);
+pub struct SharedData(pub(crate) Arc<Mutex<SharedMap>>);
+
+/// Key → (value, compare-and-swap token).
+pub(crate) type SharedMap = HashMap<String, (Vec<u8>, u32)>;
 
 /// What happened to one request.
 #[derive(Debug, Clone)]
