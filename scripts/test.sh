@@ -27,3 +27,6 @@ say "end-to-end: the CLI and a real Envoy (conformance vectors, lifecycle, bad p
 ensure_envoy
 cargo build -p tokengate-admin --locked
 python3 tests/envoy/e2e.py
+
+say "end-to-end: the Worker in a real workerd (conformance vectors, pushes, KV, Access, the CLI)"
+./scripts/worker.sh

@@ -219,6 +219,12 @@ enum PushTarget {
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
+    /// Sign and send the bundle to the Worker (`TOKENGATE_PUSH_KEY` there = this signing key).
+    Worker {
+        /// The Worker's base URL (https://, or http:// to loopback).
+        #[arg(long, env = "TOKENGATE_WORKER_URL")]
+        url: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -742,6 +748,14 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             Ok(None)
         }
         Command::Push { ref target } => match target {
+            PushTarget::Worker { url } => {
+                let key = signing_key(&key_file)?;
+                let mut store = Store::open(&cli.store)?;
+                let who = actor(cli.actor.clone(), None);
+                let version = push::worker(&mut store, &key, url, now, &who)?;
+                eprintln!("pushed bundle version {version} to the Worker at {url}");
+                Ok(None)
+            }
             PushTarget::Envoy { file, wasm, bundle } => {
                 let key = signing_key(&key_file)?;
                 let mut store = Store::open(&cli.store)?;

@@ -1,0 +1,256 @@
+//! Criterion benchmarks of one decision, run by `bench/run.sh` (or `cargo bench -p tokengate-bench`):
+//!
+//! - `native/<case>/<tokens>`: `Gate::decide` on the host CPU, for a valid token, a well-formed
+//!   unknown one (hash + lookup miss) and one failing its checksum (no hash, no lookup),
+//!   with 10 and 100,000 tokens in the gate;
+//! - `wasmtime/<filter>-<case>/<tokens>`: one request through the built `.wasm` under the
+//!   embedded wasmtime host (host-tests): context create, `on_request_headers`, done, log,
+//!   delete; so it includes the proxy-wasm ABI (header copies, properties, metrics) and
+//!   the host's own bookkeeping, and fuel metering (on in that host). `floor` is the minimal
+//!   filter of bench/floor-filter, the floor of any wasm filter.
+//! - `parts/<step>/100000`: the steps of a valid decision on their own (where the time goes);
+//! - `load/<step>/100000`: what a reload costs, natively: JSON parse, signature check
+//!   (canonical bytes + HMAC), index build; and `wasmtime/configure/<tokens>` in the VM.
+//!
+//! Needs both `.wasm` files built (bench/run.sh builds them).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed setup is the report
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use tokengate_bench::{
+    bad_checksum_token, bundle_json, envoy_headers, key_hex, token, unknown_token, ENVIRONMENT, NOW,
+};
+use tokengate_core::token::{shape, TokenHash};
+use tokengate_core::{
+    bundle, credentials, policy, Bundle, Expectation, Gate, Request, SigningKey, Step, Target,
+};
+use tokengate_host_tests::{filter_path, Host, Vm};
+
+const SIZES: [u64; 2] = [10, 100_000];
+
+fn cases() -> [(&'static str, String); 3] {
+    [
+        ("valid", token(7)),
+        ("unknown", unknown_token()),
+        ("checksum", bad_checksum_token()),
+    ]
+}
+
+fn gate(json: &str) -> Gate {
+    let key = SigningKey::from_hex(&key_hex()).unwrap();
+    let expect = Expectation {
+        target: Target::Envoy,
+        environment: Some(ENVIRONMENT),
+        newer_than: None,
+    };
+    Gate::load(json.as_bytes(), &key, &expect).unwrap()
+}
+
+fn native(c: &mut Criterion) {
+    let mut group = c.benchmark_group("native");
+    for n in SIZES {
+        let gate = gate(&bundle_json(n, 1));
+        for (case, credential) in cases() {
+            let headers = envoy_headers(&credential);
+            let request = Request {
+                method: "GET",
+                path: "/api/orders/1",
+                authority: "api.internal",
+                headers: &headers,
+            };
+            // Sanity: the case is what its name says.
+            let reason = gate.decide(&request, NOW).reason.as_str();
+            assert_eq!(reason, case, "{case} with {n} tokens");
+            group.bench_with_input(BenchmarkId::new(case, n), &request, |b, request| {
+                b.iter(|| gate.decide(black_box(request), NOW))
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Where a valid decision's time goes, natively: each step `decide` takes, on its own.
+fn parts(c: &mut Criterion) {
+    let n = 100_000;
+    let gate = gate(&bundle_json(n, 1));
+    let valid = token(7);
+    let headers = envoy_headers(&valid);
+    let request = Request {
+        method: "GET",
+        path: "/api/orders/1",
+        authority: "api.internal",
+        headers: &headers,
+    };
+    let hash = TokenHash::of(valid.as_bytes());
+    let mut group = c.benchmark_group("parts");
+    group.bench_function(BenchmarkId::new("decide", n), |b| {
+        b.iter(|| gate.decide(black_box(&request), NOW))
+    });
+    group.bench_function(BenchmarkId::new("begin-to-lookup", n), |b| {
+        b.iter(|| matches!(gate.begin(black_box(&request)), Step::Lookup(_)))
+    });
+    group.bench_function(BenchmarkId::new("token-shape-crc", n), |b| {
+        b.iter(|| shape(black_box(&valid)))
+    });
+    group.bench_function(BenchmarkId::new("sha256", n), |b| {
+        b.iter(|| TokenHash::of(black_box(valid.as_bytes())))
+    });
+    group.bench_function(BenchmarkId::new("index-lookup", n), |b| {
+        b.iter(|| gate.record(black_box(&hash)).is_some())
+    });
+    group.bench_function(BenchmarkId::new("normalize-path", n), |b| {
+        b.iter(|| policy::normalize_path(black_box("/api/orders/1")))
+    });
+    group.bench_function(BenchmarkId::new("credentials-find", n), |b| {
+        b.iter(|| credentials::find(gate.sources(), black_box(&headers), None))
+    });
+    group.finish();
+}
+
+fn wasm_headers(credential: &str) -> Vec<(String, Vec<u8>)> {
+    envoy_headers(credential)
+        .into_iter()
+        .map(|(n, v)| (n, v.into_bytes()))
+        .collect()
+}
+
+fn floor_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip1/release/floor_filter.wasm")
+}
+
+fn tokengate_vm(host: &Host, config: &str) -> Vm {
+    let key = key_hex();
+    let mut vm = host
+        .start(&[
+            ("TOKENGATE_SIGNING_KEY", key.as_str()),
+            ("TOKENGATE_ENVIRONMENT", ENVIRONMENT),
+        ])
+        .unwrap();
+    assert!(vm.configure(config.as_bytes()).unwrap(), "{:?}", vm.logs());
+    vm
+}
+
+fn wasmtime(c: &mut Criterion) {
+    let host = Host::load(&filter_path()).unwrap();
+    let floor = Host::load(&floor_path()).unwrap();
+    let now_nanos = NOW * 1_000_000_000;
+    let mut group = c.benchmark_group("wasmtime");
+    for n in SIZES {
+        let json = bundle_json(n, 1);
+        let mut vm = tokengate_vm(&host, &json);
+        for (case, credential) in cases() {
+            let headers = wasm_headers(&credential);
+            let status = vm.request(headers.clone(), now_nanos).unwrap();
+            let passed = status.local_response.is_none();
+            assert_eq!(passed, case == "valid", "{case} with {n} tokens");
+            group.bench_with_input(
+                BenchmarkId::new(format!("tokengate-{case}"), n),
+                &headers,
+                |b, headers| {
+                    b.iter_batched(
+                        || headers.clone(),
+                        |h| vm.request(h, now_nanos).unwrap(),
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+        }
+    }
+    let mut vm = floor.start(&[]).unwrap();
+    let valid = token(7);
+    assert!(vm.configure(valid.as_bytes()).unwrap());
+    for (case, credential) in [("valid", valid.clone()), ("unknown", unknown_token())] {
+        let headers = wasm_headers(&credential);
+        let passed = vm
+            .request(headers.clone(), now_nanos)
+            .unwrap()
+            .local_response
+            .is_none();
+        assert_eq!(passed, case == "valid");
+        group.bench_with_input(
+            BenchmarkId::new(format!("floor-{case}"), 1),
+            &headers,
+            |b, headers| {
+                b.iter_batched(
+                    || headers.clone(),
+                    |h| vm.request(h, now_nanos).unwrap(),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
+    }
+    group.finish();
+}
+
+fn load(c: &mut Criterion) {
+    let n = 100_000;
+    let json = bundle_json(n, 1);
+    let key = SigningKey::from_hex(&key_hex()).unwrap();
+    let mut group = c.benchmark_group("load");
+    group.sample_size(10);
+    group.bench_function(BenchmarkId::new("json-parse", n), |b| {
+        b.iter(|| serde_json::from_slice::<Bundle>(json.as_bytes()).unwrap())
+    });
+    let parsed: Bundle = serde_json::from_slice(json.as_bytes()).unwrap();
+    group.bench_function(BenchmarkId::new("canonical-bytes-hmac", n), |b| {
+        b.iter(|| key.sign_bytes(&parsed.canonical_bytes()))
+    });
+    group.bench_function(BenchmarkId::new("index-build", n), |b| {
+        b.iter_batched(
+            || parsed.clone(),
+            |bundle| Gate::from_bundle(bundle).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function(BenchmarkId::new("total", n), |b| {
+        b.iter(|| {
+            let verified = bundle::parse_verified(json.as_bytes(), &key).unwrap();
+            Gate::from_bundle(verified).unwrap()
+        })
+    });
+    group.finish();
+
+    // The same load inside the filter, under wasmtime: a fresh VM each time (not timed).
+    let host = Host::load(&filter_path()).unwrap();
+    let mut group = c.benchmark_group("wasmtime-configure");
+    group.sample_size(10);
+    for n in SIZES {
+        let json = bundle_json(n, 1);
+        let key = key_hex();
+        let env = [
+            ("TOKENGATE_SIGNING_KEY", key.as_str()),
+            ("TOKENGATE_ENVIRONMENT", ENVIRONMENT),
+        ];
+        group.bench_function(BenchmarkId::new("configure", n), |b| {
+            b.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    let mut vm = host.start(&env).unwrap();
+                    let start = Instant::now();
+                    assert!(vm.configure(json.as_bytes()).unwrap());
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = native, parts, wasmtime, load
+}
+criterion_main!(benches);

@@ -1,0 +1,155 @@
+//! The fixture `benches/decide.rs` measures against: a signed bundle of N tokens with the
+//! conformance policy (8 rules, 3 credential sources), and requests shaped as Envoy hands
+//! them to the filter (pseudo-headers, `x-forwarded-*`, `x-request-id`, the credential).
+//!
+//! Tokens are made from fixed bytes (token `i` from `i`), so every run measures the same set.
+
+use tokengate_core::{token, Bundle, SigningKey};
+
+/// The environment the fixture bundles are signed for.
+pub const ENVIRONMENT: &str = "bench";
+/// Unix seconds the fixture is valid at.
+pub const NOW: u64 = 1_767_225_600;
+
+/// The HMAC key of the fixture (hex), as the filter reads it from `TOKENGATE_SIGNING_KEY`.
+pub fn key_hex() -> String {
+    "b3".repeat(32)
+}
+
+/// The plaintext of fixture token `i` (`sk_live_…`, valid checksum).
+pub fn token(i: u64) -> String {
+    let mut random = [0x5au8; 32];
+    random[..8].copy_from_slice(&i.to_le_bytes());
+    match token::generate("sk_live", random) {
+        Ok(secret) => secret.expose().to_owned(),
+        Err(e) => unreachable!("the fixed prefix is valid: {e}"),
+    }
+}
+
+/// A token of the right shape that is in no bundle (a lookup that misses).
+pub fn unknown_token() -> String {
+    token(u64::MAX)
+}
+
+/// A token whose checksum fails: rejected before any hashing or lookup.
+pub fn bad_checksum_token() -> String {
+    let mut t = token(0);
+    let last = if t.ends_with('A') { 'B' } else { 'A' };
+    t.pop();
+    t.push(last);
+    t
+}
+
+/// The signed bundle (JSON text) holding tokens `0..n`, every one with `orders:read`.
+pub fn bundle_json(n: u64, version: u64) -> String {
+    let rule = |name: &str,
+                path: serde_json::Value,
+                access: &str,
+                methods: &[&str],
+                all_of: &[&str],
+                any_of: &[&str]| {
+        serde_json::json!({"name": name, "path": path, "methods": methods, "host": null,
+            "access": access, "all_of": all_of, "any_of": any_of, "cf_access": false})
+    };
+    let policy = vec![
+        rule(
+            "health",
+            serde_json::json!({"exact": "/healthz"}),
+            "public",
+            &["GET", "HEAD"],
+            &[],
+            &[],
+        ),
+        rule(
+            "docs",
+            serde_json::json!({"prefix": "/docs"}),
+            "public",
+            &[],
+            &[],
+            &[],
+        ),
+        rule(
+            "admin",
+            serde_json::json!({"prefix": "/admin"}),
+            "token",
+            &[],
+            &["admin"],
+            &[],
+        ),
+        rule(
+            "orders-write",
+            serde_json::json!({"prefix": "/api/orders"}),
+            "token",
+            &["POST", "PUT", "DELETE"],
+            &["orders:write"],
+            &[],
+        ),
+        rule(
+            "orders-read",
+            serde_json::json!({"prefix": "/api/orders"}),
+            "token",
+            &["GET", "HEAD"],
+            &["orders:read"],
+            &[],
+        ),
+        rule(
+            "metrics",
+            serde_json::json!({"exact": "/metrics"}),
+            "token",
+            &[],
+            &[],
+            &["health:read", "metrics:read"],
+        ),
+        rule(
+            "api",
+            serde_json::json!({"prefix": "/api"}),
+            "token",
+            &[],
+            &[],
+            &[],
+        ),
+    ];
+    let tokens: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let hash = token::TokenHash::of(token(i).as_bytes());
+            serde_json::json!({"name": format!("svc-{i:07}"), "token_id": hash.token_id(),
+                "hash": hash.to_hex(), "scopes": ["orders:read"], "created_at": NOW - 86_400,
+                "not_before": null, "expires_at": null, "revoked_at": null,
+                "grace_until": null, "previous": null})
+        })
+        .collect();
+    let document = serde_json::json!({"format": "tokengate.bundle/v1", "version": version,
+        "issued_at": NOW - 60, "environment": ENVIRONMENT, "target": "envoy",
+        "policy": {"rules": policy},
+        "credentials": {"sources": ["bearer", "header:x-internal-token", "header:x-internal-api-key"], "forward": false},
+        "tokens": tokens, "revoke_all_at": null, "cloudflare_access": null});
+    let mut bundle: Bundle = match serde_json::from_value(document) {
+        Ok(bundle) => bundle,
+        Err(e) => unreachable!("the fixture matches the bundle model: {e}"),
+    };
+    let key = match SigningKey::from_hex(&key_hex()) {
+        Ok(key) => key,
+        Err(e) => unreachable!("the fixture key is 64 hex characters: {e}"),
+    };
+    bundle.sign(&key);
+    bundle.to_json()
+}
+
+/// The request headers Envoy passes to the filter for `GET /api/orders/1` with `credential`
+/// as a Bearer token (names lower case, pseudo-headers first).
+pub fn envoy_headers(credential: &str) -> Vec<(String, String)> {
+    [
+        (":authority", "api.internal"),
+        (":path", "/api/orders/1"),
+        (":method", "GET"),
+        (":scheme", "http"),
+        ("user-agent", "wrk"),
+        ("authorization", &format!("Bearer {credential}")),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "6b1a0c52-5d1e-4d3c-9d0e-1f2a3b4c5d6e"),
+    ]
+    .iter()
+    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+    .collect()
+}
