@@ -322,11 +322,11 @@ class Gateway:
         return (s.get(p + "update_success", 0), s.get(p + "update_rejected", 0))
 
     # data plane
-    def request(self, method, path, headers=(), body=None, host="api.internal", timeout=10):
+    def request(self, method, path, headers=(), body=None, host="api.internal", timeout=10, port=None):
         """Sends one request with exactly these header pairs, in order, repeats kept; a str
         value is sent as UTF-8, a bytes value as is. Returns (status, [(name, value), ...],
         body bytes)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.listen_port, timeout=timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.listen_port, timeout=timeout)
         try:
             conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("host", host)

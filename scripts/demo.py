@@ -5,9 +5,9 @@
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +30,8 @@ def cli(*args, stdin="", env=None):
 
 
 def main():
+    # A fresh start: the previous demo's store, key and Envoy run directory go.
+    shutil.rmtree(os.path.join(DEMO, "envoy"), ignore_errors=True)
     os.makedirs(DEMO, exist_ok=True)
     for name in os.listdir(DEMO):
         if name.startswith("tokengate."):
@@ -55,8 +57,16 @@ def main():
     gw = Gateway(env={"TOKENGATE_SIGNING_KEY": key, "TOKENGATE_ENVIRONMENT": "demo"},
                  run_dir=os.path.join(DEMO, "envoy"))
     gw.start()
+    step("starting the Worker in workerd (Miniflare, local KV) in front of the same upstream")
+    worker = subprocess.Popen(
+        ["node", os.path.join(ROOT, "tests", "worker", "serve.mjs"),
+         f"http://127.0.0.1:{gw.upstream_port}", key, "demo"],
+        stdout=subprocess.PIPE, text=True)
+    worker_port = json.loads(worker.stdout.readline())["port"]
     step("tokengate push envoy: signed bundle -> ECDS file -> Envoy reloads it, no restart")
     cli("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM)
+    step("tokengate push worker: signed bundle -> the Worker writes only token hashes to KV")
+    cli("push", "worker", "--url", f"http://127.0.0.1:{worker_port}")
     time.sleep(0.3)
 
     def bearer(t):
@@ -77,22 +87,25 @@ def main():
         ("path traversal to /deploy", "POST", "/healthz/../deploy/web", []),
         ("no rule matches", "GET", "/admin", bearer(ci)),
     ]
-    rows = [("request", "status", "upstream saw x-tokengate-subject", "gate says")]
-    for label, method, path, headers in requests:
-        status, resp_headers, body = gw.request(method, path, headers)
+    def outcome(status, resp_headers, body):
         echoed = [v for n, v in resp_headers if n.lower() == "x-echo"]
         if echoed:
             seen = json.loads(base64.b64decode(echoed[0]))
             subject = [v for n, v in seen["headers"] if n.lower() == "x-tokengate-subject"]
-            rows.append((label, str(status), subject[0] if subject else "(none)", "passed"))
-        else:
-            try:
-                error = json.loads(body).get("error", "")
-            except ValueError:
-                error = body.decode(errors="replace")[:30]
-            rows.append((label, str(status), "(not forwarded)", error))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    step(f"requests through Envoy on 127.0.0.1:{gw.listen_port}")
+            return f"{status} {subject[0] if subject else 'passed'}"
+        try:
+            error = json.loads(body).get("error", "")
+        except ValueError:
+            error = body.decode(errors="replace")[:30]
+        return f"{status} {error}"
+
+    rows = [("request", "Envoy: status, upstream subject or error", "Worker: status, origin subject or error")]
+    for label, method, path, headers in requests:
+        via_envoy = outcome(*gw.request(method, path, headers))
+        via_worker = outcome(*gw.request(method, path, headers, port=worker_port))
+        rows.append((label, via_envoy, via_worker))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    step(f"the same requests through Envoy (127.0.0.1:{gw.listen_port}) and the Worker (127.0.0.1:{worker_port})")
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if i == 0:
@@ -110,19 +123,23 @@ def main():
 Try it yourself (Envoy pid {gw.pid}, admin on 127.0.0.1:{gw.admin_port}):
   curl -i http://127.0.0.1:{gw.listen_port}/api/orders/1 -H 'Authorization: Bearer {ci}'
   curl -i http://127.0.0.1:{gw.listen_port}/api/orders/1
+  curl -i http://127.0.0.1:{worker_port}/api/orders/1 -H 'X-Internal-Token: {legacy}'
+  curl -s http://127.0.0.1:{worker_port}/.well-known/tokengate/status
   export TOKENGATE_STORE={os.environ['TOKENGATE_STORE']}
   {CLI} revoke ci-deploy --reason demo && {CLI} push envoy --file {gw.ecds_path} --wasm {WASM}
   curl -s http://127.0.0.1:{gw.admin_port}/stats/prometheus | grep tokengate_
 """)
     if sys.stdin.isatty() and "--no-wait" not in sys.argv:
-        print("Envoy keeps running: press Ctrl-C to stop it.", flush=True)
+        print("Envoy and the Worker keep running: press Ctrl-C to stop them.", flush=True)
         try:
             while gw.envoy.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+    worker.terminate()
+    worker.wait(10)
     gw.close()
-    print("stopped Envoy and the upstream.")
+    print("stopped Envoy, the Worker and the upstream.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo (README): builds what is missing, then a real Envoy gates requests with tokens the
-# CLI just issued. Runs until Ctrl-C (or pass --no-wait to stop right after the table).
+# The demo (README): builds what is missing, then a real Envoy and a real workerd gate requests
+# with tokens the CLI just issued. Runs until Ctrl-C (or pass --no-wait to stop right after the table).
 set -euo pipefail
 source "$(dirname "$0")/tools.sh"
 cd "$ROOT"
@@ -10,4 +10,6 @@ ensure_envoy
 say "building the filter (wasm32-wasip1) and the tokengate CLI"
 cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
 cargo build -p tokengate-admin --locked
+say "building the Worker (worker-build, wrangler --dry-run bundle)"
+./scripts/worker.sh bundle
 python3 scripts/demo.py "$@"
