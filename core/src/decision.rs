@@ -226,7 +226,14 @@ impl Decision {
 }
 
 fn error_body(error: &str, description: &str) -> String {
-    serde_json::json!({ "error": error, "error_description": description }).to_string()
+    // Two string members: serialising the strings alone keeps `serde_json::Value` (and its
+    // code) out of the filter.
+    let quote = |text: &str| serde_json::to_string(text).unwrap_or_default();
+    format!(
+        "{{\"error\":{},\"error_description\":{}}}",
+        quote(error),
+        quote(description)
+    )
 }
 
 fn denial(status: u16, www_authenticate: Option<String>, error: &str, description: &str) -> Denial {
@@ -319,8 +326,9 @@ impl Gate {
                 self.finish(pending, record, now)
             }
             // `begin` passes no Access settings, so this cannot happen; if it did, no key
-            // could have been checked, and the assertion is refused.
-            Step::Access(pending) => self.finish_access(pending, KeyCheck::UnknownKey, now),
+            // could have been checked: fail closed. (Not calling `finish_access` here keeps
+            // the Access code out of hosts that never verify assertions, like the filter.)
+            Step::Access(_) => unavailable(Reason::Internal),
         }
     }
 
@@ -338,6 +346,9 @@ impl Gate {
     /// [`Gate::begin`] for a host that can verify Cloudflare Access assertions (the Worker):
     /// with `access` set, a request on a `cf_access` rule that carries no token credential but
     /// one `Cf-Access-Jwt-Assertion` becomes [`Step::Access`].
+    // Inlined so that `begin`'s `None` removes the Access branch (and its JWT parser) from
+    // hosts that never verify assertions.
+    #[inline(always)]
     pub fn begin_with_access<'g>(
         &'g self,
         request: &Request<'_>,
