@@ -18,7 +18,9 @@ python3 conformance/generate.py --check
 say "building the filter (wasm32-wasip1, release)"
 cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
 wasm="target/wasm32-wasip1/release/tokengate_filter.wasm"
-say "filter size: $(stat -c %s "$wasm") bytes ($wasm)"
+size=$(stat -c %s "$wasm")
+say "filter size: $size bytes ($wasm); budget 307200 (300 KiB)"
+[ "$size" -le 307200 ] || echo "warning: the filter is over its 300 KiB budget" >&2
 
 say "unit tests, core conformance, and the built filter under the wasmtime host"
 cargo test --workspace --locked

@@ -9,6 +9,7 @@
 use core::fmt;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -212,21 +213,78 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// The bundle without its signature: serialises to exactly the canonical bytes, borrowing
+/// every field, so a 100,000-token bundle is never cloned or re-serialised into memory.
+#[derive(Serialize)]
+struct Unsigned<'a> {
+    format: &'a str,
+    version: u64,
+    issued_at: u64,
+    environment: &'a str,
+    target: Target,
+    policy: &'a Policy,
+    credentials: &'a CredentialConfig,
+    tokens: &'a [TokenRecord],
+    revoke_all_at: Option<u64>,
+    cloudflare_access: &'a Option<AccessConfig>,
+}
+
+impl<'a> Unsigned<'a> {
+    fn of(bundle: &'a Bundle) -> Self {
+        Self {
+            format: &bundle.format,
+            version: bundle.version,
+            issued_at: bundle.issued_at,
+            environment: &bundle.environment,
+            target: bundle.target,
+            policy: &bundle.policy,
+            credentials: &bundle.credentials,
+            tokens: &bundle.tokens,
+            revoke_all_at: bundle.revoke_all_at,
+            cloudflare_access: &bundle.cloudflare_access,
+        }
+    }
+}
+
+/// Feeds serialised bytes straight into the MAC.
+struct MacWriter<'a>(&'a mut Hmac<Sha256>);
+
+impl std::io::Write for MacWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Bundle {
-    /// The bytes the signature covers.
+    /// The bytes the signature covers: the compact JSON of the model, without `signature`.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let unsigned = Bundle {
-            signature: None,
-            ..self.clone()
-        };
         // Serialising plain structs of strings, numbers and vectors cannot fail.
-        serde_json::to_vec(&unsigned).unwrap_or_default()
+        serde_json::to_vec(&Unsigned::of(self)).unwrap_or_default()
+    }
+
+    fn mac(&self, key: &SigningKey) -> Hmac<Sha256> {
+        let mut mac = key.mac();
+        // Writing into a MAC cannot fail.
+        serde_json::to_writer(MacWriter(&mut mac), &Unsigned::of(self)).ok();
+        mac
     }
 
     /// Signs in place.
     pub fn sign(&mut self, key: &SigningKey) {
-        self.signature = None;
-        self.signature = Some(key.sign_bytes(&self.canonical_bytes()));
+        let tag = self.mac(key).finalize().into_bytes();
+        self.signature = Some(crate::hex::encode(&tag));
+    }
+
+    /// Checks the signature in constant time.
+    pub fn verify(&self, key: &SigningKey) -> bool {
+        let Some(tag) = self.signature.as_deref().and_then(crate::hex::decode::<32>) else {
+            return false;
+        };
+        self.mac(key).verify_slice(&tag).is_ok()
     }
 
     /// Serialises a signed bundle.
@@ -336,15 +394,30 @@ impl fmt::Display for BundleError {
 
 impl std::error::Error for BundleError {}
 
-/// A token record as the gate holds it, parsed and checked.
+/// A set of scopes as the gate holds it; records with the same scopes share one.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Scopes {
+    pub(crate) list: Vec<String>,
+    /// The scopes joined by spaces, as `x-tokengate-scopes` carries them.
+    pub(crate) header: String,
+}
+
+impl Scopes {
+    fn new(list: &[String]) -> Arc<Self> {
+        Arc::new(Self {
+            list: list.to_vec(),
+            header: list.join(" "),
+        })
+    }
+}
+
+/// A token record as the gate holds it, parsed and checked; kept small, since a gate may
+/// hold a million (the token id is derived from the hash when needed).
 #[derive(Debug, Clone)]
 pub struct Record {
     pub(crate) hash: TokenHash,
-    pub(crate) name: String,
-    pub(crate) token_id: String,
-    pub(crate) scopes: Vec<String>,
-    /// The scopes joined by spaces, as `x-tokengate-scopes` carries them.
-    pub(crate) scopes_header: String,
+    pub(crate) name: Box<str>,
+    pub(crate) scopes: Arc<Scopes>,
     pub(crate) created_at: u64,
     pub(crate) not_before: Option<u64>,
     pub(crate) expires_at: Option<u64>,
@@ -413,16 +486,24 @@ impl Gate {
         let mut index = Index::with_capacity_and_hasher(bundle.tokens.len(), Default::default());
         let mut names = HashSet::with_capacity(bundle.tokens.len());
         let mut records = Vec::with_capacity(bundle.tokens.len());
+        // Most tokens share a handful of scope sets: keep one copy of each.
+        let mut scope_sets: HashMap<&[String], Arc<Scopes>> = HashMap::new();
         for token in &bundle.tokens {
             if !names.insert(token.name.as_str()) {
                 return Err(BundleError::DuplicateName(token.name.clone()));
             }
+            let shared = Arc::clone(
+                scope_sets
+                    .entry(token.scopes.as_slice())
+                    .or_insert_with(|| Scopes::new(&token.scopes)),
+            );
             for lookup in token.lookup_records() {
-                let record = check_record(&lookup)?;
+                let mut record = check_record(&lookup)?;
+                record.scopes = Arc::clone(&shared);
                 let position = u32::try_from(records.len())
                     .map_err(|_| BundleError::TooManyTokens(records.len()))?;
                 if index.insert(record.hash.0, position).is_some() {
-                    return Err(BundleError::DuplicateHash(record.token_id));
+                    return Err(BundleError::DuplicateHash(record.hash.token_id()));
                 }
                 records.push(record);
             }
@@ -468,8 +549,7 @@ pub fn parse_verified(json: &[u8], key: &SigningKey) -> Result<Bundle, BundleErr
     }
     let bundle: Bundle =
         serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
-    let signature = bundle.signature.as_deref().ok_or(BundleError::Signature)?;
-    if !key.verify_bytes(&bundle.canonical_bytes(), signature) {
+    if !bundle.verify(key) {
         return Err(BundleError::Signature);
     }
     if bundle.format != FORMAT {
@@ -595,10 +675,8 @@ fn check_record(token: &TokenRecord) -> Result<Record, BundleError> {
     }
     Ok(Record {
         hash,
-        name: token.name.clone(),
-        token_id: token.token_id.clone(),
-        scopes: token.scopes.clone(),
-        scopes_header: token.scopes.join(" "),
+        name: token.name.as_str().into(),
+        scopes: Scopes::new(&token.scopes),
         created_at: token.created_at,
         not_before: token.not_before,
         expires_at: token.expires_at,
@@ -647,6 +725,17 @@ mod tests {
         environment: Some("prod"),
         newer_than: Some(2),
     };
+
+    #[test]
+    fn the_borrowed_unsigned_view_is_the_bundle_without_its_signature() {
+        let mut b = bundle();
+        b.sign(&SigningKey::from_bytes([1; 32]));
+        let unsigned = Bundle {
+            signature: None,
+            ..b.clone()
+        };
+        assert_eq!(b.canonical_bytes(), serde_json::to_vec(&unsigned).unwrap());
+    }
 
     #[test]
     fn signed_bundle_loads_and_any_change_breaks_it() {

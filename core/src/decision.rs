@@ -531,14 +531,14 @@ impl Gate {
             );
         };
         let identified = |mut decision: Decision| {
-            decision.subject = Some(record.name.clone());
-            decision.token_id = Some(record.token_id.clone());
+            decision.subject = Some(record.name.to_string());
+            decision.token_id = Some(record.hash.token_id());
             decision
         };
         if let Some(reason) = self.lifetime_failure(record, now) {
             return identified(base(Outcome::Deny, reason, Some(invalid_token()), remove));
         }
-        if let Some(missing) = policy::missing_scopes(rule, &record.scopes) {
+        if let Some(missing) = policy::missing_scopes(rule, &record.scopes.list) {
             let needed = missing.join(" ");
             let d = denial(
                 403,
@@ -557,9 +557,9 @@ impl Gate {
         }
         let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
         decision.add_headers = vec![
-            (SUBJECT_HEADER, record.name.clone()),
-            (SCOPES_HEADER, record.scopes_header.clone()),
-            (TOKEN_ID_HEADER, record.token_id.clone()),
+            (SUBJECT_HEADER, record.name.to_string()),
+            (SCOPES_HEADER, record.scopes.header.clone()),
+            (TOKEN_ID_HEADER, record.hash.token_id()),
         ];
         decision
     }

@@ -10,7 +10,6 @@
 //! `failure_policy: FAIL_CLOSED` answers 503.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -43,7 +42,8 @@ proxy_wasm::main! {{
 /// Counter ids, one per reason, plus the bundle gauges.
 #[derive(Default, Clone)]
 struct Metrics {
-    by_reason: HashMap<Reason, u32>,
+    /// Counter ids in the order of `Reason::ALL`.
+    by_reason: Vec<Option<u32>>,
     bundle_version: Option<u32>,
     bundle_tokens: Option<u32>,
     bundle_refused: Option<u32>,
@@ -51,16 +51,14 @@ struct Metrics {
 
 impl Metrics {
     fn define() -> Self {
-        let mut by_reason = HashMap::new();
+        let mut by_reason = Vec::with_capacity(Reason::ALL.len());
         for reason in Reason::ALL {
             let outcome = match reason.outcome() {
                 Outcome::Allow => "allowed",
                 Outcome::Deny => "denied",
             };
             let name = format!("tokengate.{outcome}.{}", reason.as_str());
-            if let Ok(id) = proxy_wasm::hostcalls::define_metric(MetricType::Counter, &name) {
-                by_reason.insert(reason, id);
-            }
+            by_reason.push(proxy_wasm::hostcalls::define_metric(MetricType::Counter, &name).ok());
         }
         let gauge = |name| proxy_wasm::hostcalls::define_metric(MetricType::Gauge, name).ok();
         Self {
@@ -76,8 +74,9 @@ impl Metrics {
     }
 
     fn count(&self, reason: Reason) {
-        if let Some(id) = self.by_reason.get(&reason) {
-            proxy_wasm::hostcalls::increment_metric(*id, 1).ok();
+        let position = Reason::ALL.iter().position(|r| *r == reason);
+        if let Some(id) = position.and_then(|p| self.by_reason.get(p).copied().flatten()) {
+            proxy_wasm::hostcalls::increment_metric(id, 1).ok();
         }
     }
 }
@@ -110,7 +109,7 @@ enum Refusal {
 
 impl GateRoot {
     /// Verifies, checks succession against the bundle served, and validates.
-    fn load(config: &[u8], served: Option<&Served>) -> Result<(Gate, Served), Refusal> {
+    fn load(config: Vec<u8>, served: Option<&Served>) -> Result<(Gate, Served), Refusal> {
         let invalid = |e: String| Refusal::Invalid(e);
         let key_hex = std::env::var(KEY_VARIABLE)
             .map_err(|_| invalid(format!("{KEY_VARIABLE} is not set in the VM environment")))?;
@@ -126,7 +125,10 @@ impl GateRoot {
             environment: Some(&environment),
             newer_than: None,
         };
-        let bundle = bundle::parse_verified(config, &key).map_err(|e| invalid(e.to_string()))?;
+        let bundle = bundle::parse_verified(&config, &key).map_err(|e| invalid(e.to_string()))?;
+        // The VM's memory never shrinks: free the text before the gate is built, so a large
+        // bundle's peak is the text or the parsed bundle, not both plus the gate.
+        drop(config);
         bundle::check_expectation(&bundle, &expect).map_err(|e| invalid(e.to_string()))?;
         bundle::check_succession(served, &bundle).map_err(|e| Refusal::Stale(e.to_string()))?;
         let mark = Served::of(&bundle);
@@ -175,7 +177,7 @@ impl RootContext for GateRoot {
                 "an empty configuration cannot replace bundle version {}",
                 s.version
             ))),
-            (_, false) => Self::load(&config, served.as_ref()),
+            (_, false) => Self::load(config, served.as_ref()),
         };
         let refused = |reason: &str| {
             if let Some(id) = metrics.bundle_refused {
