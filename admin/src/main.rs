@@ -342,6 +342,37 @@ fn creation_time(store: &Store, now: u64) -> Result<u64> {
     Ok(store.revoke_all_at()?.map_or(now, |cut| now.max(cut + 1)))
 }
 
+/// The store's record of a new secret; `prefix` is `None` for an imported one.
+#[allow(clippy::too_many_arguments)] // each is one field an operator set
+fn new_token(
+    store: &Store,
+    name: &str,
+    secret: &token::Secret,
+    scopes: &[String],
+    (not_before, expires_at): (Option<u64>, Option<u64>),
+    prefix: Option<&str>,
+    description: &str,
+    now: u64,
+) -> Result<Token> {
+    let hash = secret.hash();
+    Ok(Token {
+        name: name.to_owned(),
+        token_id: hash.token_id(),
+        hash: hash.to_hex(),
+        scopes: scopes.to_vec(),
+        created_at: creation_time(store, now)?,
+        not_before,
+        expires_at,
+        revoked_at: None,
+        imported: prefix.is_none(),
+        prefix: prefix.map(str::to_owned),
+        description: description.to_owned(),
+        previous_token_id: None,
+        previous_hash: None,
+        previous_grace_until: None,
+    })
+}
+
 fn read_secret(from_env: Option<&str>) -> Result<String> {
     if let Some(var) = from_env {
         return std::env::var(var)
@@ -413,23 +444,16 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             let secret = token::generate(prefix, random_32()?)
                 .map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
             let mut store = Store::open(&cli.store)?;
-            let hash = secret.hash();
-            let record = Token {
-                name: name.clone(),
-                token_id: hash.token_id(),
-                hash: hash.to_hex(),
-                scopes: scopes.clone(),
-                created_at: creation_time(&store, now)?,
-                not_before,
-                expires_at,
-                revoked_at: None,
-                imported: false,
-                prefix: Some(prefix.clone()),
-                description: description.clone(),
-                previous_token_id: None,
-                previous_hash: None,
-                previous_grace_until: None,
-            };
+            let record = new_token(
+                &store,
+                name,
+                &secret,
+                scopes,
+                (not_before, expires_at),
+                Some(prefix),
+                description,
+                now,
+            )?;
             let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "expires_at": expires_at});
             store.transaction(
                 &actor(cli.actor.clone(), reason.clone()),
@@ -460,23 +484,16 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             let secret = token::import(&read_secret(from_env.as_deref())?)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut store = Store::open(&cli.store)?;
-            let hash = secret.hash();
-            let record = Token {
-                name: name.clone(),
-                token_id: hash.token_id(),
-                hash: hash.to_hex(),
-                scopes: scopes.clone(),
-                created_at: creation_time(&store, now)?,
-                not_before,
-                expires_at,
-                revoked_at: None,
-                imported: true,
-                prefix: None,
-                description: description.clone(),
-                previous_token_id: None,
-                previous_hash: None,
-                previous_grace_until: None,
-            };
+            let record = new_token(
+                &store,
+                name,
+                &secret,
+                scopes,
+                (not_before, expires_at),
+                None,
+                description,
+                now,
+            )?;
             let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "imported": true});
             store.transaction(
                 &actor(cli.actor.clone(), reason.clone()),

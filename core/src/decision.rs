@@ -251,6 +251,15 @@ fn denial(status: u16, www_authenticate: Option<String>, error: &str, descriptio
     }
 }
 
+fn bad_request(description: &str) -> Denial {
+    denial(
+        400,
+        Some(format!("{REALM}, error=\"invalid_request\"")),
+        "invalid_request",
+        description,
+    )
+}
+
 fn invalid_token() -> Denial {
     denial(
         401,
@@ -383,12 +392,9 @@ impl Gate {
         let path = match policy::normalize_path(raw_path) {
             Ok(path) => path,
             Err(problem) => {
-                let d = denial(
-                    400,
-                    Some(format!("{REALM}, error=\"invalid_request\"")),
-                    "invalid_request",
-                    &format!("the request path cannot be normalised safely: {problem}"),
-                );
+                let d = bad_request(&format!(
+                    "the request path cannot be normalised safely: {problem}"
+                ));
                 return Step::Done(Decision::deny(Reason::BadPath, d, remove));
             }
         };
@@ -437,12 +443,8 @@ impl Gate {
                         .filter(|(n, _)| n.eq_ignore_ascii_case(access::ASSERTION_HEADER));
                     if let Some((_, jwt)) = assertions.next() {
                         if assertions.next().is_some() {
-                            let d = denial(
-                                400,
-                                Some(format!("{REALM}, error=\"invalid_request\"")),
-                                "invalid_request",
-                                "the request carries more than one Access assertion",
-                            );
+                            let d =
+                                bad_request("the request carries more than one Access assertion");
                             return done(Decision::deny(Reason::SeveralCredentials, d, remove));
                         }
                         return match Assertion::parse(jwt.trim_matches([' ', '\t'])) {
@@ -470,12 +472,7 @@ impl Gate {
                 return done(Decision::deny(Reason::NoCredential, d, remove));
             }
             Found::Several => {
-                let d = denial(
-                    400,
-                    Some(format!("{REALM}, error=\"invalid_request\"")),
-                    "invalid_request",
-                    "the request carries more than one credential",
-                );
+                let d = bad_request("the request carries more than one credential");
                 return done(Decision::deny(Reason::SeveralCredentials, d, remove));
             }
             Found::One { value, .. } => value,
