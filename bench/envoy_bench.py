@@ -392,6 +392,8 @@ def main():
     ap.add_argument("--sizes", default="10,10000,100000")
     ap.add_argument("--perf", type=int, default=1, help="1: profile some configs with perf")
     ap.add_argument("--skip-load", action="store_true", help="only the reload and memory tests")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=WASM",
+                    help="also measure this build of the tokengate filter (10 tokens)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     largest = max(sizes)
@@ -420,6 +422,10 @@ def main():
                               bundle=tokens.bundle(n, 1)))
     configs.append(Config("tokengate-10-noguard", "tokengate, 10 tokens, no RBAC guard", up,
                           filters="", start=GUARD_START, bundle=tokens.bundle(10, 1)))
+    for variant in args.variant:  # other builds of the same filter (bench/run.sh makes them)
+        label, path = variant.split("=", 1)
+        configs.append(Config(f"tokengate-10-{label}", f"tokengate, 10 tokens, built {label}", up,
+                              bundle=tokens.bundle(10, 1), wasm_path=path))
     for c in configs:
         c.token = valid
     results = {"configs": [], "rounds": args.rounds, "duration_s": args.duration,

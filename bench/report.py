@@ -131,6 +131,8 @@ def main():
         ("tokengate (10 tokens) ÷ no auth", "tokengate-10", "none"),
         ("tokengate (10 tokens) ÷ native api_key_auth (10 keys)", "tokengate-10", "api_key_auth-10"),
         ("tokengate (10 tokens) with RBAC guard ÷ without", "tokengate-10", "tokengate-10-noguard"),
+        ("tokengate (10 tokens) as shipped ÷ built at opt-level s", "tokengate-10", "tokengate-10-opt-s"),
+        ("tokengate (10 tokens) as shipped ÷ opt-level s + wasm-opt -Oz", "tokengate-10", "tokengate-10-opt-s-wasm-opt"),
         ("diagnostic: minimal + tokengate's host calls ÷ minimal", "floor-abi", "floor-wasm"),
         ("tokengate (10 tokens) ÷ (minimal + tokengate's host calls)", "tokengate-10", "floor-abi"),
         (f"diagnostic: shared-data table ({big:,} tokens, SHA-256 + 1 lookup) ÷ minimal",
@@ -251,7 +253,7 @@ def main():
     w("Loading a 100,000-token bundle (what a reload costs each VM), native, ms:\n")
     w("| step | ms |\n| --- | --- |")
     for label, bench in [("JSON parse (serde)", "json-parse"),
-                         ("canonical bytes + HMAC-SHA256", "canonical-bytes-hmac"),
+                         ("canonical JSON re-serialised to a buffer + HMAC-SHA256 (≈ the signature check, which now streams it into the MAC)", "canonical-bytes-hmac"),
                          ("validate records + build the hash index", "index-build"),
                          ("total: parse_verified + Gate::from_bundle", "total")]:
         s = criterion_summary(crit, "load", bench, 100000)
@@ -267,8 +269,10 @@ def main():
 
     w("## Sizes\n")
     w("| artefact | bytes | KiB |\n| --- | --- | --- |")
-    for key, label in [("filter_wasm", "tokengate filter `.wasm` (release, opt-level s, LTO, stripped)"),
-                       ("floor_wasm", "minimal wasm filter `.wasm` (same profile)"),
+    for key, label in [("filter_wasm", "tokengate filter `.wasm` (the workspace release profile, as shipped)"),
+                       ("variant_opt-s", "tokengate filter built at opt-level s (otherwise the same profile)"),
+                       ("variant_opt-s-wasm-opt", "… the opt-level s build after `wasm-opt -Oz`"),
+                       ("floor_wasm", "minimal wasm filter `.wasm` (the workspace release profile)"),
                        ("worker_gzip", "Worker bundle, gzip (wrangler dry-run)")]:
         if sizes.get(key):
             w(f"| {label} | {sizes[key]:,} | {sizes[key] / 1024:.1f} |")
@@ -277,14 +281,16 @@ def main():
     w("## Worker (workerd via Miniflare)\n")
     if worker and worker.get("configs"):
         w(worker.get("description", "") + "\n")
-        w("| worker, token | requests/s | p99 latency ms | KV reads per request |")
-        w("| --- | --- | --- | --- |")
+        w("| worker, token | requests/s | p99 latency ms | workerd CPU µs/request | KV reads / requests (per request) |")
+        w("| --- | --- | --- | --- | --- |")
         for c in worker["configs"]:
             rps = summary([r["rps"] for r in c["runs"]])
             p99 = summary([r["p99_ms"] for r in c["runs"]])
-            kv = c.get("kv_reads_per_request")
-            w(f"| {c['label']} | {fmt(rps, 0)} | {fmt(p99, 2)} | "
-              f"{'n/a' if kv is None else f'{kv:.2f}'} |")
+            cpu = summary([r.get("cpu_us_per_req") for r in c["runs"]])
+            reads = sum(r["kv_reads"] for r in c["runs"])
+            requests = sum(r["requests"] for r in c["runs"])
+            w(f"| {c['label']} | {fmt(rps, 0)} | {fmt(p99, 2)} | {fmt(cpu, 0)} | "
+              f"{reads:,} / {requests:,} ({reads / max(requests, 1):.4f}) |")
         w("")
     else:
         w("**TODO — not measured in this run.** " + (worker or {}).get(
@@ -332,10 +338,10 @@ def main():
         w(f"| filter .wasm ≤ {TARGET_WASM_KIB:.0f} KiB | {sizes['filter_wasm'] / 1024:.1f} KiB | "
           f"{verdict(sizes['filter_wasm'] / 1024 <= TARGET_WASM_KIB)} |")
     w("")
-    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
+    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
     if os.path.exists(notes):
         w("## Analysis\n")
-        w("See [NOTES.md](NOTES.md): what limits the missed targets, profiles, and what to fix.\n")
+        w("See [README.md](README.md): what limits the missed targets, the profiles, and what to fix.\n")
 
     with open(args.md, "w") as f:
         f.write("\n".join(out))
@@ -356,19 +362,20 @@ def main():
             lo.append(s["median"] - s["min"])
             hi.append(s["max"] - s["median"])
         colours = ["#888888" if c["name"] == "none" else "#4c72b0" if c["name"].startswith("api_key")
-                   else "#55a868" if c["name"].startswith("floor") else "#c44e52"
+                   else "#55a868" if c["name"] == "floor-wasm"
+                   else "#c7c7c7" if c["label"].startswith("diagnostic") else "#c44e52"
                    for c in envoy["configs"]]
         fig, ax = plt.subplots(figsize=(9, 0.55 * len(labels) + 1.5))
         y = list(range(len(labels)))[::-1]
         ax.barh(y, med, xerr=[lo, hi], color=colours, capsize=3)
         ax.set_yticks(y)
         ax.set_yticklabels(labels)
-        for yi, m in zip(y, med):
-            ax.text(m, yi, f" {m:.1f}", va="center", ha="left", fontsize=8)
+        for yi, m, h in zip(y, med, hi):
+            ax.text(m + h, yi, f"  {m:.1f}", va="center", ha="left", fontsize=8)
         ax.set_xlabel("Envoy CPU µs per request (median, min–max over rounds)")
         ax.set_title(f"tokengate bench: Envoy 1.40, --concurrency 1, {envoy['wrk']}\n"
                      f"{machine.get('cpu', '')}, {machine.get('date', '')}", fontsize=9)
-        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.15)
+        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.2)
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)
         print(f"wrote {args.png}")

@@ -4,7 +4,7 @@
 # over rounds, reload time and memory, core decide() with criterion (native and in wasmtime),
 # the Worker if its tooling is there, and writes bench/RESULTS.md + bench/cpu_per_request.png.
 #
-#   bench/run.sh                  the full run (~10 minutes on 2 cores)
+#   bench/run.sh                  the full run (~14 minutes on 2 cores)
 #   BENCH_ROUNDS=1 BENCH_DURATION=2 bench/run.sh     a quick smoke run (figures not meaningful)
 #   BENCH_CONNECTIONS=32 bench/run.sh                more wrk connections (default 8)
 #   BENCH_WAIT_IDLE=600 bench/run.sh                 first wait (up to 600 s) for load average < 0.5
@@ -47,6 +47,22 @@ cargo build -p tokengate-plugin -p tokengate-bench-floor --target wasm32-wasip1 
 FILTER="$ROOT/target/wasm32-wasip1/release/tokengate_filter.wasm"
 FLOOR="$ROOT/target/wasm32-wasip1/release/floor_filter.wasm"
 say "filter: $(stat -c %s "$FILTER") bytes; minimal filter: $(stat -c %s "$FLOOR") bytes"
+# The shipped profile is opt-level z (size); measure what that costs per request against
+# opt-level s, alone and shrunk by binaryen's wasm-opt -Oz (pinned in tests/worker).
+VARIANTS="$OUT/variants"
+mkdir -p "$VARIANTS"
+say "building the filter at opt-level s (target/bench/target-opt-s) for comparison"
+CARGO_PROFILE_RELEASE_OPT_LEVEL=s cargo build -p tokengate-plugin --target wasm32-wasip1 --release \
+  --target-dir "$OUT/target-opt-s"
+cp "$OUT/target-opt-s/wasm32-wasip1/release/tokengate_filter.wasm" "$VARIANTS/opt-s.wasm"
+VARIANT_ARGS=(--variant "opt-s=$VARIANTS/opt-s.wasm")
+WASM_OPT="$ROOT/tests/worker/node_modules/.bin/wasm-opt"
+if [ -x "$WASM_OPT" ]; then
+  "$WASM_OPT" -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+    --enable-mutable-globals "$VARIANTS/opt-s.wasm" -o "$VARIANTS/opt-s-wasm-opt.wasm"
+  VARIANT_ARGS+=(--variant "opt-s-wasm-opt=$VARIANTS/opt-s-wasm-opt.wasm")
+fi
+say "variants: $(cd "$VARIANTS" && stat -c '%n %s bytes' *.wasm | tr '\n' ';')"
 say "building the criterion benches (release)"
 cargo bench -p tokengate-bench --bench decide --no-run
 WORKER_OK=0
@@ -76,7 +92,7 @@ awk -v l="${LOAD_ENVOY%% *}" 'BEGIN { exit !(l > 0.5) }' \
 rm -f "$OUT/envoy.json" "$OUT/worker.json"
 say "Envoy: CPU per request, interleaved ($ROUNDS rounds), then reload and memory"
 python3 "$BENCH_DIR/envoy_bench.py" --out "$OUT/envoy.json" --rounds "$ROUNDS" --duration "$DURATION" \
-  --connections "$CONNECTIONS"
+  --connections "$CONNECTIONS" "${VARIANT_ARGS[@]}"
 
 say "criterion: decide() natively and in wasmtime; bundle load"
 rm -rf "$ROOT/target/criterion"
@@ -109,6 +125,10 @@ env = os.environ.get("ENVOY_BIN", "envoy")
 envoy = subprocess.run([env, "--version"], capture_output=True, text=True).stdout.strip().split("version: ")[-1]
 git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
 sizes = {"filter_wasm": os.path.getsize(filt), "floor_wasm": os.path.getsize(floor)}
+for name in ("opt-s", "opt-s-wasm-opt"):
+    path = os.path.join(os.path.dirname(out), "variants", name + ".wasm")
+    if os.path.exists(path):
+        sizes["variant_" + name] = os.path.getsize(path)
 worker = json.load(open(os.path.join(os.path.dirname(out), "worker.json")))
 if worker.get("gzip_bytes"):
     sizes["worker_gzip"] = worker["gzip_bytes"]
