@@ -260,6 +260,17 @@ fn bad_request(description: &str) -> Denial {
     )
 }
 
+fn insufficient_scope(needed: &str, description: &str) -> Denial {
+    denial(
+        403,
+        Some(format!(
+            "{REALM}, error=\"insufficient_scope\", scope=\"{needed}\""
+        )),
+        "insufficient_scope",
+        description,
+    )
+}
+
 fn invalid_token() -> Denial {
     denial(
         401,
@@ -541,12 +552,8 @@ impl Gate {
         }
         if let Some(missing) = policy::missing_scopes(rule, &record.scopes.list) {
             let needed = missing.join(" ");
-            let d = denial(
-                403,
-                Some(format!(
-                    "{REALM}, error=\"insufficient_scope\", scope=\"{needed}\""
-                )),
-                "insufficient_scope",
+            let d = insufficient_scope(
+                &needed,
                 &format!("the service token lacks a required scope: {needed}"),
             );
             return identified(base(
@@ -593,12 +600,8 @@ impl Gate {
         };
         if let Some(missing) = policy::missing_scopes(rule, &[]) {
             let needed = missing.join(" ");
-            let d = denial(
-                403,
-                Some(format!(
-                    "{REALM}, error=\"insufficient_scope\", scope=\"{needed}\""
-                )),
-                "insufficient_scope",
+            let d = insufficient_scope(
+                &needed,
                 &format!("an Access identity holds no scopes; this route needs: {needed}"),
             );
             let mut decision = base(Outcome::Deny, Reason::InsufficientScope, Some(d));
