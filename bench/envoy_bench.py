@@ -388,10 +388,12 @@ def main():
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load per config")
-    ap.add_argument("--reload-pushes", type=int, default=3)
+    ap.add_argument("--reload-pushes", type=int, default=3, help="0: no reload test")
     ap.add_argument("--sizes", default="10,10000,100000")
     ap.add_argument("--perf", type=int, default=1, help="1: profile some configs with perf")
     ap.add_argument("--skip-load", action="store_true", help="only the reload and memory tests")
+    ap.add_argument("--only", default="", metavar="NAME,…",
+                    help="measure only these configurations (e.g. floor-wasm,tokengate-10)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=WASM",
                     help="also measure this build of the tokengate filter (10 tokens)")
     args = ap.parse_args()
@@ -430,6 +432,8 @@ def main():
         c.token = valid
     results = {"configs": [], "rounds": args.rounds, "duration_s": args.duration,
                "connections": args.connections, "wrk": f"wrk -t1 -c{args.connections} -d{args.duration}s --latency"}
+    if args.only:
+        configs = [c for c in configs if c.name in args.only.split(",")]
     if args.skip_load:
         configs = []
     try:
@@ -471,22 +475,23 @@ def main():
     finally:
         for c in configs:
             c.gw.close()
-    say("reload and memory")
     try:
-        results["reload"] = reload_test(
-            "reload", up, largest, args.reload_pushes,
-            make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1))
-        # The floor of any design that ships tokens in the plugin configuration: a
-        # configuration as large as the bundle, which the filter copies in and ignores.
-        big = tokens.bundle(largest, 1)
-        results["reload_null"] = reload_test(
-            "reload-null", up, largest, args.reload_pushes,
-            make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
-            wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
-        results["reload_shared"] = reload_test(
-            "reload-shared", up, largest, args.reload_pushes,
-            make=lambda v, extra: tokens.shared_table(largest, v, extra),
-            first=tokens.shared_table(10, 1), wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+        if args.reload_pushes > 0:
+            say("reload and memory")
+            results["reload"] = reload_test(
+                "reload", up, largest, args.reload_pushes,
+                make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1))
+            # The floor of any design that ships tokens in the plugin configuration: a
+            # configuration as large as the bundle, which the filter copies in and ignores.
+            big = tokens.bundle(largest, 1)
+            results["reload_null"] = reload_test(
+                "reload-null", up, largest, args.reload_pushes,
+                make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
+                wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+            results["reload_shared"] = reload_test(
+                "reload-shared", up, largest, args.reload_pushes,
+                make=lambda v, extra: tokens.shared_table(largest, v, extra),
+                first=tokens.shared_table(10, 1), wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
     finally:
         upstream.close()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

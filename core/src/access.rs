@@ -71,7 +71,7 @@ impl Settings {
         let (scheme, rest) = url.split_once("://").ok_or_else(bad_url)?;
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
         let host = crate::policy::host_of(authority);
-        let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]");
+        let loopback = matches!(&*host, "127.0.0.1" | "localhost" | "[::1]");
         let scheme_ok = scheme == "https" || (scheme == "http" && loopback);
         let authority_ok = !authority.is_empty()
             && authority

@@ -542,14 +542,47 @@ impl Gate {
     }
 }
 
+/// The tail `Bundle::to_json` ends with: the signature, the last member.
+const SIGNATURE_HEAD: &[u8] = b",\"signature\":\"";
+
+/// Whether `json` is exactly what `Bundle::to_json` writes (the canonical bytes, then the
+/// signature) and that signature covers it: the MAC runs over the bytes received instead of
+/// a re-serialisation, which is most of the cost of loading a large bundle. Sound on its own:
+/// a valid tag means a key holder signed exactly these bytes, and they are what is parsed.
+/// Anything else (reformatted JSON, another member order) takes the canonical path.
+fn verify_as_sent(json: &[u8], key: &SigningKey) -> bool {
+    const TAIL: usize = SIGNATURE_HEAD.len() + 64 + 2;
+    let Some(split) = json.len().checked_sub(TAIL) else {
+        return false;
+    };
+    let (canonical, tail) = json.split_at(split);
+    let Some(hex) = tail
+        .strip_prefix(SIGNATURE_HEAD)
+        .and_then(|rest| rest.strip_suffix(b"\"}"))
+    else {
+        return false;
+    };
+    let Some(tag) = std::str::from_utf8(hex)
+        .ok()
+        .and_then(crate::hex::decode::<32>)
+    else {
+        return false;
+    };
+    let mut mac = key.mac();
+    mac.update(canonical);
+    mac.update(b"}");
+    mac.verify_slice(&tag).is_ok()
+}
+
 /// Parses and verifies the signature and format; no other check.
 pub fn parse_verified(json: &[u8], key: &SigningKey) -> Result<Bundle, BundleError> {
     if json.len() > MAX_BUNDLE_BYTES {
         return Err(BundleError::TooLarge(json.len()));
     }
+    let signed_as_sent = verify_as_sent(json, key);
     let bundle: Bundle =
         serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
-    if !bundle.verify(key) {
+    if !signed_as_sent && !bundle.verify(key) {
         return Err(BundleError::Signature);
     }
     if bundle.format != FORMAT {
@@ -754,6 +787,41 @@ mod tests {
             Gate::load(json.as_bytes(), &other_key, &EXPECT).err(),
             Some(BundleError::Signature)
         );
+    }
+
+    #[test]
+    fn the_signature_is_checked_on_the_bytes_sent_or_else_on_the_canonical_form() {
+        let key = SigningKey::from_bytes([9; 32]);
+        let mut b = bundle();
+        b.sign(&key);
+        let json = b.to_json();
+        assert!(
+            verify_as_sent(json.as_bytes(), &key),
+            "to_json is canonical + signature"
+        );
+        // Reformatted by a tool on the way: not the bytes signed, but the same bundle.
+        let pretty = serde_json::to_string_pretty(&b).unwrap();
+        assert!(!verify_as_sent(pretty.as_bytes(), &key));
+        assert_eq!(parse_verified(pretty.as_bytes(), &key).unwrap(), b);
+        // The signature moved to the front: the canonical path still accepts it.
+        let tag = b.signature.clone().unwrap();
+        let moved = json
+            .replace(&format!(",\"signature\":\"{tag}\""), "")
+            .replacen('{', &format!("{{\"signature\":\"{tag}\","), 1);
+        assert_eq!(parse_verified(moved.as_bytes(), &key).unwrap(), b);
+        // Any change to the signed bytes fails both ways, in either layout.
+        for text in [&json, &pretty, &moved] {
+            let tampered = text.replace("\"version\":3", "\"version\":4");
+            let tampered = tampered.replace("\"version\": 3", "\"version\": 4");
+            assert_ne!(&tampered, text);
+            assert!(!verify_as_sent(tampered.as_bytes(), &key));
+            assert_eq!(
+                parse_verified(tampered.as_bytes(), &key).err(),
+                Some(BundleError::Signature)
+            );
+        }
+        let other = SigningKey::from_bytes([8; 32]);
+        assert!(!verify_as_sent(json.as_bytes(), &other));
     }
 
     #[test]

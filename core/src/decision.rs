@@ -219,6 +219,20 @@ impl Decision {
         }
     }
 
+    /// `reason=<reason> subject=<name> token_id=<id> rule=<rule>`, `-` for what is absent:
+    /// what a host logs about a request (never the credential). Token and rule names are
+    /// `[a-z0-9._-]`, so fields need no quoting and `reason=` always comes first.
+    pub fn log_fields(&self) -> String {
+        let or_dash = |value: &Option<String>| value.as_deref().unwrap_or("-").to_owned();
+        format!(
+            "reason={} subject={} token_id={} rule={}",
+            self.reason,
+            or_dash(&self.subject),
+            or_dash(&self.token_id),
+            or_dash(&self.rule)
+        )
+    }
+
     /// The status the client sees: the denial's, or 200 when forwarded.
     pub fn status(&self) -> u16 {
         self.denial.as_ref().map_or(200, |d| d.status)
@@ -565,9 +579,12 @@ impl Gate {
         }
         let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
         decision.add_headers = vec![
-            (SUBJECT_HEADER, record.name.to_string()),
+            (SUBJECT_HEADER, decision.subject.clone().unwrap_or_default()),
             (SCOPES_HEADER, record.scopes.header.clone()),
-            (TOKEN_ID_HEADER, record.hash.token_id()),
+            (
+                TOKEN_ID_HEADER,
+                decision.token_id.clone().unwrap_or_default(),
+            ),
         ];
         decision
     }
@@ -639,6 +656,9 @@ impl Gate {
 
     /// The path to forward: the normalised one, with query credentials removed.
     fn forwarded_path(&self, raw: &str, normalised: &str, query: Option<&str>) -> Option<String> {
+        if query.is_none() && normalised == raw {
+            return None;
+        }
         let query = query.map(|q| credentials::strip_query_credentials(q, &self.sources));
         let mut forwarded = normalised.to_owned();
         if let Some(query) = query.filter(|q| !q.is_empty()) {

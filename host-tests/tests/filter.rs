@@ -58,7 +58,20 @@ fn headers(case: &Case) -> Vec<(String, Vec<u8>)> {
 
 fn observe(exchange: &Exchange) -> Observed {
     let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-    let reason = exchange.properties.get("tokengate.reason").cloned();
+    // The one property the access log and the RBAC guard read: `reason=… subject=… …`.
+    let logged = exchange
+        .properties
+        .get("tokengate")
+        .cloned()
+        .unwrap_or_default();
+    let field = |name: &str| {
+        logged
+            .split(' ')
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    assert!(logged.starts_with("reason="), "property: {logged:?}");
+    let reason = field("reason");
     match &exchange.local_response {
         Some(response) => {
             assert_eq!(
@@ -83,6 +96,25 @@ fn observe(exchange: &Exchange) -> Observed {
                 .filter(|(n, _)| !n.starts_with(':'))
                 .map(|(n, v)| (n.clone(), text(v)))
                 .collect();
+            // The access log names whom the upstream was told about, and only them.
+            let told = |header: &str| {
+                let values: Vec<&String> = upstream
+                    .iter()
+                    .filter(|(n, _)| n == header)
+                    .map(|(_, v)| v)
+                    .collect();
+                values.first().map_or("-".to_owned(), |v| (*v).clone())
+            };
+            assert_eq!(
+                field("subject"),
+                Some(told("x-tokengate-subject")),
+                "{logged}"
+            );
+            assert_eq!(
+                field("token_id"),
+                Some(told("x-tokengate-token-id")),
+                "{logged}"
+            );
             let path = exchange
                 .forwarded
                 .iter()

@@ -30,6 +30,9 @@ pub const ENVIRONMENT_VARIABLE: &str = "TOKENGATE_ENVIRONMENT";
 /// would, and Envoy rejects the update as a whole instead of dropping the filter.
 const SERVED_KEY: &str = "tokengate.served";
 
+/// The property (Envoy filter state `wasm.tokengate`) holding [`Decision::log_fields`].
+pub const PROPERTY: &str = "tokengate";
+
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     std::panic::set_hook(Box::new(|info| {
@@ -259,10 +262,15 @@ impl GateStream {
             return decision::unavailable(Reason::NoBundle);
         };
         // Header values may hold any byte; a lossy conversion can only make a token invalid.
+        // Valid UTF-8 (every well-formed request) keeps its buffer: no copy per header.
         let headers: Vec<(String, String)> = self
             .get_http_request_headers_bytes()
             .into_iter()
-            .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+            .map(|(name, value)| {
+                let value = String::from_utf8(value)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                (name, value)
+            })
             .collect();
         let pseudo = |name: &str| {
             headers
@@ -283,20 +291,11 @@ impl GateStream {
         gate.decide(&request, now)
     }
 
-    /// Puts the identity and reason where Envoy's access log can read them
-    /// (`%FILTER_STATE(wasm.tokengate.subject:PLAIN)%`).
+    /// Puts the reason and identity where Envoy's access log and the RBAC guard read them:
+    /// one property (one host call), `%FILTER_STATE(wasm.tokengate:PLAIN)%` =
+    /// `reason=valid subject=ci-deploy token_id=tid_… rule=orders-read`.
     fn record_for_access_log(&self, decision: &Decision) {
-        let fields = [
-            ("tokengate.reason", Some(decision.reason.as_str())),
-            ("tokengate.subject", decision.subject.as_deref()),
-            ("tokengate.token_id", decision.token_id.as_deref()),
-            ("tokengate.rule", decision.rule.as_deref()),
-        ];
-        for (name, value) in fields {
-            if let Some(value) = value {
-                self.set_property(vec![name], Some(value.as_bytes()));
-            }
-        }
+        self.set_property(vec![PROPERTY], Some(decision.log_fields().as_bytes()));
     }
 }
 

@@ -8,7 +8,7 @@
 //!   Lines after the first are ignored: padded to a bundle's size, this is the reload floor
 //!   (what Envoy itself costs to deliver a configuration that large to every VM).
 //! - `abi <token>` — diagnostic: the floor plus the host calls tokengate's filter makes per
-//!   request (all headers copied in and converted to `String`, the clock, one counter, four
+//!   request (all headers copied in as `String`, the clock, one counter, one
 //!   `set_property`, the credential removed and three identity headers set), but no
 //!   decision. Separates the proxy-wasm ABI cost from the core's.
 //! - `shared <version>` then lines `<sha256 hex> <record>` — diagnostic: the token table the
@@ -109,7 +109,7 @@ impl FloorStream {
         let headers: Vec<(String, String)> = self
             .get_http_request_headers_bytes()
             .into_iter()
-            .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+            .map(|(name, value)| (name, String::from_utf8(value).unwrap_or_default()))
             .collect();
         let now = self
             .get_current_time()
@@ -117,14 +117,9 @@ impl FloorStream {
             .map_or(0, |d| d.as_secs());
         std::hint::black_box((&headers, now));
         proxy_wasm::hostcalls::increment_metric(counter, 1).ok();
-        for (name, value) in [
-            ("tokengate.reason", "valid"),
-            ("tokengate.subject", "svc-0000007"),
-            ("tokengate.token_id", "tid_0123456789abcdef"),
-            ("tokengate.rule", "orders-read"),
-        ] {
-            self.set_property(vec![name], Some(value.as_bytes()));
-        }
+        let logged =
+            "reason=valid subject=svc-0000007 token_id=tid_0123456789abcdef rule=orders-read";
+        self.set_property(vec!["tokengate"], Some(logged.as_bytes()));
         self.set_http_request_header("authorization", None);
         for (name, value) in [
             ("x-tokengate-subject", "svc-0000007"),
