@@ -239,6 +239,20 @@ def main():
         w(f"In wasmtime, tokengate (valid, 10 tokens) ÷ minimal filter = "
           f"{tg['median'] / floor_valid['median']:.2f}; the core's own decision natively is "
           f"{nat['median']:.0f} ns of the {tg['median']:.0f} ns.\n")
+    fuel = load_json(os.path.join(args.dir, "fuel.json"))
+    if fuel:
+        w("Wasm instructions per request (wasmtime fuel, about one unit per instruction: "
+          "deterministic, no timing noise), the same request as above:\n")
+        w("| filter, token | 10 tokens | 100,000 tokens |\n| --- | --- | --- |")
+        for case in ("valid", "unknown", "checksum"):
+            w(f"| tokengate, {case} | {fuel.get(f'tokengate-{case}-10', '–'):,} | "
+              f"{fuel.get(f'tokengate-{case}-100000', '–'):,} |")
+        w(f"| minimal wasm filter, valid | {fuel.get('floor-valid', '–'):,} | |")
+        w(f"| diagnostic: minimal + tokengate's host calls, valid | {fuel.get('floor-abi-valid', '–'):,} | |")
+        if fuel.get("floor-valid") and fuel.get("tokengate-valid-10"):
+            w(f"\ntokengate (valid, 10 tokens) ÷ minimal filter = "
+              f"{fuel['tokengate-valid-10'] / fuel['floor-valid']:.1f}× the instructions; "
+              f"÷ minimal + host calls = {fuel['tokengate-valid-10'] / fuel['floor-abi-valid']:.1f}×.\n")
     w("Where a valid decision's time goes (native, 100,000 tokens; each step timed on its own, ns):\n")
     w("| step | ns |\n| --- | --- |")
     for label, bench in [("the whole `decide`", "decide"),

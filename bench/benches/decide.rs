@@ -133,10 +133,45 @@ fn tokengate_vm(host: &Host, config: &str) -> Vm {
     vm
 }
 
+/// Wasm instructions per request (wasmtime fuel): deterministic, so the ratios between the
+/// filters hold on any machine. Written to target/bench/fuel.json for bench/report.py.
+fn record_fuel(host: &Host, floor: &Host, now_nanos: u64) {
+    let mut fuel = serde_json::Map::new();
+    for n in SIZES {
+        let mut vm = tokengate_vm(host, &bundle_json(n, 1));
+        for (case, credential) in cases() {
+            let spent = vm
+                .request(wasm_headers(&credential), now_nanos)
+                .unwrap()
+                .fuel;
+            fuel.insert(format!("tokengate-{case}-{n}"), spent.into());
+        }
+    }
+    let valid = token(7);
+    for (mode, config) in [
+        ("floor", valid.clone()),
+        ("floor-abi", format!("abi {valid}")),
+    ] {
+        let mut vm = floor.start(&[]).unwrap();
+        assert!(vm.configure(config.as_bytes()).unwrap());
+        let exchange = vm.request(wasm_headers(&valid), now_nanos).unwrap();
+        assert!(
+            exchange.local_response.is_none(),
+            "{mode}: the valid token passes"
+        );
+        fuel.insert(format!("{mode}-valid"), exchange.fuel.into());
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = serde_json::to_string_pretty(&fuel).unwrap();
+    std::fs::write(dir.join("fuel.json"), text).unwrap();
+}
+
 fn wasmtime(c: &mut Criterion) {
     let host = Host::load(&filter_path()).unwrap();
     let floor = Host::load(&floor_path()).unwrap();
     let now_nanos = NOW * 1_000_000_000;
+    record_fuel(&host, &floor, now_nanos);
     let mut group = c.benchmark_group("wasmtime");
     for n in SIZES {
         let json = bundle_json(n, 1);

@@ -116,6 +116,13 @@ impl TokenHash {
     pub fn token_id(&self) -> String {
         format!("tid_{}", crate::hex::encode(&self.0[..8]))
     }
+
+    /// Whether `text` is [`TokenHash::token_id`] of this hash (checked without building it).
+    pub fn is_token_id(&self, text: &str) -> bool {
+        text.strip_prefix("tid_")
+            .and_then(crate::hex::decode::<8>)
+            .is_some_and(|id| id[..] == self.0[..8])
+    }
 }
 
 impl fmt::Debug for TokenHash {
@@ -359,5 +366,15 @@ mod tests {
     fn token_id_is_short_and_derived_from_the_hash() {
         let hash = TokenHash::of(b"x");
         assert_eq!(hash.token_id(), format!("tid_{}", &hash.to_hex()[..16]));
+        assert!(hash.is_token_id(&hash.token_id()));
+        let other = TokenHash::of(b"another");
+        for wrong in [
+            other.token_id(),
+            hash.token_id().to_uppercase(),
+            hash.to_hex(),
+        ] {
+            assert!(!hash.is_token_id(&wrong), "{wrong}");
+        }
+        assert!(!hash.is_token_id(&hash.token_id().replace("tid_", "tid-")));
     }
 }

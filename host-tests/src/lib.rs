@@ -93,6 +93,10 @@ pub struct Exchange {
     pub forwarded: Vec<(String, Vec<u8>)>,
     /// Properties the filter set during the request, by dotted path.
     pub properties: HashMap<String, String>,
+    /// Fuel the guest burnt on the request (context create through delete): wasmtime counts
+    /// about one unit per wasm instruction, so this is a deterministic cost, free of timing
+    /// noise, that two filters can be compared by.
+    pub fuel: u64,
 }
 
 /// A compiled filter, ready to start VMs.
@@ -107,6 +111,11 @@ impl Host {
     pub fn load(path: &Path) -> Result<Self> {
         let mut config = Config::new();
         config.consume_fuel(true);
+        // For profiling: `perf record` then names the guest's functions (build the filter
+        // with CARGO_PROFILE_RELEASE_STRIP=false to keep them).
+        if std::env::var_os("TOKENGATE_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let module = Module::from_file(&engine, path).map_err(|e| {
             e.context(format!(
@@ -240,6 +249,7 @@ impl Vm {
                     (path, String::from_utf8_lossy(v).into_owned())
                 })
                 .collect(),
+            fuel: 0,
         };
         self.func::<u32, u32>("proxy_on_done")?
             .call(&mut self.store, context)?;
@@ -247,7 +257,10 @@ impl Vm {
             .call(&mut self.store, context)?;
         self.func::<u32, ()>("proxy_on_delete")?
             .call(&mut self.store, context)?;
-        Ok(exchange)
+        Ok(Exchange {
+            fuel: FUEL_PER_CALL - self.store.get_fuel()?,
+            ..exchange
+        })
     }
 
     /// The value of a metric by name.
