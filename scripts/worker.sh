@@ -87,7 +87,20 @@ bundle_worker() {
 
 test_worker() {
   say "end-to-end tests in workerd (Miniflare): tests/worker/run.mjs"
+  local before leaked
+  before="$(pgrep -x workerd | sort || true)"
   TOKENGATE_WORKER_DIST="$DIST" node "$NODE_DIR/run.mjs"
+  # Every workerd a test starts must be gone when the tests end (allowing 2 s to exit).
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    leaked="$(comm -13 <(echo "$before") <(pgrep -x workerd | sort || true) | grep . || true)"
+    [ -z "$leaked" ] && break
+    sleep 0.2
+  done
+  if [ -n "$leaked" ]; then
+    echo "the tests left workerd running (pids: $(echo $leaked)); stopping them" >&2
+    kill $leaked 2>/dev/null || true
+    exit 1
+  fi
 }
 
 case "${1:-all}" in

@@ -44,9 +44,10 @@ export default function (suite, { origin }) {
     worker = await startWorker({ origin, key, environment: ENV, vars: { TOKENGATE_PUSH_BATCH: "4" } });
     op = operator(key);
   });
-  suite.after(() => {
-    worker?.dispose();
+  suite.after(async () => {
     if (op) fs.rmSync(op.dir, { recursive: true, force: true });
+    // Awaited: the runner exits right after, which would orphan workerd mid-dispose.
+    await worker?.dispose();
   });
   const url = () => `http://127.0.0.1:${worker.port}`;
   const push = () => op.ok("push", "worker", "--url", url());
