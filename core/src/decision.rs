@@ -223,13 +223,12 @@ impl Decision {
     /// what a host logs about a request (never the credential). Token and rule names are
     /// `[a-z0-9._-]`, so fields need no quoting and `reason=` always comes first.
     pub fn log_fields(&self) -> String {
-        let or_dash = |value: &Option<String>| value.as_deref().unwrap_or("-").to_owned();
         format!(
             "reason={} subject={} token_id={} rule={}",
             self.reason,
-            or_dash(&self.subject),
-            or_dash(&self.token_id),
-            or_dash(&self.rule)
+            self.subject.as_deref().unwrap_or("-"),
+            self.token_id.as_deref().unwrap_or("-"),
+            self.rule.as_deref().unwrap_or("-")
         )
     }
 
