@@ -50,18 +50,23 @@ fn gate(json: &str) -> Gate {
     Gate::load(json.as_bytes(), &key, &expect).unwrap()
 }
 
+/// The benchmarked request: `GET /api/orders/1` on `api.internal` with these headers.
+fn orders_request(headers: &[(String, String)]) -> Request<'_> {
+    Request {
+        method: "GET",
+        path: "/api/orders/1",
+        authority: "api.internal",
+        headers,
+    }
+}
+
 fn native(c: &mut Criterion) {
     let mut group = c.benchmark_group("native");
     for n in SIZES {
         let gate = gate(&bundle_json(n, 1));
         for (case, credential) in cases() {
             let headers = envoy_headers(&credential);
-            let request = Request {
-                method: "GET",
-                path: "/api/orders/1",
-                authority: "api.internal",
-                headers: &headers,
-            };
+            let request = orders_request(&headers);
             // Sanity: the case is what its name says.
             let reason = gate.decide(&request, NOW).reason.as_str();
             assert_eq!(reason, case, "{case} with {n} tokens");
@@ -79,12 +84,7 @@ fn parts(c: &mut Criterion) {
     let gate = gate(&bundle_json(n, 1));
     let valid = token(7);
     let headers = envoy_headers(&valid);
-    let request = Request {
-        method: "GET",
-        path: "/api/orders/1",
-        authority: "api.internal",
-        headers: &headers,
-    };
+    let request = orders_request(&headers);
     let hash = TokenHash::of(valid.as_bytes());
     let mut group = c.benchmark_group("parts");
     group.bench_function(BenchmarkId::new("decide", n), |b| {

@@ -98,12 +98,10 @@ fn observe(exchange: &Exchange) -> Observed {
                 .collect();
             // The access log names whom the upstream was told about, and only them.
             let told = |header: &str| {
-                let values: Vec<&String> = upstream
+                upstream
                     .iter()
-                    .filter(|(n, _)| n == header)
-                    .map(|(_, v)| v)
-                    .collect();
-                values.first().map_or("-".to_owned(), |v| (*v).clone())
+                    .find(|(n, _)| n == header)
+                    .map_or("-".to_owned(), |(_, v)| v.clone())
             };
             assert_eq!(
                 field("subject"),
