@@ -266,7 +266,8 @@ def main():
     w("")
     w("Loading a 100,000-token bundle (what a reload costs each VM), native, ms:\n")
     w("| step | ms |\n| --- | --- |")
-    for label, bench in [("JSON parse (serde)", "json-parse"),
+    for label, bench in [("JSON parse (`tokengate_core::json`, what every target runs)", "json-parse"),
+                         ("… the same with serde's derive (what it replaced), for comparison", "json-parse-serde"),
                          ("signature check: HMAC-SHA256 over the bytes received (a bundle as the CLI writes it)", "hmac-as-sent"),
                          ("… its fallback for any other layout: canonical JSON re-serialised + HMAC", "canonical-bytes-hmac"),
                          ("validate records + build the hash index", "index-build"),

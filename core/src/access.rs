@@ -15,9 +15,8 @@
 
 use core::fmt;
 
-use serde_json::Value;
-
 use crate::bundle::AccessConfig;
+use crate::json::{self, Fields, Reader};
 
 /// The header Cloudflare Access puts on requests it let through (compared case-insensitively).
 pub const ASSERTION_HEADER: &str = "cf-access-jwt-assertion";
@@ -179,7 +178,89 @@ pub struct Assertion {
     kid: String,
     signed: Vec<u8>,
     signature: Vec<u8>,
-    claims: serde_json::Map<String, Value>,
+    claims: Claims,
+}
+
+/// The claims the checks read; every other claim is skipped. A claim of the wrong type
+/// reads as absent (`nbf` as present but unusable), and a repeated one makes the
+/// assertion malformed: a JWT whose claims could be read two ways is refused.
+#[derive(Clone, Default)]
+struct Claims {
+    iss: Option<String>,
+    /// `aud` as a string, or the strings of an `aud` array.
+    aud: Vec<String>,
+    exp: Option<u64>,
+    /// `Some(None)`: present, but not a usable NumericDate.
+    nbf: Option<Option<u64>>,
+    email: Option<String>,
+    common_name: Option<String>,
+}
+
+impl Claims {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["iss", "aud", "exp", "nbf", "email", "common_name"]);
+        let mut claims = Self::default();
+        r.object(|r, key| {
+            match fields.known(r, key)? {
+                Some(0) => claims.iss = string_or_skip(r)?,
+                Some(1) => match r.next_byte() {
+                    Some(b'[') => r.array(|r| {
+                        claims.aud.extend(string_or_skip(r)?);
+                        Ok(())
+                    })?,
+                    _ => claims.aud.extend(string_or_skip(r)?),
+                },
+                Some(2) => claims.exp = seconds_or_skip(r)?,
+                Some(3) => claims.nbf = Some(seconds_or_skip(r)?),
+                Some(4) => claims.email = string_or_skip(r)?,
+                Some(_) => claims.common_name = string_or_skip(r)?,
+                None => r.skip()?,
+            }
+            Ok(())
+        })?;
+        Ok(claims)
+    }
+}
+
+/// The JOSE header members the gate reads: `alg` and `kid` (strings, else absent).
+#[derive(Default)]
+struct Header {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+impl Header {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["alg", "kid"]);
+        let mut header = Self::default();
+        r.object(|r, key| {
+            match fields.known(r, key)? {
+                Some(0) => header.alg = string_or_skip(r)?,
+                Some(_) => header.kid = string_or_skip(r)?,
+                None => r.skip()?,
+            }
+            Ok(())
+        })?;
+        Ok(header)
+    }
+}
+
+fn string_or_skip(r: &mut Reader<'_>) -> json::Result<Option<String>> {
+    if r.next_byte() == Some(b'"') {
+        r.string().map(Some)
+    } else {
+        r.skip().map(|()| None)
+    }
+}
+
+/// A NumericDate: whole seconds (a fractional part is dropped; negatives, exponents and
+/// non-numbers are unusable).
+fn seconds_or_skip(r: &mut Reader<'_>) -> json::Result<Option<u64>> {
+    if matches!(r.next_byte(), Some(b'-' | b'0'..=b'9')) {
+        r.seconds()
+    } else {
+        r.skip().map(|()| None)
+    }
 }
 
 impl fmt::Debug for Assertion {
@@ -203,20 +284,18 @@ impl Assertion {
         else {
             return Err(AccessError::Malformed);
         };
-        let header = json_object(header)?;
-        let claims = json_object(payload)?;
+        let header = json_part(header, Header::read)?;
+        let claims = json_part(payload, Claims::read)?;
         let signature = base64url_decode(signature).ok_or(AccessError::Malformed)?;
-        match header.get("alg").and_then(Value::as_str) {
+        match header.alg.as_deref() {
             Some(ALGORITHM) => {}
             Some(other) => return Err(AccessError::Algorithm(other.to_owned())),
             None => return Err(AccessError::Algorithm(String::new())),
         }
         let kid = header
-            .get("kid")
-            .and_then(Value::as_str)
+            .kid
             .filter(|kid| !kid.is_empty())
-            .ok_or(AccessError::NoKeyId)?
-            .to_owned();
+            .ok_or(AccessError::NoKeyId)?;
         if signature.is_empty() {
             return Err(AccessError::Malformed);
         }
@@ -258,49 +337,45 @@ impl Assertion {
             KeyCheck::BadSignature => return Err(AccessError::Signature),
             KeyCheck::Verified => {}
         }
-        let claim = |name: &str| self.claims.get(name);
-        if claim("iss").and_then(Value::as_str) != Some(settings.issuer()) {
+        let claims = &self.claims;
+        if claims.iss.as_deref() != Some(settings.issuer()) {
             return Err(AccessError::Issuer);
         }
-        let audience_ok = match claim("aud") {
-            Some(Value::String(aud)) => settings.audiences.contains(aud),
-            Some(Value::Array(auds)) => auds
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|aud| settings.audiences.iter().any(|a| a == aud)),
-            _ => false,
-        };
-        if !audience_ok {
+        if !claims
+            .aud
+            .iter()
+            .any(|aud| settings.audiences.contains(aud))
+        {
             return Err(AccessError::Audience);
         }
         // Same boundaries as token lifetimes: invalid at exp, valid from nbf on.
-        match claim("exp").and_then(seconds) {
+        match claims.exp {
             Some(exp) if now < exp => {}
             _ => return Err(AccessError::Expired),
         }
-        if let Some(nbf) = claim("nbf") {
-            match seconds(nbf) {
+        if let Some(nbf) = claims.nbf {
+            match nbf {
                 Some(nbf) if now >= nbf => {}
                 _ => return Err(AccessError::NotYetValid),
             }
         }
-        let usable = |name: &str| {
-            claim(name)
-                .and_then(Value::as_str)
+        let usable = |claim: &Option<String>| {
+            claim
+                .as_ref()
                 .filter(|s| {
                     !s.is_empty()
                         && s.len() <= MAX_SUBJECT_LEN
                         && s.bytes().all(|b| b.is_ascii_graphic())
                 })
-                .map(str::to_owned)
+                .cloned()
         };
-        if let Some(email) = usable("email") {
+        if let Some(email) = usable(&claims.email) {
             return Ok(Identity {
                 subject: email,
                 kind: "email",
             });
         }
-        if let Some(name) = usable("common_name") {
+        if let Some(name) = usable(&claims.common_name) {
             return Ok(Identity {
                 subject: name,
                 kind: "service_token",
@@ -310,22 +385,13 @@ impl Assertion {
     }
 }
 
-/// A NumericDate: whole seconds (a fractional part is dropped; negatives are invalid).
-fn seconds(value: &Value) -> Option<u64> {
-    value.as_u64().or_else(|| {
-        value
-            .as_f64()
-            .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e15)
-            .map(|f| f as u64)
-    })
-}
-
-fn json_object(part: &str) -> Result<serde_json::Map<String, Value>, AccessError> {
+/// One base64url part of the JWT, read as a JSON object by `read`.
+fn json_part<T>(
+    part: &str,
+    read: impl FnOnce(&mut Reader<'_>) -> json::Result<T>,
+) -> Result<T, AccessError> {
     let bytes = base64url_decode(part).ok_or(AccessError::Malformed)?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(AccessError::Malformed),
-    }
+    Reader::read_all(&bytes, read).map_err(|_| AccessError::Malformed)
 }
 
 /// Decodes unpadded base64url (RFC 7515 §2); padding, other alphabets and stray bits are
@@ -368,6 +434,7 @@ pub fn base64url_decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn b64(bytes: &[u8]) -> String {
         const ALPHABET: &[u8; 64] =

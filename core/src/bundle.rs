@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::credentials::{self, Source, SourceError};
+use crate::json::{self, required, Fields, Reader};
 use crate::policy::{self, Policy, PolicyError};
 use crate::token::TokenHash;
 
@@ -137,6 +138,184 @@ pub struct PreviousToken {
     pub hash: String,
     /// The old token is valid until this instant (exclusive).
     pub grace_until: u64,
+}
+
+impl Target {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        match &*r.str()? {
+            "envoy" => Ok(Self::Envoy),
+            "worker" => Ok(Self::Worker),
+            other => Err(r.error(format!(
+                "unknown target `{other}`, expected `envoy` or `worker`"
+            ))),
+        }
+    }
+}
+
+impl Bundle {
+    /// Reads a bundle object (as [`parse_verified`] does, without checking the signature).
+    pub fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&[
+            "format",
+            "version",
+            "issued_at",
+            "environment",
+            "target",
+            "policy",
+            "credentials",
+            "tokens",
+            "revoke_all_at",
+            "cloudflare_access",
+            "signature",
+        ]);
+        let (mut format, mut version, mut issued_at, mut environment) = (None, None, None, None);
+        let (mut target, mut policy, mut credentials, mut tokens) = (None, None, None, None);
+        let (mut revoke_all_at, mut cloudflare_access, mut signature) = (None, None, None);
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => format = Some(r.string()?),
+                1 => version = Some(r.u64()?),
+                2 => issued_at = Some(r.u64()?),
+                3 => environment = Some(r.string()?),
+                4 => target = Some(Target::read(r)?),
+                5 => policy = Some(Policy::read(r)?),
+                6 => credentials = Some(CredentialConfig::read(r)?),
+                7 => {
+                    let mut list = Vec::new();
+                    r.array(|r| {
+                        list.push(TokenRecord::read(r)?);
+                        Ok(())
+                    })?;
+                    tokens = Some(list);
+                }
+                8 => revoke_all_at = r.nullable(Reader::u64)?,
+                9 => cloudflare_access = r.nullable(AccessConfig::read)?,
+                _ => signature = r.nullable(Reader::string)?,
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            format: required(r, format, "format")?,
+            version: required(r, version, "version")?,
+            issued_at: required(r, issued_at, "issued_at")?,
+            environment: required(r, environment, "environment")?,
+            target: required(r, target, "target")?,
+            policy: required(r, policy, "policy")?,
+            credentials: required(r, credentials, "credentials")?,
+            tokens: required(r, tokens, "tokens")?,
+            revoke_all_at,
+            cloudflare_access,
+            signature,
+        })
+    }
+}
+
+impl CredentialConfig {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["sources", "forward"]);
+        let (mut sources, mut forward) = (None, false);
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => sources = Some(r.strings()?),
+                _ => forward = r.bool()?,
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            sources: required(r, sources, "sources")?,
+            forward,
+        })
+    }
+}
+
+impl AccessConfig {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["certs_url", "audiences"]);
+        let (mut certs_url, mut audiences) = (None, None);
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => certs_url = Some(r.string()?),
+                _ => audiences = Some(r.strings()?),
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            certs_url: required(r, certs_url, "certs_url")?,
+            audiences: required(r, audiences, "audiences")?,
+        })
+    }
+}
+
+impl TokenRecord {
+    /// Reads one token record object.
+    pub fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&[
+            "name",
+            "token_id",
+            "hash",
+            "scopes",
+            "created_at",
+            "not_before",
+            "expires_at",
+            "revoked_at",
+            "grace_until",
+            "previous",
+        ]);
+        let (mut name, mut token_id, mut hash, mut scopes) = (None, None, None, None);
+        let mut created_at = None;
+        let mut times = [None; 4];
+        let mut previous = None;
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => name = Some(r.string()?),
+                1 => token_id = Some(r.string()?),
+                2 => hash = Some(r.string()?),
+                3 => scopes = Some(r.strings()?),
+                4 => created_at = Some(r.u64()?),
+                i @ 5..=8 => times[i - 5] = r.nullable(Reader::u64)?,
+                _ => previous = r.nullable(PreviousToken::read)?,
+            }
+            Ok(())
+        })?;
+        let [not_before, expires_at, revoked_at, grace_until] = times;
+        Ok(Self {
+            name: required(r, name, "name")?,
+            token_id: required(r, token_id, "token_id")?,
+            hash: required(r, hash, "hash")?,
+            scopes: required(r, scopes, "scopes")?,
+            created_at: required(r, created_at, "created_at")?,
+            not_before,
+            expires_at,
+            revoked_at,
+            grace_until,
+            previous,
+        })
+    }
+
+    /// Parses one record on its own (a Worker's KV value).
+    pub fn from_json(text: &[u8]) -> json::Result<Self> {
+        Reader::read_all(text, Self::read)
+    }
+}
+
+impl PreviousToken {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["token_id", "hash", "grace_until"]);
+        let (mut token_id, mut hash, mut grace_until) = (None, None, None);
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => token_id = Some(r.string()?),
+                1 => hash = Some(r.string()?),
+                _ => grace_until = Some(r.u64()?),
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            token_id: required(r, token_id, "token_id")?,
+            hash: required(r, hash, "hash")?,
+            grace_until: required(r, grace_until, "grace_until")?,
+        })
+    }
 }
 
 impl TokenRecord {
@@ -582,8 +761,8 @@ pub fn parse_verified(json: &[u8], key: &SigningKey) -> Result<Bundle, BundleErr
         return Err(BundleError::TooLarge(json.len()));
     }
     let signed_as_sent = verify_as_sent(json, key);
-    let bundle: Bundle =
-        serde_json::from_slice(json).map_err(|e| BundleError::Json(e.to_string()))?;
+    let bundle =
+        Reader::read_all(json, Bundle::read).map_err(|e| BundleError::Json(e.to_string()))?;
     if !signed_as_sent && !bundle.verify(key) {
         return Err(BundleError::Signature);
     }

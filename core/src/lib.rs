@@ -9,6 +9,7 @@
 //! - [`policy`]: ordered rules, path normalisation, scope grants.
 //! - [`credentials`]: where a request's credential is read from.
 //! - [`decision`]: `Gate::decide(request, now)`.
+//! - [`json`]: the strict JSON reader every document is loaded with.
 //! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
 #![warn(missing_docs)]
 
@@ -17,6 +18,7 @@ pub mod bundle;
 pub mod credentials;
 pub mod decision;
 mod hex;
+pub mod json;
 pub mod policy;
 pub mod token;
 

@@ -23,10 +23,11 @@
 use std::collections::BTreeMap;
 
 use futures_util::future::join_all;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokengate_core::access::Settings;
 use tokengate_core::bundle::{check_expectation, parse_verified, BundleError};
+use tokengate_core::json::{self, required, Fields, Reader};
 use tokengate_core::{Bundle, Expectation, Gate, SigningKey, Target, TokenRecord};
 use worker::{console_error, console_log, Env, KvStore, Request, Response, Result};
 
@@ -57,8 +58,7 @@ const CONCURRENCY: usize = 32;
 const UNKNOWN: &str = "?";
 
 /// Every token key pushes have written, with the digest of the record written.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, Serialize)]
 struct Index {
     tokens: BTreeMap<String, String>,
     /// The push that is partly applied, if any.
@@ -67,19 +67,75 @@ struct Index {
     confirmed_intent: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 struct PendingPush {
     version: u64,
     signature: String,
 }
 
 /// The hashes a batch is about to touch, written before it is applied.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default, Serialize)]
 struct Intent {
     id: String,
     hashes: Vec<String>,
+}
+
+impl Index {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["tokens", "pending", "confirmed_intent"]);
+        let mut index = Self::default();
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => r.object(|r, hash| {
+                    index.tokens.insert(hash.to_owned(), r.string()?);
+                    Ok(())
+                })?,
+                1 => index.pending = r.nullable(PendingPush::read)?,
+                _ => index.confirmed_intent = r.nullable(Reader::string)?,
+            }
+            Ok(())
+        })?;
+        if !fields.has(0) {
+            return Err(r.error("missing field `tokens`"));
+        }
+        Ok(index)
+    }
+}
+
+impl PendingPush {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["version", "signature"]);
+        let (mut version, mut signature) = (None, None);
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => version = Some(r.u64()?),
+                _ => signature = Some(r.string()?),
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            version: required(r, version, "version")?,
+            signature: required(r, signature, "signature")?,
+        })
+    }
+}
+
+impl Intent {
+    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut fields = Fields::new(&["id", "hashes"]);
+        let (mut id, mut hashes) = (None, None);
+        r.object(|r, key| {
+            match fields.index(r, key)? {
+                0 => id = Some(r.string()?),
+                _ => hashes = Some(r.strings()?),
+            }
+            Ok(())
+        })?;
+        Ok(Self {
+            id: required(r, id, "id")?,
+            hashes: required(r, hashes, "hashes")?,
+        })
+    }
 }
 
 /// One KV change.
@@ -372,20 +428,23 @@ async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Respons
     }
 }
 
-async fn read_json<T: for<'de> Deserialize<'de> + Default>(
+async fn read_json<T: Default>(
     kv: &KvStore,
     key: &str,
+    read: impl FnOnce(&mut Reader<'_>) -> json::Result<T>,
 ) -> std::result::Result<T, Refusal> {
     match served::kv_get(kv, key).await {
         Ok(None) => Ok(T::default()),
-        Ok(Some(text)) => serde_json::from_str(&text)
+        Ok(Some(text)) => Reader::read_all(text.as_bytes(), read)
             .map_err(|e| unavailable(&Failure::Corrupt(format!("{key}: {e}")))),
         Err(failure) => Err(unavailable(&failure)),
     }
 }
 
-async fn write(kv: &KvStore, key: &str, value: String) -> std::result::Result<(), Failure> {
-    kv.put(key, value)
+async fn write(kv: &KvStore, key: &str, value: &str) -> std::result::Result<(), Failure> {
+    // put_bytes: `put` would route a String through serde-wasm-bindgen (and float
+    // formatting) to reach the same JS string; KV stores the UTF-8 bytes either way.
+    kv.put_bytes(key, value.as_bytes())
         .map_err(|e| Failure::Kv(e.to_string()))?
         .execute()
         .await
@@ -399,7 +458,7 @@ async fn apply_op(kv: &KvStore, op: &Op) -> std::result::Result<(), Failure> {
             .delete(&key)
             .await
             .map_err(|e| Failure::Kv(e.to_string())),
-        Op::Put { value, .. } => write(kv, &key, value.clone()).await,
+        Op::Put { value, .. } => write(kv, &key, value).await,
     }
 }
 
@@ -415,8 +474,8 @@ async fn apply(
         version: bundle.version,
         signature: bundle.signature.clone().unwrap_or_default(),
     };
-    let mut index: Index = read_json(kv, INDEX_KEY).await?;
-    let intent: Intent = read_json(kv, INTENT_KEY).await?;
+    let mut index = read_json(kv, INDEX_KEY, Index::read).await?;
+    let intent = read_json(kv, INTENT_KEY, Intent::read).await?;
     if let Some(pending) = &index.pending {
         if this_push.version < pending.version
             || (this_push.version == pending.version && this_push != *pending)
@@ -453,7 +512,7 @@ async fn apply(
             hashes: batch.iter().map(|op| op.hash().to_owned()).collect(),
         };
         let text = serde_json::to_string(&intent).unwrap_or_default();
-        write(kv, INTENT_KEY, text)
+        write(kv, INTENT_KEY, &text)
             .await
             .map_err(|f| unavailable(&f))?;
         for chunk in batch.chunks(CONCURRENCY) {
@@ -484,7 +543,7 @@ async fn apply(
     let remaining = ops.len() - applied;
     index.pending = (remaining > 0).then(|| this_push.clone());
     let text = serde_json::to_string(&index).unwrap_or_default();
-    write(kv, INDEX_KEY, text)
+    write(kv, INDEX_KEY, &text)
         .await
         .map_err(|f| unavailable(&f))?;
     let version = bundle.version;
@@ -517,7 +576,7 @@ async fn apply(
         tokens,
     };
     let text = serde_json::to_string(&meta).unwrap_or_default();
-    write(kv, META_KEY, text)
+    write(kv, META_KEY, &text)
         .await
         .map_err(|f| unavailable(&f))?;
     served::install(Served {

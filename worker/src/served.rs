@@ -19,8 +19,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokengate_core::access::Settings;
+use tokengate_core::json::{self, required, Fields, Reader};
 use tokengate_core::token::TokenHash;
 use tokengate_core::{Bundle, Gate, Record, TokenRecord};
 use worker::{Delay, Env, KvStore};
@@ -39,13 +40,38 @@ pub const KV_TIMEOUT_MS: u64 = 3_000;
 const MAX_CACHED_TOKENS: usize = 10_000;
 
 /// The bundle as served, stored under [`META_KEY`] once every token change is applied.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Serialize)]
 pub struct Meta {
     /// The pushed bundle with `tokens` emptied and without its signature (which covered them).
     pub bundle: Bundle,
     /// How many token records the bundle held.
     pub tokens: usize,
+}
+
+impl Meta {
+    /// Parses a stored meta: `{"bundle": {...}, "tokens": n}`, nothing else.
+    pub fn from_json(text: &str) -> json::Result<Self> {
+        Reader::read_all(text.as_bytes(), |r| {
+            let mut fields = Fields::new(&["bundle", "tokens"]);
+            let (mut bundle, mut tokens) = (None, None);
+            r.object(|r, key| {
+                match fields.index(r, key)? {
+                    0 => bundle = Some(Bundle::read(r)?),
+                    _ => {
+                        let count = r.u64()?;
+                        let count = usize::try_from(count)
+                            .map_err(|_| r.error(format!("{count} tokens is out of range")))?;
+                        tokens = Some(count);
+                    }
+                }
+                Ok(())
+            })?;
+            Ok(Self {
+                bundle: required(r, bundle, "bundle")?,
+                tokens: required(r, tokens, "tokens")?,
+            })
+        })
+    }
 }
 
 /// A validated meta, ready to decide requests.
@@ -152,7 +178,7 @@ pub async fn kv_get(kv: &KvStore, key: &str) -> Result<Option<String>, Failure> 
 pub async fn read_meta(kv: &KvStore) -> Result<Option<Meta>, Failure> {
     match kv_get(kv, META_KEY).await? {
         None => Ok(None),
-        Some(text) => serde_json::from_str(&text)
+        Some(text) => Meta::from_json(&text)
             .map(Some)
             .map_err(|e| Failure::Corrupt(format!("{META_KEY}: {e}"))),
     }
@@ -201,8 +227,8 @@ pub async fn record(env: &Env, hash: &TokenHash) -> Result<Option<Record>, Failu
     let record = match kv_get(&kv(env)?, &key).await? {
         None => None,
         Some(text) => {
-            let raw: TokenRecord =
-                serde_json::from_str(&text).map_err(|e| Failure::Corrupt(format!("{key}: {e}")))?;
+            let raw = TokenRecord::from_json(text.as_bytes())
+                .map_err(|e| Failure::Corrupt(format!("{key}: {e}")))?;
             Some(
                 Record::from_token_record(&raw)
                     .map_err(|e| Failure::Corrupt(format!("{key}: {e}")))?,
