@@ -390,6 +390,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load per config")
     ap.add_argument("--reload-pushes", type=int, default=3, help="0: no reload test")
     ap.add_argument("--sizes", default="10,10000,100000")
+    ap.add_argument("--null-mb", default="13.5,7", metavar="MB,…",
+                    help="also measure the reload floor with configurations of these sizes "
+                         "(what a more compact bundle encoding would cost Envoy)")
     ap.add_argument("--perf", type=int, default=1, help="1: profile some configs with perf")
     ap.add_argument("--skip-load", action="store_true", help="only the reload and memory tests")
     ap.add_argument("--only", default="", metavar="NAME,…",
@@ -488,6 +491,15 @@ def main():
                 "reload-null", up, largest, args.reload_pushes,
                 make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
                 wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+            # The same floor at the sizes a more compact encoding of the same tokens would
+            # have: does any JSON encoding of them fit the targets?
+            results["reload_null_sizes"] = []
+            for mb in [float(m) for m in args.null_mb.split(",") if m]:
+                filler = big[: int(mb * 1e6)]
+                results["reload_null_sizes"].append(reload_test(
+                    f"reload-null-{mb:g}mb", up, largest, args.reload_pushes,
+                    make=lambda v, extra, filler=filler: make_token(extra[0]) + "\n" + filler,
+                    first=valid, wasm_path=FLOOR_WASM, filters="", start=GUARD_START))
             results["reload_shared"] = reload_test(
                 "reload-shared", up, largest, args.reload_pushes,
                 make=lambda v, extra: tokens.shared_table(largest, v, extra),

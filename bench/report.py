@@ -208,6 +208,20 @@ def main():
         reloads[key] = {"served": served, "growth": growth, "vms": vms,
                         "per_vm": growth / vms, "worst_s": max(p["served_s"] for p in pushes), "n": n}
 
+    smaller = [r for r in (envoy.get("reload_null_sizes") or [] if envoy else []) if r.get("pushes")]
+    if smaller:
+        w("### floor by configuration size: how small would the bundle have to be?\n")
+        w("The same floor (the minimal filter ignores its configuration) with the configuration cut to "
+          "the size a more compact encoding of the same tokens would have.\n")
+        w("| configuration | served after (ms) | memory growth per VM (MB) |\n| --- | --- | --- |")
+        for r in [envoy["reload_null"]] + smaller if envoy.get("reload_null") else smaller:
+            p = r["pushes"]
+            vms = p[-1]["vms_active"] or 1
+            per_vm = (p[-1]["rss_kib"] - r["rss_empty_kib"]) / 1024 / vms * 1.048576
+            w(f"| {p[0]['bundle_bytes'] / 1e6:.1f} MB | "
+              f"{fmt(summary([x['served_s'] * 1000 for x in p]), 0, ' ms')} | {per_vm:.1f} |")
+        w("")
+
     crit = args.criterion
     w("## core `decide()` per request (criterion)\n")
     w("`native`: `Gate::decide` on the host CPU. `wasmtime`: one request through the built "

@@ -155,6 +155,22 @@ impl Target {
 impl Bundle {
     /// Reads a bundle object (as [`parse_verified`] does, without checking the signature).
     pub fn read(r: &mut Reader<'_>) -> json::Result<Self> {
+        let mut tokens = Vec::new();
+        let mut bundle = Self::read_with(r, &mut |token| {
+            tokens.push(token);
+            true
+        })?;
+        bundle.tokens = tokens;
+        Ok(bundle)
+    }
+
+    /// Reads a bundle object, handing each token record to `on_token` instead of keeping
+    /// it (`tokens` stays empty). `on_token` returning false stops the read with an error;
+    /// why is the caller's to report.
+    fn read_with(
+        r: &mut Reader<'_>,
+        on_token: &mut dyn FnMut(TokenRecord) -> bool,
+    ) -> json::Result<Self> {
         let mut fields = Fields::new(&[
             "format",
             "version",
@@ -169,7 +185,7 @@ impl Bundle {
             "signature",
         ]);
         let (mut format, mut version, mut issued_at, mut environment) = (None, None, None, None);
-        let (mut target, mut policy, mut credentials, mut tokens) = (None, None, None, None);
+        let (mut target, mut policy, mut credentials) = (None, None, None);
         let (mut revoke_all_at, mut cloudflare_access, mut signature) = (None, None, None);
         r.object(|r, key| {
             match fields.index(r, key)? {
@@ -180,14 +196,14 @@ impl Bundle {
                 4 => target = Some(Target::read(r)?),
                 5 => policy = Some(Policy::read(r)?),
                 6 => credentials = Some(CredentialConfig::read(r)?),
-                7 => {
-                    let mut list = Vec::new();
-                    r.array(|r| {
-                        list.push(TokenRecord::read(r)?);
+                7 => r.array(|r| {
+                    let token = TokenRecord::read(r)?;
+                    if on_token(token) {
                         Ok(())
-                    })?;
-                    tokens = Some(list);
-                }
+                    } else {
+                        Err(r.error("token record refused"))
+                    }
+                })?,
                 8 => revoke_all_at = r.nullable(Reader::u64)?,
                 9 => cloudflare_access = r.nullable(AccessConfig::read)?,
                 _ => signature = r.nullable(Reader::string)?,
@@ -202,7 +218,11 @@ impl Bundle {
             target: required(r, target, "target")?,
             policy: required(r, policy, "policy")?,
             credentials: required(r, credentials, "credentials")?,
-            tokens: required(r, tokens, "tokens")?,
+            tokens: if fields.has(7) {
+                Vec::new()
+            } else {
+                return Err(r.error("missing field `tokens`"));
+            },
             revoke_all_at,
             cloudflare_access,
             signature,
@@ -595,7 +615,7 @@ impl Scopes {
 #[derive(Debug, Clone)]
 pub struct Record {
     pub(crate) hash: TokenHash,
-    pub(crate) name: Box<str>,
+    pub(crate) name: Arc<str>,
     pub(crate) scopes: Arc<Scopes>,
     pub(crate) created_at: u64,
     pub(crate) not_before: Option<u64>,
@@ -646,60 +666,44 @@ impl Gate {
         key: &SigningKey,
         expect: &Expectation<'_>,
     ) -> Result<Self, BundleError> {
-        let bundle = parse_verified(json, key)?;
-        check_expectation(&bundle, expect)?;
-        Self::from_bundle(bundle)
+        let verified = load_verified(json, key)?;
+        check_expectation(&verified.bundle, expect)?;
+        Self::from_verified(verified)
     }
 
     /// Validates an already verified bundle (the CLI builds them itself).
-    pub fn from_bundle(bundle: Bundle) -> Result<Self, BundleError> {
-        if !policy::valid_name(&bundle.environment) {
-            return Err(BundleError::BadEnvironment(bundle.environment));
-        }
-        policy::validate(&bundle.policy).map_err(BundleError::Policy)?;
-        let sources = credentials::parse_sources(&bundle.credentials.sources)
-            .map_err(BundleError::Sources)?;
+    pub fn from_bundle(mut bundle: Bundle) -> Result<Self, BundleError> {
+        let sources = check_settings(&bundle)?;
         if bundle.tokens.len() > MAX_TOKENS {
             return Err(BundleError::TooManyTokens(bundle.tokens.len()));
         }
-        let mut index = Index::with_capacity_and_hasher(bundle.tokens.len(), Default::default());
-        let mut names = HashSet::with_capacity(bundle.tokens.len());
-        let mut records = Vec::with_capacity(bundle.tokens.len());
-        // Most tokens share a handful of scope sets: keep one copy of each.
-        let mut scope_sets: HashMap<&[String], Arc<Scopes>> = HashMap::new();
-        for token in &bundle.tokens {
-            if !names.insert(token.name.as_str()) {
-                return Err(BundleError::DuplicateName(token.name.clone()));
-            }
-            let shared = Arc::clone(
-                scope_sets
-                    .entry(token.scopes.as_slice())
-                    .or_insert_with(|| Scopes::new(&token.scopes)),
-            );
-            // The record itself and, during a rotation's grace, the token it replaced: checked
-            // in place, without a copy of the record (a large bundle has 100,000 of them).
-            let previous = token.previous.as_ref();
-            for as_previous in std::iter::once(None).chain(previous.map(Some)) {
-                let record = check_record(token, as_previous, Arc::clone(&shared))?;
-                let position = u32::try_from(records.len())
-                    .map_err(|_| BundleError::TooManyTokens(records.len()))?;
-                if index.insert(record.hash.0, position).is_some() {
-                    return Err(BundleError::DuplicateHash(record.hash.token_id()));
-                }
-                records.push(record);
-            }
+        let tokens = std::mem::take(&mut bundle.tokens);
+        let mut table = TokenTable::with_capacity(tokens.len());
+        for token in &tokens {
+            table.add(token)?;
         }
-        Ok(Self {
+        Ok(Self::assemble(bundle, sources, table))
+    }
+
+    /// The gate of a bundle [`load_verified`] read (after the caller's expectation and
+    /// succession checks).
+    pub fn from_verified(verified: Verified) -> Result<Self, BundleError> {
+        let sources = check_settings(&verified.bundle)?;
+        Ok(Self::assemble(verified.bundle, sources, verified.table))
+    }
+
+    fn assemble(bundle: Bundle, sources: Vec<Source>, table: TokenTable) -> Self {
+        Self {
             version: bundle.version,
             environment: bundle.environment,
             policy: bundle.policy,
             sources,
             forward_credential: bundle.credentials.forward,
-            token_count: bundle.tokens.len(),
-            records,
-            index,
+            token_count: table.tokens,
+            records: table.records,
+            index: table.index,
             revoke_all_at: bundle.revoke_all_at,
-        })
+        }
     }
 
     /// The version this gate serves.
@@ -721,6 +725,125 @@ impl Gate {
     pub fn sources(&self) -> &[Source] {
         &self.sources
     }
+}
+
+/// The checks of everything in a bundle but its tokens; the credential sources parsed.
+fn check_settings(bundle: &Bundle) -> Result<Vec<Source>, BundleError> {
+    if !policy::valid_name(&bundle.environment) {
+        return Err(BundleError::BadEnvironment(bundle.environment.clone()));
+    }
+    policy::validate(&bundle.policy).map_err(BundleError::Policy)?;
+    credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)
+}
+
+/// A gate's token records, added one at a time: each checked in place and indexed by hash;
+/// names and hashes must be unique.
+struct TokenTable {
+    index: Index,
+    /// One per recognised hash (a rotated token has two).
+    records: Vec<Record>,
+    names: HashSet<Arc<str>>,
+    /// Most tokens share a handful of scope sets: one copy of each.
+    scope_sets: HashMap<Box<[String]>, Arc<Scopes>>,
+    /// Token records added (a rotated token counts once).
+    tokens: usize,
+}
+
+impl TokenTable {
+    fn with_capacity(tokens: usize) -> Self {
+        Self {
+            index: Index::with_capacity_and_hasher(tokens, Default::default()),
+            records: Vec::with_capacity(tokens),
+            names: HashSet::with_capacity(tokens),
+            scope_sets: HashMap::new(),
+            tokens: 0,
+        }
+    }
+
+    fn add(&mut self, token: &TokenRecord) -> Result<(), BundleError> {
+        if self.tokens == MAX_TOKENS {
+            return Err(BundleError::TooManyTokens(MAX_TOKENS + 1));
+        }
+        if self.names.contains(token.name.as_str()) {
+            return Err(BundleError::DuplicateName(token.name.clone()));
+        }
+        let scopes = match self.scope_sets.get(token.scopes.as_slice()) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared = Scopes::new(&token.scopes);
+                let key = token.scopes.clone().into_boxed_slice();
+                self.scope_sets.insert(key, Arc::clone(&shared));
+                shared
+            }
+        };
+        let name: Arc<str> = token.name.as_str().into();
+        // The record itself and, during a rotation's grace, the token it replaced.
+        let previous = token.previous.as_ref();
+        for as_previous in std::iter::once(None).chain(previous.map(Some)) {
+            let record = check_record(token, as_previous, Arc::clone(&scopes), Arc::clone(&name))?;
+            let position = u32::try_from(self.records.len())
+                .map_err(|_| BundleError::TooManyTokens(self.records.len()))?;
+            if self.index.insert(record.hash.0, position).is_some() {
+                return Err(BundleError::DuplicateHash(record.hash.token_id()));
+            }
+            self.records.push(record);
+        }
+        self.names.insert(name);
+        self.tokens += 1;
+        Ok(())
+    }
+}
+
+/// A bundle whose signature and format are verified, its token records already checked
+/// and indexed (`bundle.tokens` is empty): what [`Gate::from_verified`] turns into a gate.
+pub struct Verified {
+    /// Everything but the token records.
+    pub bundle: Bundle,
+    table: TokenTable,
+}
+
+/// Bytes a token record takes in a bundle at the least: sizes the table before the read.
+const MIN_RECORD_BYTES: usize = 192;
+
+/// Verifies a bundle and reads its token records straight into a gate's table. When the
+/// MAC over the bytes received verifies (a bundle as `Bundle::to_json` writes it), no list
+/// of records is ever held: a large bundle's peak memory is its text plus the table. Any
+/// other layout is parsed whole, verified on its canonical form, then indexed.
+pub fn load_verified(json: &[u8], key: &SigningKey) -> Result<Verified, BundleError> {
+    if json.len() > MAX_BUNDLE_BYTES {
+        return Err(BundleError::TooLarge(json.len()));
+    }
+    if !verify_as_sent(json, key) {
+        let mut bundle = parse_verified(json, key)?;
+        if bundle.tokens.len() > MAX_TOKENS {
+            return Err(BundleError::TooManyTokens(bundle.tokens.len()));
+        }
+        let mut table = TokenTable::with_capacity(bundle.tokens.len());
+        for token in &std::mem::take(&mut bundle.tokens) {
+            table.add(token)?;
+        }
+        return Ok(Verified { bundle, table });
+    }
+    let mut table = TokenTable::with_capacity((json.len() / MIN_RECORD_BYTES).min(MAX_TOKENS));
+    let mut refused = None;
+    let read = Reader::read_all(json, |r| {
+        Bundle::read_with(r, &mut |token| match table.add(&token) {
+            Ok(()) => true,
+            Err(e) => {
+                refused = Some(e);
+                false
+            }
+        })
+    });
+    let bundle = match (read, refused) {
+        (_, Some(refusal)) => return Err(refusal),
+        (Err(e), None) => return Err(BundleError::Json(e.to_string())),
+        (Ok(bundle), None) => bundle,
+    };
+    if bundle.format != FORMAT {
+        return Err(BundleError::Format(bundle.format));
+    }
+    Ok(Verified { bundle, table })
 }
 
 /// The tail `Bundle::to_json` ends with: the signature, the last member.
@@ -802,7 +925,12 @@ pub fn check_expectation(bundle: &Bundle, expect: &Expectation<'_>) -> Result<()
 impl Record {
     /// Checks one record on its own (a Worker reads them one at a time from KV).
     pub fn from_token_record(token: &TokenRecord) -> Result<Self, BundleError> {
-        check_record(token, None, Scopes::new(&token.scopes))
+        check_record(
+            token,
+            None,
+            Scopes::new(&token.scopes),
+            token.name.as_str().into(),
+        )
     }
 
     /// The token's name.
@@ -869,6 +997,7 @@ fn check_record(
     token: &TokenRecord,
     as_previous: Option<&PreviousToken>,
     scopes: Arc<Scopes>,
+    name: Arc<str>,
 ) -> Result<Record, BundleError> {
     let problem = |problem| BundleError::Token {
         name: token.name.clone(),
@@ -903,7 +1032,7 @@ fn check_record(
     }
     Ok(Record {
         hash,
-        name: token.name.as_str().into(),
+        name,
         scopes,
         created_at: token.created_at,
         not_before: token.not_before,
@@ -1017,6 +1146,69 @@ mod tests {
         }
         let other = SigningKey::from_bytes([8; 32]);
         assert!(!verify_as_sent(json.as_bytes(), &other));
+    }
+
+    #[test]
+    fn both_load_paths_build_the_same_gate_and_refuse_the_same_bundles() {
+        let key = SigningKey::from_bytes([9; 32]);
+        let old = TokenHash::of(b"secret-old-secret-old");
+        let mut rotated = bundle();
+        rotated.tokens[0].previous = Some(PreviousToken {
+            token_id: old.token_id(),
+            hash: old.to_hex(),
+            grace_until: 2_000,
+        });
+        let mut second = rotated.tokens[0].clone();
+        second.name = "second".into();
+        let other = TokenHash::of(b"secret-two-secret-two");
+        (second.hash, second.token_id, second.previous) = (other.to_hex(), other.token_id(), None);
+        rotated.tokens.push(second.clone());
+        let mut same_name = rotated.clone();
+        same_name.tokens[1].name = "ci".into();
+        let mut same_hash = rotated.clone();
+        same_hash.tokens[1].hash = old.to_hex();
+        same_hash.tokens[1].token_id = old.token_id();
+        let mut bad_hash = rotated.clone();
+        bad_hash.tokens[1].hash = "AB".repeat(32);
+        let mut bad_environment = rotated.clone();
+        bad_environment.environment = "Prod!".into();
+        for (what, mut b) in [
+            ("rotated", rotated),
+            ("same name", same_name),
+            ("same hash", same_hash),
+            ("bad hash", bad_hash),
+            ("bad environment", bad_environment),
+        ] {
+            b.sign(&key);
+            let streamed = b.to_json();
+            let whole = serde_json::to_string_pretty(&b).unwrap();
+            assert!(verify_as_sent(streamed.as_bytes(), &key), "{what}");
+            assert!(!verify_as_sent(whole.as_bytes(), &key), "{what}");
+            let expect = Expectation {
+                environment: None,
+                ..EXPECT
+            };
+            let a = Gate::load(streamed.as_bytes(), &key, &expect);
+            let b = Gate::load(whole.as_bytes(), &key, &expect);
+            match (a, b) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(what, "rotated");
+                    assert_eq!((a.token_count(), a.records.len()), (2, 3));
+                    assert_eq!((b.token_count(), b.records.len()), (2, 3));
+                    for (x, y) in a.records.iter().zip(&b.records) {
+                        assert_eq!(
+                            (x.hash.0, &x.name, x.grace_until),
+                            (y.hash.0, &y.name, y.grace_until)
+                        );
+                        assert_eq!(a.index.get(&x.hash.0), b.index.get(&y.hash.0));
+                    }
+                }
+                (a, b) => {
+                    assert_ne!(what, "rotated", "{:?}", a.err());
+                    assert_eq!(a.err(), b.err(), "{what}");
+                }
+            }
+        }
     }
 
     #[test]

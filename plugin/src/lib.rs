@@ -128,14 +128,15 @@ impl GateRoot {
             environment: Some(&environment),
             newer_than: None,
         };
-        let bundle = bundle::parse_verified(&config, &key).map_err(|e| invalid(e.to_string()))?;
-        // The VM's memory never shrinks: free the text before the gate is built, so a large
-        // bundle's peak is the text or the parsed bundle, not both plus the gate.
+        // The token records go straight into the gate's table as the text is read: the
+        // VM's memory never shrinks, so a large bundle's peak is the text plus the table.
+        let verified = bundle::load_verified(&config, &key).map_err(|e| invalid(e.to_string()))?;
         drop(config);
-        bundle::check_expectation(&bundle, &expect).map_err(|e| invalid(e.to_string()))?;
-        bundle::check_succession(served, &bundle).map_err(|e| Refusal::Stale(e.to_string()))?;
-        let mark = Served::of(&bundle);
-        let gate = Gate::from_bundle(bundle).map_err(|e| invalid(e.to_string()))?;
+        let bundle = &verified.bundle;
+        bundle::check_expectation(bundle, &expect).map_err(|e| invalid(e.to_string()))?;
+        bundle::check_succession(served, bundle).map_err(|e| Refusal::Stale(e.to_string()))?;
+        let mark = Served::of(bundle);
+        let gate = Gate::from_verified(verified).map_err(|e| invalid(e.to_string()))?;
         Ok((gate, mark))
     }
 

@@ -32,7 +32,9 @@ use tokengate_core::{Bundle, Expectation, Gate, SigningKey, Target, TokenRecord}
 use worker::{console_error, console_log, Env, KvStore, Request, Response, Result};
 
 use crate::served::{self, Failure, Meta, Served, META_KEY, TOKEN_PREFIX};
-use crate::{json_error, json_response, ENVIRONMENT_VAR, PUSH_BATCH_VAR, PUSH_KEY_SECRET};
+use crate::{
+    json_error, json_object, json_response, Json, ENVIRONMENT_VAR, PUSH_BATCH_VAR, PUSH_KEY_SECRET,
+};
 
 /// The request header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
 pub const SIGNATURE_HEADER: &str = "tokengate-signature";
@@ -549,22 +551,23 @@ async fn apply(
     let version = bundle.version;
     let retry = [("retry-after", "1".to_owned())];
     if failed > 0 {
-        let body = serde_json::json!({
-            "error": "temporarily_unavailable",
-            "error_description": format!("{failed} KV writes failed; push again to go on"),
-            "applied": applied,
-            "remaining": remaining,
-        });
-        return Ok(json_response(503, &body, &retry));
+        let description = format!("{failed} KV writes failed; push again to go on");
+        let body = json_object(&[
+            ("error", Json::Str("temporarily_unavailable")),
+            ("error_description", Json::Str(&description)),
+            ("applied", Json::Num(applied as u64)),
+            ("remaining", Json::Num(remaining as u64)),
+        ]);
+        return Ok(json_response(503, body, &retry));
     }
     if remaining > 0 {
         console_log!("tokengate push: version {version}: applied {applied}, {remaining} to go");
-        let body = serde_json::json!({
-            "version": version,
-            "applied": applied,
-            "remaining": remaining,
-        });
-        return Ok(json_response(202, &body, &retry));
+        let body = json_object(&[
+            ("version", Json::Num(version)),
+            ("applied", Json::Num(applied as u64)),
+            ("remaining", Json::Num(remaining as u64)),
+        ]);
+        return Ok(json_response(202, body, &retry));
     }
     let tokens = bundle.tokens.len();
     let meta = Meta {
@@ -585,8 +588,12 @@ async fn apply(
         tokens,
     });
     console_log!("tokengate push: serving version {version} ({tokens} tokens, {applied} changes)");
-    let body = serde_json::json!({ "version": version, "applied": applied, "tokens": tokens });
-    Ok(json_response(200, &body, &[]))
+    let body = json_object(&[
+        ("version", Json::Num(version)),
+        ("applied", Json::Num(applied as u64)),
+        ("tokens", Json::Num(tokens as u64)),
+    ]);
+    Ok(json_response(200, body, &[]))
 }
 
 #[cfg(test)]
