@@ -267,6 +267,15 @@ def main():
             w(f"\ntokengate (valid, 10 tokens) ÷ minimal filter = "
               f"{fuel['tokengate-valid-10'] / fuel['floor-valid']:.1f}× the instructions; "
               f"÷ minimal + host calls = {fuel['tokengate-valid-10'] / fuel['floor-abi-valid']:.1f}×.\n")
+        if fuel.get("memory-load-100000"):
+            w("The filter's linear memory in wasmtime (MiB; wasm memory never shrinks, so this stays "
+              "resident in each VM), deterministic:\n")
+            w("| tokens | after the load | after a reload (the old gate serves until the new one is built) |")
+            w("| --- | --- | --- |")
+            for n in (10, 10000, 100000):
+                if fuel.get(f"memory-load-{n}"):
+                    w(f"| {n:,} | {fuel[f'memory-load-{n}'] / 2**20:.1f} | {fuel[f'memory-reload-{n}'] / 2**20:.1f} |")
+            w("")
     w("Where a valid decision's time goes (native, 100,000 tokens; each step timed on its own, ns):\n")
     w("| step | ns |\n| --- | --- |")
     for label, bench in [("the whole `decide`", "decide"),

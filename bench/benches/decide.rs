@@ -141,6 +141,15 @@ fn record_fuel(host: &Host, floor: &Host, now_nanos: u64) {
     let mut fuel = serde_json::Map::new();
     for n in SIZES {
         let mut vm = tokengate_vm(host, &bundle_json(n, 1));
+        // The guest's linear memory after the load, and after a reload (the old gate serves
+        // until the new one is built): wasm memory never shrinks, so these stay resident.
+        let loaded = vm.memory_bytes().unwrap();
+        assert!(vm.configure(bundle_json(n, 2).as_bytes()).unwrap());
+        fuel.insert(format!("memory-load-{n}"), loaded.into());
+        fuel.insert(
+            format!("memory-reload-{n}"),
+            vm.memory_bytes().unwrap().into(),
+        );
         for (case, credential) in cases() {
             let spent = vm
                 .request(wasm_headers(&credential), now_nanos)

@@ -593,6 +593,67 @@ mod tests {
         );
     }
 
+    #[test]
+    fn claims_are_read_one_way_only() {
+        let s = settings();
+        let with = |claims: &str| {
+            let text = format!(
+                "{}.{}.{}",
+                b64(br#"{"alg":"RS256","kid":"k1"}"#),
+                b64(claims.as_bytes()),
+                b64(b"sig")
+            );
+            Assertion::parse(&text).and_then(|a| a.check(KeyCheck::Verified, &s, 1_500))
+        };
+        let base = r#""iss":"https://team.cloudflareaccess.com","aud":["aud-2"],"nbf":1000,"email":"ada@example.com""#;
+        assert!(with(&format!("{{{base},\"exp\":2000}}")).is_ok());
+        // A claim given twice could be read either way: the assertion is malformed, even
+        // when the copies agree, and even when one is spelled with an escape.
+        for repeated in [r#""exp":2000,"exp":9999"#, r#""exp":2000,"\u0065xp":2000"#] {
+            assert_eq!(
+                with(&format!("{{{base},{repeated}}}")),
+                Err(AccessError::Malformed)
+            );
+        }
+        let header = format!(
+            "{}.{}.{}",
+            b64(br#"{"alg":"RS256","alg":"none","kid":"k1"}"#),
+            b64(b"{}"),
+            b64(b"sig")
+        );
+        assert_eq!(
+            Assertion::parse(&header).err(),
+            Some(AccessError::Malformed)
+        );
+        // NumericDate: a fraction is dropped; negative, exponent or non-number exp is unusable.
+        assert!(with(&format!("{{{base},\"exp\":1500.9}}")).is_err());
+        assert!(with(&format!("{{{base},\"exp\":1501.2}}")).is_ok());
+        for exp in ["-1", "2e3", "\"2000\"", "null", "[2000]"] {
+            assert_eq!(
+                with(&format!("{{{base},\"exp\":{exp}}}")),
+                Err(AccessError::Expired),
+                "{exp}"
+            );
+        }
+        // An nbf that is present but unusable is not "no nbf".
+        let no_nbf = base.replace(r#","nbf":1000"#, "");
+        assert!(with(&format!("{{{no_nbf},\"exp\":2000}}")).is_ok());
+        assert_eq!(
+            with(&format!("{{{no_nbf},\"nbf\":\"x\",\"exp\":2000}}")),
+            Err(AccessError::NotYetValid)
+        );
+        // Other claims of any shape are skipped; a non-string aud entry is not an audience.
+        assert!(with(&format!(
+            "{{{base},\"exp\":2000,\"custom\":{{\"a\":[1,2.5,null]}}}}"
+        ))
+        .is_ok());
+        let aud = base.replace(r#"["aud-2"]"#, r#"[2,{"x":"aud-2"}]"#);
+        assert_eq!(
+            with(&format!("{{{aud},\"exp\":2000}}")),
+            Err(AccessError::Audience)
+        );
+    }
+
     /// The decision around an assertion: only on `cf_access` rules, only without a token,
     /// scopes still apply, identity headers for the upstream.
     #[test]

@@ -186,6 +186,16 @@ impl Vm {
         self.store.set_fuel(FUEL_PER_CALL)
     }
 
+    /// The guest's linear memory in bytes. Wasm memory only grows, so this is the high-water
+    /// mark of everything the filter has held at once so far.
+    pub fn memory_bytes(&mut self) -> Result<usize> {
+        let memory = self
+            .instance
+            .get_memory(&mut self.store, "memory")
+            .ok_or_else(|| Error::msg("the filter exports no memory"))?;
+        Ok(memory.data_size(&self.store))
+    }
+
     /// Creates a root context and configures it, as Envoy does for each (re)configuration.
     /// On `true` the new root serves requests; on `false` the previous one keeps serving.
     pub fn configure(&mut self, plugin_configuration: &[u8]) -> Result<bool> {
