@@ -140,18 +140,6 @@ pub struct PreviousToken {
     pub grace_until: u64,
 }
 
-impl Target {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        match &*r.str()? {
-            "envoy" => Ok(Self::Envoy),
-            "worker" => Ok(Self::Worker),
-            other => Err(r.error(format!(
-                "unknown target `{other}`, expected `envoy` or `worker`"
-            ))),
-        }
-    }
-}
-
 impl Bundle {
     /// Reads a bundle object (as [`parse_verified`] does, without checking the signature).
     pub fn read(r: &mut Reader<'_>) -> json::Result<Self> {
@@ -193,7 +181,10 @@ impl Bundle {
                 1 => version = Some(r.u64()?),
                 2 => issued_at = Some(r.u64()?),
                 3 => environment = Some(r.string()?),
-                4 => target = Some(Target::read(r)?),
+                4 => {
+                    let choices = [("envoy", Target::Envoy), ("worker", Target::Worker)];
+                    target = Some(r.choice("target", &choices)?);
+                }
                 5 => policy = Some(Policy::read(r)?),
                 6 => credentials = Some(CredentialConfig::read(r)?),
                 7 => r.array(|r| {

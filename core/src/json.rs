@@ -325,9 +325,32 @@ impl<'a> Reader<'a> {
     }
 
     /// An array, each element by `item`.
-    pub fn array(&mut self, mut item: impl FnMut(&mut Self) -> Result<()>) -> Result<()> {
-        self.expect(b'[', "an array")?;
-        if self.peek() == Some(b']') {
+    pub fn array(&mut self, item: impl FnMut(&mut Self) -> Result<()>) -> Result<()> {
+        self.sequence(b'[', b']', "an array", item)
+    }
+
+    /// An object, each member's value by `member(reader, key)`. `member` must consume the
+    /// value (or refuse the key); the reader rejects nothing by itself, see [`Fields`].
+    pub fn object(&mut self, mut member: impl FnMut(&mut Self, &str) -> Result<()>) -> Result<()> {
+        self.sequence(b'{', b'}', "an object", |r| {
+            r.peek();
+            r.member_at = r.at;
+            let key = r.str()?;
+            r.expect(b':', "':'")?;
+            member(r, &key)
+        })
+    }
+
+    /// `open`, then items separated by commas, then `close`.
+    fn sequence(
+        &mut self,
+        open: u8,
+        close: u8,
+        what: &str,
+        mut item: impl FnMut(&mut Self) -> Result<()>,
+    ) -> Result<()> {
+        self.expect(open, what)?;
+        if self.peek() == Some(close) {
             self.at += 1;
             return Ok(());
         }
@@ -335,38 +358,29 @@ impl<'a> Reader<'a> {
             item(self)?;
             match self.peek() {
                 Some(b',') => self.at += 1,
-                Some(b']') => {
+                Some(b) if b == close => {
                     self.at += 1;
                     return Ok(());
                 }
-                _ => return Err(self.unexpected("',' or ']'")),
+                _ => return Err(self.unexpected(&format!("',' or '{}'", char::from(close)))),
             }
         }
     }
 
-    /// An object, each member's value by `member(reader, key)`. `member` must consume the
-    /// value (or refuse the key); the reader rejects nothing by itself, see [`Fields`].
-    pub fn object(&mut self, mut member: impl FnMut(&mut Self, &str) -> Result<()>) -> Result<()> {
-        self.expect(b'{', "an object")?;
-        if self.peek() == Some(b'}') {
-            self.at += 1;
-            return Ok(());
+    /// A string naming one of `choices` (a `what`), as its value.
+    pub fn choice<T: Copy>(&mut self, what: &str, choices: &[(&str, T)]) -> Result<T> {
+        let text = self.str()?;
+        if let Some((_, value)) = choices.iter().find(|(name, _)| *name == text) {
+            return Ok(*value);
         }
-        loop {
-            self.peek();
-            self.member_at = self.at;
-            let key = self.str()?;
-            self.expect(b':', "':'")?;
-            member(self, &key)?;
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b'}') => {
-                    self.at += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.unexpected("',' or '}'")),
-            }
-        }
+        let names: Vec<String> = choices
+            .iter()
+            .map(|(name, _)| format!("`{name}`"))
+            .collect();
+        Err(self.error(format!(
+            "unknown {what} `{text}`, expected {}",
+            names.join(" or ")
+        )))
     }
 
     /// Any value, checked and ignored.
@@ -560,6 +574,21 @@ mod tests {
         assert_eq!(read("-5"), Ok(None));
         assert_eq!(read("1.7e9"), Ok(None));
         assert_eq!(read("99999999999999999999"), Ok(None));
+    }
+
+    #[test]
+    fn choice_names_what_was_expected() {
+        let read = |text: &str| {
+            Reader::read_all(text.as_bytes(), |r| {
+                r.choice("access", &[("public", 1), ("token", 2)])
+            })
+        };
+        assert_eq!(read("\"token\""), Ok(2));
+        assert_eq!(
+            read("\"Token\"").unwrap_err().what(),
+            "unknown access `Token`, expected `public` or `token`"
+        );
+        assert!(read("1").is_err());
     }
 
     #[test]

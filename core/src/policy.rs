@@ -128,7 +128,10 @@ impl Rule {
                 1 => rule.path = PathMatch::read(r)?,
                 2 => rule.methods = r.strings()?,
                 3 => rule.host = r.nullable(Reader::string)?,
-                4 => rule.access = Access::read(r)?,
+                4 => {
+                    let choices = [("public", Access::Public), ("token", Access::Token)];
+                    rule.access = r.choice("access", &choices)?;
+                }
                 5 => rule.all_of = r.strings()?,
                 6 => rule.any_of = r.strings()?,
                 _ => rule.cf_access = r.bool()?,
@@ -164,18 +167,6 @@ impl PathMatch {
             Ok(())
         })?;
         found.ok_or_else(|| r.error("a path match has exactly one of `exact`, `prefix`"))
-    }
-}
-
-impl Access {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        match &*r.str()? {
-            "public" => Ok(Self::Public),
-            "token" => Ok(Self::Token),
-            other => Err(r.error(format!(
-                "unknown access `{other}`, expected `public` or `token`"
-            ))),
-        }
     }
 }
 
