@@ -91,11 +91,6 @@ impl Policy {
             rules: required(r, rules, "rules")?,
         })
     }
-
-    /// Parses a policy document on its own (as the admin stores it).
-    pub fn from_json(text: &str) -> json::Result<Self> {
-        Reader::read_all(text.as_bytes(), Self::read)
-    }
 }
 
 impl Rule {
