@@ -209,10 +209,9 @@ impl Bundle {
             target: required(r, target, "target")?,
             policy: required(r, policy, "policy")?,
             credentials: required(r, credentials, "credentials")?,
-            tokens: if fields.has(7) {
+            tokens: {
+                fields.require(r, 7)?;
                 Vec::new()
-            } else {
-                return Err(r.error("missing field `tokens`"));
             },
             revoke_all_at,
             cloudflare_access,

@@ -441,9 +441,14 @@ impl Fields {
         Ok(Some(index))
     }
 
-    /// Whether the member `names[index]` was present.
-    pub fn has(&self, index: usize) -> bool {
-        self.seen & (1 << index) != 0
+    /// An error naming the member `names[index]` unless it was present: for members read
+    /// in place rather than into an `Option` (see [`required`] for those).
+    pub fn require(&self, reader: &Reader<'_>, index: usize) -> Result<()> {
+        if self.seen & (1 << index) != 0 {
+            Ok(())
+        } else {
+            Err(reader.error(format!("missing field `{}`", self.names[index])))
+        }
     }
 }
 

@@ -94,19 +94,17 @@ impl Policy {
 }
 
 impl Rule {
-    const FIELDS: &'static [&'static str] = &[
-        "name",
-        "path",
-        "methods",
-        "host",
-        "access",
-        "all_of",
-        "any_of",
-        "cf_access",
-    ];
-
     fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(Self::FIELDS);
+        let mut fields = Fields::new(&[
+            "name",
+            "path",
+            "methods",
+            "host",
+            "access",
+            "all_of",
+            "any_of",
+            "cf_access",
+        ]);
         let mut rule = Self {
             name: String::new(),
             path: PathMatch::Exact(String::new()),
@@ -133,10 +131,8 @@ impl Rule {
             }
             Ok(())
         })?;
-        for required_field in [0, 1, 4] {
-            if !fields.has(required_field) {
-                return Err(r.error(format!("missing field `{}`", Self::FIELDS[required_field])));
-            }
+        for name_path_access in [0, 1, 4] {
+            fields.require(r, name_path_access)?;
         }
         Ok(rule)
     }

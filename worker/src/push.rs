@@ -97,9 +97,7 @@ impl Index {
             }
             Ok(())
         })?;
-        if !fields.has(0) {
-            return Err(r.error("missing field `tokens`"));
-        }
+        fields.require(r, 0)?;
         Ok(index)
     }
 }
