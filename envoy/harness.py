@@ -150,14 +150,15 @@ def ecds_resource(bundle_text="", version_info=None, wasm_path=WASM):
     }
 
 
-def write_atomic(path, text):
-    """Writes text to a temporary file in path's directory, fsyncs it and renames it over
-    path, so Envoy's watch sees one complete file (IN_MOVED_TO), never a partial one."""
+def write_atomic(path, data):
+    """Writes data (str or bytes) to a temporary file in path's directory, fsyncs it and
+    renames it over path, so Envoy's watch sees one complete file (IN_MOVED_TO), never a
+    partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tokengate.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; Envoy may run as another user
@@ -169,7 +170,70 @@ def write_atomic(path, text):
 
 
 def write_ecds(path, bundle_text="", **kw):
-    write_atomic(path, json.dumps(ecds_resource(bundle_text, **kw), indent=2) + "\n")
+    """Protobuf JSON, or binary protobuf when path ends in .pb (as Envoy decides, and the CLI)."""
+    resource = ecds_resource(bundle_text, **kw)
+    if path.lower().endswith(".pb"):
+        write_atomic(path, protobuf(resource, "DiscoveryResponse"))
+    else:
+        write_atomic(path, json.dumps(resource, indent=2) + "\n")
+
+
+# The few Envoy v3 messages of the ECDS resource: JSON name -> (field number, kind), where a
+# kind is "string", "any", an enum's {label: number}, or another message's name. The same
+# table as the CLI's (admin/src/push.rs); a member missing here is an error, never dropped.
+_PROTO = {
+    "DiscoveryResponse": {"version_info": (1, "string"), "resources": (2, "any")},
+    "TypedExtensionConfig": {"name": (1, "string"), "typed_config": (2, "any")},
+    "Wasm": {"config": (1, "PluginConfig")},
+    "PluginConfig": {"name": (1, "string"), "root_id": (2, "string"),
+                     "vm_config": (3, "VmConfig"), "configuration": (4, "any"),
+                     "failure_policy": (7, {"UNSPECIFIED": 0, "FAIL_RELOAD": 1,
+                                            "FAIL_CLOSED": 2, "FAIL_OPEN": 3})},
+    "VmConfig": {"vm_id": (1, "string"), "runtime": (2, "string"),
+                 "code": (3, "AsyncDataSource"),
+                 "environment_variables": (7, "EnvironmentVariables")},
+    "AsyncDataSource": {"local": (1, "DataSource")},
+    "DataSource": {"filename": (1, "string")},
+    "EnvironmentVariables": {"host_env_keys": (1, "string")},
+    "StringValue": {"value": (1, "string")},
+}
+_PROTO_TYPES = {"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig": "TypedExtensionConfig",
+                WASM_TYPE: "Wasm",
+                "type.googleapis.com/google.protobuf.StringValue": "StringValue"}
+
+
+def _varint(n):
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _delimited(field, payload):
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def protobuf(value, message):
+    """`value` (the JSON form of `message`) in protobuf's binary wire format."""
+    out = bytearray()
+    for name, member in value.items():
+        if name == "@type":
+            continue
+        number, kind = _PROTO[message][name]
+        for element in member if isinstance(member, list) else [member]:
+            if kind == "string":
+                out += _delimited(number, element.encode())
+            elif kind == "any":
+                url = element["@type"]
+                out += _delimited(number, _delimited(1, url.encode())
+                                  + _delimited(2, protobuf(element, _PROTO_TYPES[url])))
+            elif isinstance(kind, dict):
+                out += _varint(number << 3) + _varint(kind[element])
+            else:
+                out += _delimited(number, protobuf(element, kind))
+    return bytes(out)
 
 
 # --- processes -------------------------------------------------------------------------
@@ -178,7 +242,8 @@ class Gateway:
     """Echo upstream + Envoy on free loopback ports; a context manager."""
 
     def __init__(self, env=None, concurrency=1, run_dir=None, initial_bundle="",
-                 wasm_path=WASM, log_level="info", extra_args=(), transform=None):
+                 wasm_path=WASM, log_level="info", extra_args=(), transform=None,
+                 ecds_file="tokengate.ecds.json"):
         self.env = dict(env or {})
         self.concurrency = concurrency
         self.wasm_path = wasm_path
@@ -188,7 +253,7 @@ class Gateway:
         self._own_dir = run_dir is None
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="tokengate-envoy-")
         os.makedirs(self.run_dir, exist_ok=True)
-        self.ecds_path = os.path.join(self.run_dir, "tokengate.ecds.json")
+        self.ecds_path = os.path.join(self.run_dir, ecds_file)  # *.pb: binary protobuf
         self.config_path = os.path.join(self.run_dir, "gateway.yaml")
         self.access_log = os.path.join(self.run_dir, "access.log")  # Envoy's stdout
         self.envoy_log = os.path.join(self.run_dir, "envoy.log")  # Envoy's stderr

@@ -47,29 +47,48 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// How the ECDS file is encoded; Envoy decides by the file's extension, and so do we.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EcdsEncoding {
+    /// Protobuf JSON (any name not ending in `.pb`): readable, and what the demo ships.
+    Json,
+    /// Binary protobuf (`*.pb`): Envoy skips its JSON parser, which for a large bundle is
+    /// most of Envoy's own share of a reload (bench/README.md).
+    Binary,
+}
+
+impl EcdsEncoding {
+    pub fn of(path: &Path) -> Self {
+        match path.extension() {
+            Some(ext) if ext.eq_ignore_ascii_case("pb") => Self::Binary,
+            _ => Self::Json,
+        }
+    }
+}
+
 /// The ECDS DiscoveryResponse carrying `bundle_json` for the filter loaded from `wasm`.
 /// Everything but `configuration` stays identical between pushes, so Envoy keeps the VM.
 pub fn ecds_resource(bundle_json: &str, version: u64, wasm: &Path) -> serde_json::Value {
     serde_json::json!({
         "version_info": version.to_string(),
         "resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "@type": proto::TYPED_EXTENSION_CONFIG,
             "name": FILTER_NAME,
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "@type": proto::WASM_FILTER,
                 "config": {
                     "name": FILTER_NAME,
                     "root_id": FILTER_NAME,
                     "failure_policy": "FAIL_CLOSED",
                     "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "@type": proto::STRING_VALUE,
                         "value": bundle_json,
                     },
                     "vm_config": {
                         "vm_id": FILTER_NAME,
-                        "runtime": "envoy.wasm.runtime.v8",
+                        "runtime": proto::V8_RUNTIME,
                         "environment_variables": {
-                            "host_env_keys": ["TOKENGATE_SIGNING_KEY", "TOKENGATE_ENVIRONMENT"],
+                            "host_env_keys": proto::HOST_ENV_KEYS,
                         },
                         "code": { "local": { "filename": wasm.display().to_string() } },
                     },
@@ -77,6 +96,204 @@ pub fn ecds_resource(bundle_json: &str, version: u64, wasm: &Path) -> serde_json
             },
         }],
     })
+}
+
+/// The same resource as [`ecds_resource`], in `encoding`.
+pub fn ecds_file(
+    bundle_json: &str,
+    version: u64,
+    wasm: &Path,
+    encoding: EcdsEncoding,
+) -> Result<Vec<u8>> {
+    let resource = ecds_resource(bundle_json, version, wasm);
+    Ok(match encoding {
+        EcdsEncoding::Json => serde_json::to_string_pretty(&resource)?.into_bytes(),
+        EcdsEncoding::Binary => proto::encode(&resource, "DiscoveryResponse")?,
+    })
+}
+
+/// Protobuf's binary wire format for the ECDS resource, from its JSON form and a table of
+/// the few Envoy v3 messages it uses: one description of the resource, two encodings. A
+/// member the table does not know is an error, never dropped. Field numbers are Envoy's; a
+/// wrong one makes Envoy reject the file (tests/envoy/e2e.py pushes a `.pb` through it).
+mod proto {
+    use anyhow::{bail, Context, Result};
+    use serde_json::Value;
+
+    pub const TYPED_EXTENSION_CONFIG: &str =
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+    pub const WASM_FILTER: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+    pub const STRING_VALUE: &str = "type.googleapis.com/google.protobuf.StringValue";
+    pub const V8_RUNTIME: &str = "envoy.wasm.runtime.v8";
+    pub const HOST_ENV_KEYS: [&str; 2] = ["TOKENGATE_SIGNING_KEY", "TOKENGATE_ENVIRONMENT"];
+
+    enum Kind {
+        String,
+        Message(&'static str),
+        /// A `google.protobuf.Any`: the JSON object names its message in `@type`.
+        Any,
+        Enum(&'static [(&'static str, u64)]),
+    }
+
+    /// `envoy.extensions.wasm.v3.FailurePolicy`.
+    const FAILURE_POLICY: &[(&str, u64)] = &[
+        ("UNSPECIFIED", 0),
+        ("FAIL_RELOAD", 1),
+        ("FAIL_CLOSED", 2),
+        ("FAIL_OPEN", 3),
+    ];
+
+    /// (JSON name, field number, kind) of each member this resource uses.
+    fn fields(message: &str) -> Result<&'static [(&'static str, u64, Kind)]> {
+        use Kind::*;
+        Ok(match message {
+            "DiscoveryResponse" => &[("version_info", 1, String), ("resources", 2, Any)],
+            "TypedExtensionConfig" => &[("name", 1, String), ("typed_config", 2, Any)],
+            "Wasm" => &[("config", 1, Message("PluginConfig"))],
+            "PluginConfig" => &[
+                ("name", 1, String),
+                ("root_id", 2, String),
+                ("vm_config", 3, Message("VmConfig")),
+                ("configuration", 4, Any),
+                ("failure_policy", 7, Enum(FAILURE_POLICY)),
+            ],
+            "VmConfig" => &[
+                ("vm_id", 1, String),
+                ("runtime", 2, String),
+                ("code", 3, Message("AsyncDataSource")),
+                ("environment_variables", 7, Message("EnvironmentVariables")),
+            ],
+            "AsyncDataSource" => &[("local", 1, Message("DataSource"))],
+            "DataSource" => &[("filename", 1, String)],
+            "EnvironmentVariables" => &[("host_env_keys", 1, String)],
+            "StringValue" => &[("value", 1, String)],
+            other => bail!("no protobuf schema for {other}"),
+        })
+    }
+
+    fn message_of(type_url: &str) -> Result<&'static str> {
+        Ok(match type_url {
+            TYPED_EXTENSION_CONFIG => "TypedExtensionConfig",
+            WASM_FILTER => "Wasm",
+            STRING_VALUE => "StringValue",
+            other => bail!("no protobuf schema for {other}"),
+        })
+    }
+
+    fn varint(out: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            out.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+
+    fn length_delimited(out: &mut Vec<u8>, field: u64, payload: &[u8]) {
+        varint(out, field << 3 | 2);
+        varint(out, payload.len() as u64);
+        out.extend_from_slice(payload);
+    }
+
+    /// `value` (a JSON object) as the binary form of `message`.
+    pub fn encode(value: &Value, message: &str) -> Result<Vec<u8>> {
+        let object = value
+            .as_object()
+            .with_context(|| format!("{message}: not an object"))?;
+        let schema = fields(message)?;
+        let mut out = Vec::new();
+        for (name, member) in object {
+            if name == "@type" {
+                continue;
+            }
+            let (_, number, kind) = schema
+                .iter()
+                .find(|(known, _, _)| known == name)
+                .with_context(|| format!("{message}.{name}: not in the protobuf schema"))?;
+            // A repeated field is its elements, one after the other.
+            let elements = match member {
+                Value::Array(items) => items.as_slice(),
+                single => std::slice::from_ref(single),
+            };
+            for element in elements {
+                let context = || format!("{message}.{name}");
+                match kind {
+                    Kind::String => {
+                        let text = element.as_str().with_context(context)?;
+                        length_delimited(&mut out, *number, text.as_bytes());
+                    }
+                    Kind::Message(inner) => {
+                        length_delimited(&mut out, *number, &encode(element, inner)?);
+                    }
+                    Kind::Any => {
+                        let type_url = element["@type"].as_str().with_context(context)?;
+                        let mut any = Vec::new();
+                        length_delimited(&mut any, 1, type_url.as_bytes());
+                        length_delimited(&mut any, 2, &encode(element, message_of(type_url)?)?);
+                        length_delimited(&mut out, *number, &any);
+                    }
+                    Kind::Enum(values) => {
+                        let label = element.as_str().with_context(context)?;
+                        let (_, value) = values
+                            .iter()
+                            .find(|(known, _)| *known == label)
+                            .with_context(|| format!("{}: no value {label}", context()))?;
+                        varint(&mut out, number << 3);
+                        varint(&mut out, *value);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn varints_are_little_endian_base_128() {
+            let encoded = |value| {
+                let mut out = Vec::new();
+                varint(&mut out, value);
+                out
+            };
+            assert_eq!(encoded(0), [0]);
+            assert_eq!(encoded(127), [0x7f]);
+            assert_eq!(encoded(300), [0xac, 0x02]);
+            assert_eq!(encoded(1 << 21), [0x80, 0x80, 0x80, 0x01]);
+            assert_eq!(
+                encoded(u64::MAX)[..],
+                [[0xff; 9].as_slice(), &[0x01]].concat()
+            );
+        }
+
+        #[test]
+        fn a_member_outside_the_schema_is_an_error_not_dropped() {
+            let resource = serde_json::json!({"version_info": "1", "nonce": "x"});
+            let error = encode(&resource, "DiscoveryResponse").unwrap_err();
+            assert!(
+                error.to_string().contains("DiscoveryResponse.nonce"),
+                "{error}"
+            );
+            let bad_enum = serde_json::json!({"failure_policy": "FAIL_SOMETIMES"});
+            assert!(encode(&bad_enum, "PluginConfig").is_err());
+        }
+
+        #[test]
+        fn the_bundle_is_carried_byte_for_byte() {
+            let bundle = r#"{"format":"tokengate.bundle/v1","version":7}"#;
+            let resource = super::super::ecds_resource(bundle, 7, std::path::Path::new("/f.wasm"));
+            let file = encode(&resource, "DiscoveryResponse").unwrap();
+            let at = file
+                .windows(bundle.len())
+                .position(|w| w == bundle.as_bytes())
+                .expect("the bundle's bytes");
+            // StringValue.value: field 1, length-delimited (0x0a), then the length.
+            assert_eq!(file[at - 2..at], [0x0a, bundle.len() as u8]);
+            let version_info = [0x0a, 1, b'7']; // field 1, length 1, "7"
+            assert!(file.windows(3).any(|w| w == version_info));
+        }
+    }
 }
 
 /// A bundle made earlier (`tokengate bundle --out`), checked exactly as the filter will.
@@ -118,11 +335,16 @@ pub fn envoy(
         Some(path) => prebuilt(store, key, path)?,
         None => crate::issue_bundle(store, key, Target::Envoy, now, who)?,
     };
-    let resource = ecds_resource(&bundle.to_json(), bundle.version, &wasm);
+    let resource = ecds_file(
+        &bundle.to_json(),
+        bundle.version,
+        &wasm,
+        EcdsEncoding::of(file),
+    )?;
     let destination = file.display().to_string();
     let details = serde_json::json!({"version": bundle.version, "file": destination, "tokens": bundle.tokens.len()});
     store.transaction(who, "push.envoy", None, details, now, |tx| {
-        write_atomically(file, serde_json::to_string_pretty(&resource)?.as_bytes())?;
+        write_atomically(file, &resource)?;
         store::record_push(tx, "envoy", bundle.version, now, &destination)
     })?;
     Ok(bundle.version)

@@ -377,3 +377,29 @@ fn push_envoy_writes_a_bundle_the_filter_accepts_and_never_the_key() {
     assert!(error.contains("signing key"), "{error}");
     assert_eq!(std::fs::read_to_string(&ecds).unwrap(), text);
 }
+
+#[test]
+fn push_envoy_to_a_pb_file_writes_binary_protobuf_never_the_key() {
+    let env = Env::new("push-pb");
+    let token = env.ok(&["create", "svc"]).trim().to_owned();
+    let wasm = env.dir.join("filter.wasm");
+    std::fs::write(&wasm, b"\0asm").unwrap();
+    let ecds = env.dir.join("ecds.pb");
+    env.ok(&[
+        "push",
+        "envoy",
+        "--file",
+        ecds.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+    ]);
+    let binary = std::fs::read(&ecds).unwrap();
+    assert!(serde_json::from_slice::<serde_json::Value>(&binary).is_err());
+    // The bundle travels inside as it is signed, byte for byte (StringValue.value).
+    let head = br#"{"format":"tokengate.bundle/v1","version":1,"#;
+    assert!(binary.windows(head.len()).any(|w| w == head));
+    let key = std::fs::read_to_string(env.dir.join("tokengate.key")).unwrap();
+    for secret in [key.trim(), token.as_str()] {
+        assert!(!binary.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}

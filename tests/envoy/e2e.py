@@ -18,7 +18,7 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
-from harness import WASM, Gateway, write_ecds  # noqa: E402
+from harness import WASM, Gateway, ecds_resource, write_ecds  # noqa: E402
 
 CLI = os.environ.get("TOKENGATE_BIN", os.path.join(ROOT, "target", "debug", "tokengate"))
 VECTORS = json.load(open(os.path.join(ROOT, "conformance", "vectors.json")))
@@ -173,8 +173,8 @@ class Operator:
     def push(self, gw, *args, check=True):
         return self.run("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM, *args, check=check)
 
-    def gateway(self):
-        return Gateway(env={"TOKENGATE_SIGNING_KEY": self.key, "TOKENGATE_ENVIRONMENT": self.environment})
+    def gateway(self, **kw):
+        return Gateway(env={"TOKENGATE_SIGNING_KEY": self.key, "TOKENGATE_ENVIRONMENT": self.environment}, **kw)
 
 
 def bearer(token):
@@ -281,6 +281,35 @@ def test_bad_pushes_are_refused_by_the_cli_and_by_envoy():
         assert s[ECDS + "update_rejected"] >= rejected + 4, s
         assert s["wasmcustom.tokengate.bundle.refused"] >= refused + 4, s
         assert "tokengate_bundle_refused" in gw.prometheus()
+
+
+def test_binary_ecds_file_reloads_like_json():
+    """`push envoy --file X.pb` writes binary protobuf (Envoy skips its JSON parser); Envoy's
+    own config dump must show exactly the resource the JSON file would hold."""
+    op = Operator()
+    with op.gateway(ecds_file="tokengate.ecds.pb") as gw:
+        assert status_of(gw, "anything") == 503, "the harness's empty .pb: fail closed"
+        token = op.create("svc")
+        op.push(gw)
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served from a .pb")
+        assert open(gw.ecds_path, "rb").read(1) != b"{", "the CLI wrote JSON into a .pb"
+        dumped = json.loads(gw.admin("/config_dump?resource=ecds_filters")[1])["configs"]
+        assert len(dumped) == 1, dumped
+        served = dumped[0]["ecds_filter"]["typed_config"]["config"]["configuration"]["value"]
+        expected = ecds_resource(served, wasm_path=WASM)
+        assert dumped[0]["ecds_filter"] == expected["resources"][0]
+        assert dumped[0]["version_info"] == expected["version_info"] == "1"
+
+        op.run("revoke", "svc", "--reason", "e2e")
+        op.push(gw)
+        eventually(lambda: status_of(gw, token) == 401, 2.0, "revoked through a .pb")
+        before = gw.stat(ECDS + "update_rejected", 0)
+        tampered = json.loads(served)
+        tampered["version"] += 100
+        write_ecds(gw.ecds_path, json.dumps(tampered), wasm_path=WASM)
+        eventually(lambda: gw.stat(ECDS + "update_rejected", 0) > before, 3.0, "Envoy refused")
+        assert status_of(gw, token) == 401, "the revoked token passed after a bad .pb"
+        assert gw.request("GET", "/healthz")[0] == 200, "the previous bundle stopped serving"
 
 
 def test_hot_reload_under_load_drops_nothing():
