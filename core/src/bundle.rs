@@ -761,19 +761,21 @@ impl TokenTable {
         if self.tokens == MAX_TOKENS {
             return Err(BundleError::TooManyTokens(MAX_TOKENS + 1));
         }
-        if self.names.contains(token.name.as_str()) {
+        let name: Arc<str> = token.name.as_str().into();
+        if !self.names.insert(Arc::clone(&name)) {
             return Err(BundleError::DuplicateName(token.name.clone()));
         }
+        // A scope set is checked once, when first seen: most tokens share a handful.
         let scopes = match self.scope_sets.get(token.scopes.as_slice()) {
             Some(shared) => Arc::clone(shared),
             None => {
+                check_scopes(token)?;
                 let shared = Scopes::new(&token.scopes);
                 let key = token.scopes.clone().into_boxed_slice();
                 self.scope_sets.insert(key, Arc::clone(&shared));
                 shared
             }
         };
-        let name: Arc<str> = token.name.as_str().into();
         // The record itself and, during a rotation's grace, the token it replaced.
         let previous = token.previous.as_ref();
         for as_previous in std::iter::once(None).chain(previous.map(Some)) {
@@ -785,7 +787,6 @@ impl TokenTable {
             }
             self.records.push(record);
         }
-        self.names.insert(name);
         self.tokens += 1;
         Ok(())
     }
@@ -932,6 +933,7 @@ pub fn check_expectation(bundle: &Bundle, expect: &Expectation<'_>) -> Result<()
 impl Record {
     /// Checks one record on its own (a Worker reads them one at a time from KV).
     pub fn from_token_record(token: &TokenRecord) -> Result<Self, BundleError> {
+        check_scopes(token)?;
         check_record(
             token,
             None,
@@ -1000,6 +1002,21 @@ pub fn check_succession(served: Option<&Served>, bundle: &Bundle) -> Result<(), 
 
 /// Checks `token`, or with `as_previous` the token it replaced (its own id, hash and grace;
 /// the name, scopes and lifetime of `token`), into the record a gate looks up.
+/// The checks of a token's scope set (its own; [`TokenTable::add`] runs them once per set).
+fn check_scopes(token: &TokenRecord) -> Result<(), BundleError> {
+    let problem = |problem| BundleError::Token {
+        name: token.name.clone(),
+        problem,
+    };
+    if token.scopes.len() > policy::MAX_SCOPES {
+        return Err(problem("too many scopes"));
+    }
+    if !token.scopes.iter().all(|s| policy::valid_grant(s)) {
+        return Err(problem("a scope is malformed (use 'x:y', 'x:*' or '*')"));
+    }
+    Ok(())
+}
+
 fn check_record(
     token: &TokenRecord,
     as_previous: Option<&PreviousToken>,
@@ -1025,12 +1042,6 @@ fn check_record(
         .ok_or_else(|| problem("hash must be 64 lower-case hex characters"))?;
     if !hash.is_token_id(token_id) {
         return Err(problem("token_id is not the one derived from the hash"));
-    }
-    if token.scopes.len() > policy::MAX_SCOPES {
-        return Err(problem("too many scopes"));
-    }
-    if !token.scopes.iter().all(|s| policy::valid_grant(s)) {
-        return Err(problem("a scope is malformed (use 'x:y', 'x:*' or '*')"));
     }
     if let (Some(nb), Some(exp)) = (token.not_before, token.expires_at) {
         if nb >= exp {
