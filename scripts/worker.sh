@@ -65,9 +65,9 @@ build_worker() {
   # wasm-bindgen warns that the (workspace-wide) strip = true removed the target_features
   # section; it then assumes rustc's defaults, which is what the build uses. Not stripping
   # would keep a names section worker-build's wasm-opt --debuginfo preserves: 100+ KB more.
-  # opt-level "z" for this build only (the workspace profile says "s", for the filter): about
-  # 5% less gzip for a Worker whose latency is KV and the origin, not its own CPU.
-  (cd "$ROOT/worker" && CARGO_PROFILE_RELEASE_OPT_LEVEL=z "$TOOLS/bin/worker-build" --release)
+  # Run from worker/, so cargo reads worker/.cargo/config.toml: opt-level "z" throughout,
+  # without the speed exceptions the workspace profile makes for the filter's reload.
+  (cd "$ROOT/worker" && "$TOOLS/bin/worker-build" --release)
   export TOKENGATE_WORKER_BUILT=1
 }
 
