@@ -227,10 +227,13 @@ class Config:
     """One Envoy configuration under test."""
 
     def __init__(self, name, label, upstream_port, filters=None, start=TOKENGATE_START,
-                 bundle=None, token=None, wasm_path=harness.WASM):
+                 bundle=None, token=None, wasm_path=harness.WASM, ecds_file="tokengate.ecds.json",
+                 cpus=ENVOY_CPU):
         self.name, self.label, self.token, self.bundle = name, label, token, bundle
+        self.cpus = cpus
         env = {"TOKENGATE_SIGNING_KEY": KEY, "TOKENGATE_ENVIRONMENT": ENVIRONMENT}
-        gw = harness.Gateway(env=env, concurrency=1, log_level="warning", wasm_path=wasm_path)
+        gw = harness.Gateway(env=env, concurrency=1, log_level="warning", wasm_path=wasm_path,
+                             ecds_file=ecds_file)
 
         def transform(text):
             text = text.replace(f"port_value: {gw.upstream_port}", f"port_value: {upstream_port}")
@@ -249,7 +252,7 @@ class Config:
             assert outcome == "accepted", self.gw.tail_log()
             harness.wait_for(lambda: self.status(self.token) == 200, timeout=120,
                              what=f"{self.name} serving")
-        pin(self.gw.pid, ENVOY_CPU)
+        pin(self.gw.pid, self.cpus)
         say(f"{self.name}: Envoy pid {self.gw.pid} ready in {time.monotonic() - t0:.1f} s")
 
     def status(self, token):
@@ -343,11 +346,12 @@ def wait_idle(pid, timeout=60.0):
 
 
 def reload_test(name, upstream_port, n, pushes, make, first, wasm_path=harness.WASM, filters=None,
-                start=TOKENGATE_START):
+                start=TOKENGATE_START, ecds_file="tokengate.ecds.json", cpus=ENVOY_CPU):
     """A fresh gateway: RSS with no configuration, with a 10-token one (`first`), then `pushes`
     ECDS pushes of n tokens (`make(version, extra)`), each holding a token no earlier one had;
     time from the push (atomic rename) to that token being served."""
-    cfg = Config(name, name, upstream_port, wasm_path=wasm_path, filters=filters, start=start)
+    cfg = Config(name, name, upstream_port, wasm_path=wasm_path, filters=filters, start=start,
+                 ecds_file=ecds_file, cpus=cpus)
     cfg.start()
     gw, pid = cfg.gw, cfg.gw.pid
     vms = lambda: gw.stat("wasm.envoy.wasm.runtime.v8.active", 0)  # noqa: E731
@@ -491,6 +495,30 @@ def main():
                 "reload-null", up, largest, args.reload_pushes,
                 make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
                 wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+            # The same two with the ECDS file in binary protobuf (`push envoy --file *.pb`):
+            # Envoy skips its JSON parser.
+            results["reload_pb"] = reload_test(
+                "reload-pb", up, largest, args.reload_pushes,
+                make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1),
+                ecds_file="tokengate.ecds.pb")
+            # The same, with Envoy's threads free to use both cores (nothing else runs during
+            # a reload test): the main thread's VM and the worker's then configure side by side.
+            results["reload_pb_2cpu"] = reload_test(
+                "reload-pb-2cpu", up, largest, args.reload_pushes,
+                make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1),
+                ecds_file="tokengate.ecds.pb", cpus=f"{ENVOY_CPU},{LOAD_CPU}")
+            # Other builds of the filter (bench/run.sh makes them), same reload.
+            results["reload_pb_variants"] = {}
+            for variant in args.variant:
+                label, path = variant.split("=", 1)
+                results["reload_pb_variants"][label] = reload_test(
+                    f"reload-pb-{label}", up, largest, args.reload_pushes,
+                    make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1),
+                    wasm_path=path, ecds_file="tokengate.ecds.pb")
+            results["reload_null_pb"] = reload_test(
+                "reload-null-pb", up, largest, args.reload_pushes,
+                make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
+                wasm_path=FLOOR_WASM, filters="", start=GUARD_START, ecds_file="tokengate.ecds.pb")
             # The same floor at the sizes a more compact encoding of the same tokens would
             # have: does any JSON encoding of them fit the targets?
             results["reload_null_sizes"] = []
