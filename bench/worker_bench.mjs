@@ -45,10 +45,18 @@ setTimeout(() => {
 }, 10 * 60 * 1000).unref();
 
 // The minimal JS Worker: SHA-256 of the Bearer token (crypto.subtle), one KV read, forward.
-const JS_WORKER = `
+// With `log`, also one console.log line per request, as tokengate-worker writes (a diagnostic:
+// is its longer latency tail the logging, which Miniflare drains through this process?).
+const jsWorker = (log) => `
 let kvReads = 0;
 export default {
   async fetch(request, env) {
+    const response = await decide(request, env);
+    ${log ? "console.log(`bench status=${response.status} reason=- rule=- subject=- token_id=- method=${request.method} path=${new URL(request.url).pathname} ray=-`);" : ""}
+    return response;
+  },
+};
+async function decide(request, env) {
     const url = new URL(request.url);
     if (url.pathname === "/.well-known/bench/kv_reads") return Response.json({ kv_reads: kvReads });
     const auth = request.headers.get("authorization") ?? "";
@@ -62,8 +70,7 @@ export default {
     headers.delete("authorization");
     headers.set("x-tokengate-subject", JSON.parse(record).name);
     return fetch(env.ORIGIN_URL + url.pathname, { headers });
-  },
-};`;
+}`;
 
 function children() {
   return new Set(
@@ -147,22 +154,31 @@ const tgPid = [...children()].find((p) => !before.has(p));
 const pushed = await tg.pushAll(sign(bundle({ version: 1, environment, tokens }), key));
 if (pushed.final.status !== 200) throw new Error(`push failed: ${pushed.final.status} ${pushed.final.body}`);
 
-const before2 = children();
-const js = new Miniflare({
-  modules: true, script: JS_WORKER, compatibilityDate: "2026-04-01", kvNamespaces: ["TOKENGATE"],
-  bindings: { ORIGIN_URL: originUrl }, unsafeDirectSockets: [{ host: "127.0.0.1", port: 0 }],
-});
-await js.ready;
-const jsPort = Number((await js.unsafeGetDirectURL()).port);
-const jsPid = [...children()].find((p) => !before2.has(p));
-const kv = await js.getKVNamespace("TOKENGATE");
-for (const t of tokens) await kv.put(`token:${t.hash}`, JSON.stringify(t));
-for (const pid of [tgPid, jsPid]) execFileSync("taskset", ["-apc", ENVOY_CPU, pid]);
-say(`tokengate-worker workerd pid ${tgPid} port ${tg.port}; JS Worker workerd pid ${jsPid} port ${jsPort}`);
+async function startJsWorker(log) {
+  const before = children();
+  const mf = new Miniflare({
+    modules: true, script: jsWorker(log), compatibilityDate: "2026-04-01", kvNamespaces: ["TOKENGATE"],
+    bindings: { ORIGIN_URL: originUrl }, unsafeDirectSockets: [{ host: "127.0.0.1", port: 0 }],
+  });
+  await mf.ready;
+  const port = Number((await mf.unsafeGetDirectURL()).port);
+  const pid = [...children()].find((p) => !before.has(p));
+  const kv = await mf.getKVNamespace("TOKENGATE");
+  for (const t of tokens) await kv.put(`token:${t.hash}`, JSON.stringify(t));
+  execFileSync("taskset", ["-apc", ENVOY_CPU, pid]);
+  return { mf, port, pid };
+}
+const js = await startJsWorker(false);
+const jsLog = await startJsWorker(true);
+const [jsPort, jsPid] = [js.port, js.pid];
+execFileSync("taskset", ["-apc", ENVOY_CPU, tgPid]);
+say(`tokengate-worker workerd pid ${tgPid} port ${tg.port}; JS Worker workerd pid ${jsPid} port ${jsPort}; ` +
+  `JS Worker + log pid ${jsLog.pid} port ${jsLog.port}`);
 
 const kvReads = {
   "tokengate-worker": async () => (await tg.status()).kv_reads,
   "js-worker": async () => (await getJson(jsPort, "/.well-known/bench/kv_reads")).kv_reads,
+  "js-worker-log": async () => (await getJson(jsLog.port, "/.well-known/bench/kv_reads")).kv_reads,
 };
 const configs = [];
 for (const [worker, port, label] of [["tokengate-worker", tg.port, "tokengate-worker"], ["js-worker", jsPort, "minimal JS Worker"]]) {
@@ -176,6 +192,9 @@ for (const [worker, port, label] of [["tokengate-worker", tg.port, "tokengate-wo
 configs.push({ name: "tokengate-worker-public", worker: "tokengate-worker", kind: "public",
   label: "tokengate-worker, control: public route, no credential", port: tg.port, token: null,
   pid: tgPid, runs: [] });
+configs.push({ name: "js-worker-log-valid", worker: "js-worker-log", kind: "valid",
+  label: "diagnostic: minimal JS Worker + one console.log per request, valid token", port: jsLog.port,
+  token: valid, pid: jsLog.pid, runs: [] });
 try {
   for (const c of configs) {
     say(`warm-up ${c.name}`);
@@ -198,7 +217,8 @@ try {
   }
 } finally {
   await tg.dispose();
-  await js.dispose();
+  await js.mf.dispose();
+  await jsLog.mf.dispose();
   origin.close();
 }
 
