@@ -327,31 +327,30 @@ fn concurrent_commands_never_corrupt_the_store() {
     }
 }
 
+/// `push envoy --file <dir>/<file>` with a stand-in filter; the file's bytes.
+fn push_envoy(env: &Env, file: &str) -> Vec<u8> {
+    let wasm = env.dir.join("filter.wasm");
+    std::fs::write(&wasm, b"\0asm").unwrap();
+    let path = env.dir.join(file);
+    env.ok(&[
+        "push",
+        "envoy",
+        "--file",
+        path.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+    ]);
+    std::fs::read(path).unwrap()
+}
+
 #[test]
 fn push_envoy_writes_a_bundle_the_filter_accepts_and_never_the_key() {
     let env = Env::new("push");
     let token = env.ok(&["create", "svc"]).trim().to_owned();
     let wasm = env.dir.join("filter.wasm");
-    std::fs::write(&wasm, b"\0asm").unwrap();
     let ecds = env.dir.join("ecds.json");
-    env.ok(&[
-        "push",
-        "envoy",
-        "--file",
-        ecds.to_str().unwrap(),
-        "--wasm",
-        wasm.to_str().unwrap(),
-    ]);
-    let first: serde_json::Value = serde_json::from_slice(&std::fs::read(&ecds).unwrap()).unwrap();
-    env.ok(&[
-        "push",
-        "envoy",
-        "--file",
-        ecds.to_str().unwrap(),
-        "--wasm",
-        wasm.to_str().unwrap(),
-    ]);
-    let second: serde_json::Value = serde_json::from_slice(&std::fs::read(&ecds).unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_slice(&push_envoy(&env, "ecds.json")).unwrap();
+    let second: serde_json::Value = serde_json::from_slice(&push_envoy(&env, "ecds.json")).unwrap();
     let version =
         |v: &serde_json::Value| v["version_info"].as_str().unwrap().parse::<u64>().unwrap();
     assert!(
@@ -382,18 +381,7 @@ fn push_envoy_writes_a_bundle_the_filter_accepts_and_never_the_key() {
 fn push_envoy_to_a_pb_file_writes_binary_protobuf_never_the_key() {
     let env = Env::new("push-pb");
     let token = env.ok(&["create", "svc"]).trim().to_owned();
-    let wasm = env.dir.join("filter.wasm");
-    std::fs::write(&wasm, b"\0asm").unwrap();
-    let ecds = env.dir.join("ecds.pb");
-    env.ok(&[
-        "push",
-        "envoy",
-        "--file",
-        ecds.to_str().unwrap(),
-        "--wasm",
-        wasm.to_str().unwrap(),
-    ]);
-    let binary = std::fs::read(&ecds).unwrap();
+    let binary = push_envoy(&env, "ecds.pb");
     assert!(serde_json::from_slice::<serde_json::Value>(&binary).is_err());
     // The bundle travels inside as it is signed, byte for byte (StringValue.value).
     let head = br#"{"format":"tokengate.bundle/v1","version":1,"#;
