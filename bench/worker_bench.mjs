@@ -156,9 +156,13 @@ if (pushed.final.status !== 200) throw new Error(`push failed: ${pushed.final.st
 
 async function startJsWorker(log) {
   const before = children();
+  // Log lines reach this process as tokengate-worker's do (tests/worker/lib/harness.mjs):
+  // structured, each kept in memory.
+  const logs = [];
   const mf = new Miniflare({
     modules: true, script: jsWorker(log), compatibilityDate: "2026-04-01", kvNamespaces: ["TOKENGATE"],
     bindings: { ORIGIN_URL: originUrl }, unsafeDirectSockets: [{ host: "127.0.0.1", port: 0 }],
+    structuredWorkerdLogs: true, handleStructuredLogs: ({ message }) => { logs.push(message); },
   });
   await mf.ready;
   const port = Number((await mf.unsafeGetDirectURL()).port);

@@ -170,9 +170,10 @@ def write_atomic(path, data):
 
 
 def write_ecds(path, bundle_text="", **kw):
-    """Protobuf JSON, or binary protobuf when path ends in .pb (as Envoy decides, and the CLI)."""
+    """Protobuf JSON, or binary protobuf when path ends in .pb (case-sensitive, as Envoy and
+    the CLI decide)."""
     resource = ecds_resource(bundle_text, **kw)
-    if path.lower().endswith(".pb"):
+    if path.endswith(".pb"):
         write_atomic(path, protobuf(resource, "DiscoveryResponse"))
     else:
         write_atomic(path, json.dumps(resource, indent=2) + "\n")

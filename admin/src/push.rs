@@ -47,10 +47,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// How the ECDS file is encoded; Envoy decides by the file's extension, and so do we.
+/// How the ECDS file is encoded. Envoy decides by the path's ending, case-sensitively
+/// (`ecds.PB` is JSON to Envoy), and so do we: the two must never disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EcdsEncoding {
-    /// Protobuf JSON (any name not ending in `.pb`): readable, and what the demo ships.
+    /// Protobuf JSON (any path not ending in `.pb`): readable, and what the demo ships.
     Json,
     /// Binary protobuf (`*.pb`): Envoy skips its JSON parser, which for a large bundle is
     /// most of Envoy's own share of a reload (bench/README.md).
@@ -58,11 +59,19 @@ pub enum EcdsEncoding {
 }
 
 impl EcdsEncoding {
-    pub fn of(path: &Path) -> Self {
-        match path.extension() {
-            Some(ext) if ext.eq_ignore_ascii_case("pb") => Self::Binary,
-            _ => Self::Json,
+    pub fn of(path: &Path) -> Result<Self> {
+        let name = path.as_os_str().as_encoded_bytes();
+        if name.ends_with(b".pb_text") {
+            anyhow::bail!(
+                "{}: Envoy reads a .pb_text file as protobuf text, which tokengate does not write; name it .pb (binary) or .json",
+                path.display()
+            );
         }
+        Ok(if name.ends_with(b".pb") {
+            Self::Binary
+        } else {
+            Self::Json
+        })
     }
 }
 
@@ -325,6 +334,8 @@ pub fn envoy(
     now: u64,
     who: &Actor,
 ) -> Result<u64> {
+    // Before anything is signed: a name Envoy would read in another encoding changes nothing.
+    let encoding = EcdsEncoding::of(file)?;
     let wasm = std::fs::canonicalize(wasm).with_context(|| {
         format!(
             "the filter {} does not exist (build it: cargo build -p tokengate-plugin --target wasm32-wasip1 --release)",
@@ -335,12 +346,7 @@ pub fn envoy(
         Some(path) => prebuilt(store, key, path)?,
         None => crate::issue_bundle(store, key, Target::Envoy, now, who)?,
     };
-    let resource = ecds_file(
-        &bundle.to_json(),
-        bundle.version,
-        &wasm,
-        EcdsEncoding::of(file),
-    )?;
+    let resource = ecds_file(&bundle.to_json(), bundle.version, &wasm, encoding)?;
     let destination = file.display().to_string();
     let details = serde_json::json!({"version": bundle.version, "file": destination, "tokens": bundle.tokens.len()});
     store.transaction(who, "push.envoy", None, details, now, |tx| {
@@ -460,4 +466,22 @@ pub fn worker(
         }
     }
     anyhow::bail!("the Worker had not applied version {} after {MAX_WORKER_ROUNDS} requests or {} minutes; run the push again", bundle.version, WORKER_PUSH_DEADLINE.as_secs() / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_encoding_follows_the_path_ending_exactly_as_envoy_reads_it() {
+        let of = |p: &str| EcdsEncoding::of(Path::new(p)).ok();
+        assert_eq!(of("run/tokengate.ecds.pb"), Some(EcdsEncoding::Binary));
+        assert_eq!(of("run/.pb"), Some(EcdsEncoding::Binary));
+        // Envoy compares case-sensitively: to it these are JSON (or YAML), so they get JSON.
+        for json in ["run/ecds.PB", "run/ecds.json", "run/ecds.yaml", "run/ecds"] {
+            assert_eq!(of(json), Some(EcdsEncoding::Json), "{json}");
+        }
+        // Protobuf text: Envoy would read it as such, and tokengate does not write it.
+        assert_eq!(of("run/ecds.pb_text"), None);
+    }
 }

@@ -381,6 +381,11 @@ fn push_envoy_writes_a_bundle_the_filter_accepts_and_never_the_key() {
 fn push_envoy_to_a_pb_file_writes_binary_protobuf_never_the_key() {
     let env = Env::new("push-pb");
     let token = env.ok(&["create", "svc"]).trim().to_owned();
+    // A name Envoy would read as protobuf text: refused before anything is signed or written.
+    let text = env.dir.join("ecds.pb_text");
+    let error = env.fails(&["push", "envoy", "--file", text.to_str().unwrap()], "");
+    assert!(error.contains(".pb_text"), "{error}");
+    assert!(!text.exists());
     let binary = push_envoy(&env, "ecds.pb");
     assert!(serde_json::from_slice::<serde_json::Value>(&binary).is_err());
     // The bundle travels inside as it is signed, byte for byte (StringValue.value).

@@ -1000,9 +1000,7 @@ pub fn check_succession(served: Option<&Served>, bundle: &Bundle) -> Result<(), 
     }
 }
 
-/// Checks `token`, or with `as_previous` the token it replaced (its own id, hash and grace;
-/// the name, scopes and lifetime of `token`), into the record a gate looks up.
-/// The checks of a token's scope set (its own; [`TokenTable::add`] runs them once per set).
+/// The checks of a token's scope set ([`TokenTable::add`] runs them once per distinct set).
 fn check_scopes(token: &TokenRecord) -> Result<(), BundleError> {
     let problem = |problem| BundleError::Token {
         name: token.name.clone(),
@@ -1017,6 +1015,8 @@ fn check_scopes(token: &TokenRecord) -> Result<(), BundleError> {
     Ok(())
 }
 
+/// Checks `token`, or with `as_previous` the token it replaced (its own id, hash and grace;
+/// the name, scopes and lifetime of `token`), into the record a gate looks up.
 fn check_record(
     token: &TokenRecord,
     as_previous: Option<&PreviousToken>,
@@ -1230,6 +1230,51 @@ mod tests {
                     assert_eq!(a.err(), b.err(), "{what}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_distinct_scope_set_is_checked_even_after_valid_ones() {
+        let key = SigningKey::from_bytes([9; 32]);
+        let token = |i: u32, scopes: &[&str]| {
+            let hash = TokenHash::of(format!("secret-{i}-secret-{i}").as_bytes());
+            TokenRecord {
+                name: format!("t{i}"),
+                token_id: hash.token_id(),
+                hash: hash.to_hex(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                ..bundle().tokens[0].clone()
+            }
+        };
+        let too_many: Vec<String> = (0..=policy::MAX_SCOPES)
+            .map(|i| format!("s{i}:read"))
+            .collect();
+        let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+        for (bad, problem) in [
+            (
+                token(3, &["orders:read", "Orders!"]),
+                "a scope is malformed",
+            ),
+            (token(3, &too_many), "too many scopes"),
+        ] {
+            let mut b = bundle();
+            // Two tokens with a valid set first (the second reuses the first's), then the bad one.
+            b.tokens = vec![
+                token(1, &["orders:read"]),
+                token(2, &["orders:read"]),
+                bad.clone(),
+            ];
+            b.sign(&key);
+            let refused = Gate::load(b.to_json().as_bytes(), &key, &EXPECT).map(|_| ());
+            assert!(
+                matches!(&refused, Err(BundleError::Token { name, problem: p }) if name == "t3" && p.starts_with(problem)),
+                "{refused:?}"
+            );
+            // A record read on its own (the Worker's KV value) is checked the same way.
+            assert!(matches!(
+                Record::from_token_record(&bad),
+                Err(BundleError::Token { .. })
+            ));
         }
     }
 
