@@ -485,40 +485,35 @@ def main():
     try:
         if args.reload_pushes > 0:
             say("reload and memory")
-            results["reload"] = reload_test(
-                "reload", up, largest, args.reload_pushes,
-                make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1))
-            # The floor of any design that ships tokens in the plugin configuration: a
-            # configuration as large as the bundle, which the filter copies in and ignores.
+            # tokengate: pushes of the largest bundle. The floor of any design that ships
+            # tokens in the plugin configuration: a configuration as large as the bundle,
+            # which the minimal filter copies in and ignores.
             big = tokens.bundle(largest, 1)
-            results["reload_null"] = reload_test(
-                "reload-null", up, largest, args.reload_pushes,
-                make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
-                wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
-            # The same two with the ECDS file in binary protobuf (`push envoy --file *.pb`):
-            # Envoy skips its JSON parser.
-            results["reload_pb"] = reload_test(
-                "reload-pb", up, largest, args.reload_pushes,
-                make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1),
-                ecds_file="tokengate.ecds.pb")
+            gate = dict(make=lambda v, extra: tokens.bundle(largest, v, extra),
+                        first=tokens.bundle(10, 1))
+            floor = dict(make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
+                         wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+            binary = dict(ecds_file="tokengate.ecds.pb")  # `push envoy --file *.pb`
+            results["reload"] = reload_test("reload", up, largest, args.reload_pushes, **gate)
+            results["reload_null"] = reload_test("reload-null", up, largest, args.reload_pushes,
+                                                 **floor)
+            # The same two with the ECDS file in binary protobuf: Envoy skips its JSON parser.
+            results["reload_pb"] = reload_test("reload-pb", up, largest, args.reload_pushes,
+                                               **gate, **binary)
             # The same, with Envoy's threads free to use both cores (nothing else runs during
             # a reload test): the main thread's VM and the worker's then configure side by side.
             results["reload_pb_2cpu"] = reload_test(
-                "reload-pb-2cpu", up, largest, args.reload_pushes,
-                make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1),
-                ecds_file="tokengate.ecds.pb", cpus=f"{ENVOY_CPU},{LOAD_CPU}")
+                "reload-pb-2cpu", up, largest, args.reload_pushes, **gate, **binary,
+                cpus=f"{ENVOY_CPU},{LOAD_CPU}")
             # Other builds of the filter (bench/run.sh makes them), same reload.
             results["reload_pb_variants"] = {}
             for variant in args.variant:
                 label, path = variant.split("=", 1)
                 results["reload_pb_variants"][label] = reload_test(
-                    f"reload-pb-{label}", up, largest, args.reload_pushes,
-                    make=lambda v, extra: tokens.bundle(largest, v, extra), first=tokens.bundle(10, 1),
-                    wasm_path=path, ecds_file="tokengate.ecds.pb")
+                    f"reload-pb-{label}", up, largest, args.reload_pushes, **gate, **binary,
+                    wasm_path=path)
             results["reload_null_pb"] = reload_test(
-                "reload-null-pb", up, largest, args.reload_pushes,
-                make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
-                wasm_path=FLOOR_WASM, filters="", start=GUARD_START, ecds_file="tokengate.ecds.pb")
+                "reload-null-pb", up, largest, args.reload_pushes, **floor, **binary)
             # The same floor at the sizes a more compact encoding of the same tokens would
             # have: does any JSON encoding of them fit the targets?
             results["reload_null_sizes"] = []
