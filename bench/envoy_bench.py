@@ -72,9 +72,8 @@ def bad_checksum(token):
 
 def record(i, token):
     h = hashlib.sha256(token.encode()).hexdigest()
-    return {"name": f"svc-{i:07d}", "token_id": "tid_" + h[:16], "hash": h,
-            "scopes": ["orders:read"], "created_at": NOW - 30 * DAY, "not_before": None,
-            "expires_at": None, "revoked_at": None, "grace_until": None, "previous": None}
+    return {"name": f"svc-{i:07d}", "hash": h, "scopes": ["orders:read"],
+            "created_at": NOW - 30 * DAY}
 
 
 def rule(name, path, access="token", methods=(), all_of=(), any_of=()):

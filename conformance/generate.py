@@ -40,14 +40,16 @@ def sha(token: str) -> str:
 
 def record(name, token, scopes, created=NOW - 30 * DAY, not_before=None, expires=None,
            revoked=None, previous=None, grace=None):
-    h = sha(token)
-    prev = None
+    """A token record as the CLI writes it: optional members only when set; the token id
+    is not in it (targets derive it from the hash)."""
+    out = {"name": name, "hash": sha(token), "scopes": scopes, "created_at": created}
+    for member, value in [("not_before", not_before), ("expires_at", expires),
+                          ("revoked_at", revoked)]:
+        if value is not None:
+            out[member] = value
     if previous is not None:
-        ph = sha(previous)
-        prev = {"token_id": "tid_" + ph[:16], "hash": ph, "grace_until": grace}
-    return {"name": name, "token_id": "tid_" + h[:16], "hash": h, "scopes": scopes,
-            "created_at": created, "not_before": not_before, "expires_at": expires,
-            "revoked_at": revoked, "grace_until": None, "previous": prev}
+        out["previous"] = {"hash": sha(previous), "grace_until": grace}
+    return out
 
 
 def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=(), cf_access=False):
@@ -375,6 +377,9 @@ REFUSALS = [
         20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES)))),
     refusal("rotation's previous hash is another token's hash", json.dumps(sign(bundle(
         20, MAIN_TOKENS + [record("rot", T["never-issued"], [], previous=T["root"], grace=NOW)],
+        POLICY, SOURCES)))),
+    refusal("token_id (as earlier releases wrote it) not derived from the hash", json.dumps(sign(bundle(
+        20, [{**record("x", T["root"], ["*"]), "token_id": "tid_" + sha(T["monitor"])[:16]}],
         POLICY, SOURCES)))),
     refusal("bad scope", json.dumps(sign(bundle(
         20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES)))),

@@ -102,24 +102,16 @@ impl Token {
 
     /// The bundle form: hashes only.
     pub fn record(&self, now: u64) -> TokenRecord {
-        let previous = match (
-            &self.previous_token_id,
-            &self.previous_hash,
-            self.previous_grace_until,
-        ) {
+        let previous = match (&self.previous_hash, self.previous_grace_until) {
             // A finished grace period is simply dropped from the bundle.
-            (Some(token_id), Some(hash), Some(grace_until)) if grace_until > now => {
-                Some(PreviousToken {
-                    token_id: token_id.clone(),
-                    hash: hash.clone(),
-                    grace_until,
-                })
-            }
+            (Some(hash), Some(grace_until)) if grace_until > now => Some(PreviousToken {
+                hash: hash.clone(),
+                grace_until,
+            }),
             _ => None,
         };
         TokenRecord {
             name: self.name.clone(),
-            token_id: self.token_id.clone(),
             hash: self.hash.clone(),
             scopes: self.scopes.clone(),
             created_at: self.created_at,

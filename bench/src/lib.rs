@@ -112,10 +112,8 @@ pub fn bundle_json(n: u64, version: u64) -> String {
     let tokens: Vec<serde_json::Value> = (0..n)
         .map(|i| {
             let hash = token::TokenHash::of(token(i).as_bytes());
-            serde_json::json!({"name": format!("svc-{i:07}"), "token_id": hash.token_id(),
-                "hash": hash.to_hex(), "scopes": ["orders:read"], "created_at": NOW - 86_400,
-                "not_before": null, "expires_at": null, "revoked_at": null,
-                "grace_until": null, "previous": null})
+            serde_json::json!({"name": format!("svc-{i:07}"), "hash": hash.to_hex(),
+                "scopes": ["orders:read"], "created_at": NOW - 86_400})
         })
         .collect();
     let document = serde_json::json!({"format": "tokengate.bundle/v1", "version": version,

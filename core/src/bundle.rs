@@ -99,14 +99,14 @@ pub struct AccessConfig {
     pub audiences: Vec<String>,
 }
 
-/// One token, as every target sees it: no plaintext.
+/// One token, as every target sees it: no plaintext. Absent optional members are left out
+/// of the serialised form (a 100,000-token bundle is mostly records), and the public token
+/// id is derived from the hash where it is needed ([`TokenHash::token_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRecord {
     /// Unique name; becomes `x-tokengate-subject`.
     pub name: String,
-    /// Public id derived from the hash.
-    pub token_id: String,
     /// Lower-case hex SHA-256 of the token.
     pub hash: String,
     /// Granted scopes (`x:y`, `x:*`, `*`).
@@ -114,16 +114,20 @@ pub struct TokenRecord {
     /// Unix seconds of creation.
     pub created_at: u64,
     /// Not valid before this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<u64>,
     /// Not valid at or after this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
     /// Revoked at this instant (any value revokes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<u64>,
-    /// This hash stops being valid at this instant. Null in bundles; set on the lookup
+    /// This hash stops being valid at this instant. Absent in bundles; set on the lookup
     /// record of a replaced token (see [`TokenRecord::lookup_records`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_until: Option<u64>,
     /// The token this one replaced by rotation, valid until the end of its grace period.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<PreviousToken>,
 }
 
@@ -132,8 +136,6 @@ pub struct TokenRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreviousToken {
-    /// Public id derived from the old hash.
-    pub token_id: String,
     /// Lower-case hex SHA-256 of the old token.
     pub hash: String,
     /// The old token is valid until this instant (exclusive).
@@ -261,7 +263,6 @@ impl TokenRecord {
     pub fn read(r: &mut Reader<'_>) -> json::Result<Self> {
         let mut fields = Fields::new(&[
             "name",
-            "token_id",
             "hash",
             "scopes",
             "created_at",
@@ -270,28 +271,29 @@ impl TokenRecord {
             "revoked_at",
             "grace_until",
             "previous",
+            LEGACY_TOKEN_ID,
         ]);
-        let (mut name, mut token_id, mut hash, mut scopes) = (None, None, None, None);
-        let mut created_at = None;
+        let (mut name, mut hash, mut scopes, mut created_at) = (None, None, None, None);
         let mut times = [None; 4];
-        let mut previous = None;
+        let (mut previous, mut token_id) = (None, None);
         r.object(|r, key| {
             match fields.index(r, key)? {
                 0 => name = Some(r.string()?),
-                1 => token_id = Some(r.string()?),
-                2 => hash = Some(r.string()?),
-                3 => scopes = Some(r.strings()?),
-                4 => created_at = Some(r.u64()?),
-                i @ 5..=8 => times[i - 5] = r.nullable(Reader::u64)?,
-                _ => previous = r.nullable(PreviousToken::read)?,
+                1 => hash = Some(r.string()?),
+                2 => scopes = Some(r.strings()?),
+                3 => created_at = Some(r.u64()?),
+                i @ 4..=7 => times[i - 4] = r.nullable(Reader::u64)?,
+                8 => previous = r.nullable(PreviousToken::read)?,
+                _ => token_id = Some(r.string()?),
             }
             Ok(())
         })?;
         let [not_before, expires_at, revoked_at, grace_until] = times;
+        let hash = required(r, hash, "hash")?;
+        check_legacy_token_id(r, token_id.as_deref(), &hash)?;
         Ok(Self {
             name: required(r, name, "name")?,
-            token_id: required(r, token_id, "token_id")?,
-            hash: required(r, hash, "hash")?,
+            hash,
             scopes: required(r, scopes, "scopes")?,
             created_at: required(r, created_at, "created_at")?,
             not_before,
@@ -308,21 +310,40 @@ impl TokenRecord {
     }
 }
 
+/// The member records written before the token id was left to be derived carried. Still
+/// read, so that an ECDS file or a KV record from an earlier release keeps serving until the
+/// next push rewrites it, and only if it is the id derived from the record's hash.
+const LEGACY_TOKEN_ID: &str = "token_id";
+
+fn check_legacy_token_id(r: &Reader<'_>, token_id: Option<&str>, hash: &str) -> json::Result<()> {
+    let Some(id) = token_id else {
+        return Ok(());
+    };
+    match TokenHash::from_hex(hash) {
+        Some(hash) if !hash.is_token_id(id) => {
+            Err(r.error("token_id is not the one derived from the hash"))
+        }
+        // A malformed hash is refused, by name, when the record is checked.
+        _ => Ok(()),
+    }
+}
+
 impl PreviousToken {
     fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["token_id", "hash", "grace_until"]);
-        let (mut token_id, mut hash, mut grace_until) = (None, None, None);
+        let mut fields = Fields::new(&["hash", "grace_until", LEGACY_TOKEN_ID]);
+        let (mut hash, mut grace_until, mut token_id) = (None, None, None);
         r.object(|r, key| {
             match fields.index(r, key)? {
-                0 => token_id = Some(r.string()?),
-                1 => hash = Some(r.string()?),
-                _ => grace_until = Some(r.u64()?),
+                0 => hash = Some(r.string()?),
+                1 => grace_until = Some(r.u64()?),
+                _ => token_id = Some(r.string()?),
             }
             Ok(())
         })?;
+        let hash = required(r, hash, "hash")?;
+        check_legacy_token_id(r, token_id.as_deref(), &hash)?;
         Ok(Self {
-            token_id: required(r, token_id, "token_id")?,
-            hash: required(r, hash, "hash")?,
+            hash,
             grace_until: required(r, grace_until, "grace_until")?,
         })
     }
@@ -340,7 +361,6 @@ impl TokenRecord {
         let mut out = vec![current];
         if let Some(previous) = &self.previous {
             out.push(TokenRecord {
-                token_id: previous.token_id.clone(),
                 hash: previous.hash.clone(),
                 grace_until: Some(previous.grace_until),
                 previous: None,
@@ -633,6 +653,37 @@ impl Hasher for DigestHasher {
 
 type Index = HashMap<[u8; 32], u32, BuildHasherDefault<DigestHasher>>;
 
+/// The hasher of the sets a load checks uniqueness with (names, scope sets): rotate, xor and
+/// multiply per 8-byte word (as rustc's FxHash), then a final mix so that the low bits, which
+/// pick the bucket, depend on every byte (names share long prefixes). Several times cheaper
+/// than SipHash on short keys; flooding resistance buys nothing here, since the keys come from
+/// a bundle whose signature was verified before its first record is read.
+#[derive(Default)]
+struct LoadHasher(u64);
+
+impl Hasher for LoadHasher {
+    fn finish(&self) -> u64 {
+        // MurmurHash3's 64-bit finaliser.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+}
+
+type LoadSet<T> = HashSet<T, BuildHasherDefault<LoadHasher>>;
+type LoadMap<K, V> = HashMap<K, V, BuildHasherDefault<LoadHasher>>;
+
 /// A verified, validated bundle ready to decide requests. Lookups are O(1) in the number
 /// of tokens.
 #[derive(Debug, Clone)]
@@ -725,9 +776,9 @@ struct TokenTable {
     index: Index,
     /// One per recognised hash (a rotated token has two).
     records: Vec<Record>,
-    names: HashSet<Arc<str>>,
+    names: LoadSet<Arc<str>>,
     /// Most tokens share a handful of scope sets: one copy of each.
-    scope_sets: HashMap<Box<[String]>, Arc<Scopes>>,
+    scope_sets: LoadMap<Box<[String]>, Arc<Scopes>>,
     /// Token records added (a rotated token counts once).
     tokens: usize,
 }
@@ -738,8 +789,8 @@ impl TokenTable {
         Self {
             index: Index::with_capacity_and_hasher(hashes, Default::default()),
             records: Vec::with_capacity(hashes),
-            names: HashSet::with_capacity(tokens),
-            scope_sets: HashMap::new(),
+            names: LoadSet::with_capacity_and_hasher(tokens, Default::default()),
+            scope_sets: LoadMap::default(),
             tokens: 0,
         }
     }
@@ -1015,7 +1066,7 @@ fn check_scopes(token: &TokenRecord) -> Result<(), BundleError> {
     Ok(())
 }
 
-/// Checks `token`, or with `as_previous` the token it replaced (its own id, hash and grace;
+/// Checks `token`, or with `as_previous` the token it replaced (its own hash and grace;
 /// the name, scopes and lifetime of `token`), into the record a gate looks up.
 fn check_record(
     token: &TokenRecord,
@@ -1027,22 +1078,15 @@ fn check_record(
         name: token.name.clone(),
         problem,
     };
-    let (token_id, hash, grace_until) = match as_previous {
-        Some(previous) => (
-            &previous.token_id,
-            &previous.hash,
-            Some(previous.grace_until),
-        ),
-        None => (&token.token_id, &token.hash, token.grace_until),
+    let (hash, grace_until) = match as_previous {
+        Some(previous) => (&previous.hash, Some(previous.grace_until)),
+        None => (&token.hash, token.grace_until),
     };
     if !policy::valid_name(&token.name) {
         return Err(problem("name must match [a-z0-9][a-z0-9._-]{0,63}"));
     }
     let hash = TokenHash::from_hex(hash)
         .ok_or_else(|| problem("hash must be 64 lower-case hex characters"))?;
-    if !hash.is_token_id(token_id) {
-        return Err(problem("token_id is not the one derived from the hash"));
-    }
     if let (Some(nb), Some(exp)) = (token.not_before, token.expires_at) {
         if nb >= exp {
             return Err(problem("not_before is not before expires_at"));
@@ -1079,7 +1123,6 @@ mod tests {
             },
             tokens: vec![TokenRecord {
                 name: "ci".into(),
-                token_id: hash.token_id(),
                 hash: hash.to_hex(),
                 scopes: vec!["orders:*".into()],
                 created_at: 900,
@@ -1172,20 +1215,18 @@ mod tests {
         let old = TokenHash::of(b"secret-old-secret-old");
         let mut rotated = bundle();
         rotated.tokens[0].previous = Some(PreviousToken {
-            token_id: old.token_id(),
             hash: old.to_hex(),
             grace_until: 2_000,
         });
         let mut second = rotated.tokens[0].clone();
         second.name = "second".into();
         let other = TokenHash::of(b"secret-two-secret-two");
-        (second.hash, second.token_id, second.previous) = (other.to_hex(), other.token_id(), None);
+        (second.hash, second.previous) = (other.to_hex(), None);
         rotated.tokens.push(second.clone());
         let mut same_name = rotated.clone();
         same_name.tokens[1].name = "ci".into();
         let mut same_hash = rotated.clone();
         same_hash.tokens[1].hash = old.to_hex();
-        same_hash.tokens[1].token_id = old.token_id();
         let mut bad_hash = rotated.clone();
         bad_hash.tokens[1].hash = "AB".repeat(32);
         let mut bad_environment = rotated.clone();
@@ -1240,7 +1281,6 @@ mod tests {
             let hash = TokenHash::of(format!("secret-{i}-secret-{i}").as_bytes());
             TokenRecord {
                 name: format!("t{i}"),
-                token_id: hash.token_id(),
                 hash: hash.to_hex(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 ..bundle().tokens[0].clone()
@@ -1318,5 +1358,65 @@ mod tests {
             Gate::load(b.to_json().as_bytes(), &key, &worker),
             Err(BundleError::WrongTarget { .. })
         ));
+    }
+
+    #[test]
+    fn records_leave_out_what_is_absent_and_an_earlier_release_s_form_still_loads() {
+        let record = bundle().tokens[0].clone();
+        let hash = TokenHash::from_hex(&record.hash).unwrap();
+        let written = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            written,
+            format!(
+                r#"{{"name":"ci","hash":"{}","scopes":["orders:*"],"created_at":900}}"#,
+                record.hash
+            )
+        );
+        assert_eq!(TokenRecord::from_json(written.as_bytes()).unwrap(), record);
+
+        // As releases before 2026-12 wrote records: every member, the derived id included.
+        let id = hash.token_id();
+        let earlier = |id: &str| {
+            format!(
+                r#""name":"ci","token_id":"{id}","hash":"{}","scopes":["orders:*"],"created_at":900,"not_before":null,"expires_at":null,"revoked_at":null,"grace_until":null,"previous":null"#,
+                record.hash
+            )
+        };
+        let earlier_record = format!("{{{}}}", earlier(&id));
+        assert_eq!(
+            TokenRecord::from_json(earlier_record.as_bytes()).unwrap(),
+            record
+        );
+        let wrong_id = format!("{{{}}}", earlier("tid_0000000000000000"));
+        assert!(TokenRecord::from_json(wrong_id.as_bytes()).is_err());
+        let old = TokenHash::of(b"secret-old-secret-old");
+        let replaced = |id: &str| {
+            format!(
+                r#"{{"name":"ci","hash":"{}","scopes":[],"created_at":9,"previous":{{"token_id":"{id}","hash":"{}","grace_until":5}}}}"#,
+                record.hash,
+                old.to_hex()
+            )
+        };
+        assert!(TokenRecord::from_json(replaced(&old.token_id()).as_bytes()).is_ok());
+        assert!(TokenRecord::from_json(replaced(&id).as_bytes()).is_err());
+
+        // A whole bundle an earlier release signed (an ECDS file still on disk) loads as sent.
+        let key = SigningKey::from_bytes([9; 32]);
+        let canonical = String::from_utf8(bundle().canonical_bytes()).unwrap();
+        let current = &written[1..written.len() - 1];
+        let signed_earlier = |id: &str| {
+            let canonical = canonical.replace(current, &earlier(id));
+            let tag = key.sign_bytes(canonical.as_bytes());
+            format!(
+                "{},\"signature\":\"{tag}\"}}",
+                &canonical[..canonical.len() - 1]
+            )
+        };
+        let verified = load_verified(signed_earlier(&id).as_bytes(), &key).unwrap();
+        assert_eq!(
+            (verified.table.tokens, verified.table.records.len()),
+            (1, 1)
+        );
+        assert!(load_verified(signed_earlier("tid_0000000000000000").as_bytes(), &key).is_err());
     }
 }

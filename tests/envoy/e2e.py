@@ -76,9 +76,9 @@ def retime(bundle, offset, version):
         b["revoke_all_at"] += offset
     for t in b["tokens"]:
         for field in ("created_at", "not_before", "expires_at", "revoked_at", "grace_until"):
-            if t[field] is not None:
+            if t.get(field) is not None:
                 t[field] += offset
-        if t["previous"]:
+        if t.get("previous"):
             t["previous"]["grace_until"] += offset
     canonical = json.dumps(b, separators=(",", ":"), ensure_ascii=False).encode()
     b["signature"] = hmac.new(bytes.fromhex(VECTORS["key"]), canonical, hashlib.sha256).hexdigest()

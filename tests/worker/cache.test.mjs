@@ -128,6 +128,21 @@ export default function (suite, { origin }) {
     assert.equal((await call(bearer(live))).status, 200, "recovers once the meta is good again");
   });
 
+  suite.test("a KV record as releases before 2026-12-02 wrote it still serves; with a token_id not its hash's, 503", async () => {
+    const kv = await worker.kv();
+    const written = async (token, tokenId) => {
+      const r = record("earlier", token, ["orders:read"]);
+      const full = { name: r.name, token_id: tokenId(r.hash), hash: r.hash, scopes: r.scopes, created_at: r.created_at };
+      Object.assign(full, { not_before: null, expires_at: null, revoked_at: null, grace_until: null, previous: null });
+      await kv.put(`token:${r.hash}`, JSON.stringify(full));
+      const res = await call(bearer(token));
+      await kv.delete(`token:${r.hash}`);
+      return [res.status, (await worker.decision(res.ray)).reason];
+    };
+    assert.deepEqual(await written(makeToken(), (hash) => `tid_${hash.slice(0, 16)}`), [200, "valid"]);
+    assert.deepEqual(await written(makeToken(), () => "tid_0000000000000000"), [503, "internal"]);
+  });
+
   suite.test("KV holds hashes only: no key or value contains a plaintext token", async () => {
     const snapshot = await worker.snapshot();
     const keys = Object.keys(snapshot);

@@ -42,7 +42,7 @@ export default function (suite, { origin }) {
     const seen = upstreamOf(res);
     assert.deepEqual(headerValues(seen.headers, "x-tokengate-subject"), ["ci-deploy"]);
     assert.deepEqual(headerValues(seen.headers, "x-tokengate-scopes"), ["orders:read deploy:write"]);
-    assert.deepEqual(headerValues(seen.headers, "x-tokengate-token-id"), [ciRecord.token_id]);
+    assert.deepEqual(headerValues(seen.headers, "x-tokengate-token-id"), [`tid_${ciRecord.hash.slice(0, 16)}`]);
     assert.deepEqual(headerValues(seen.headers, "authorization"), [], "the credential is not forwarded");
   });
 

@@ -43,24 +43,17 @@ export function corrupt(token) {
   return token.slice(0, -1) + (last === "A" ? "B" : "A");
 }
 
+/** A token record as the CLI writes it: optional members only when set, no token id. */
 export function record(name, token, scopes, opts = {}) {
-  const hash = sha256Hex(token);
-  let previous = null;
-  if (opts.previous) {
-    const old = sha256Hex(opts.previous);
-    previous = { token_id: `tid_${old.slice(0, 16)}`, hash: old, grace_until: opts.grace_until };
-  }
   return {
     name,
-    token_id: `tid_${hash.slice(0, 16)}`,
-    hash,
+    hash: sha256Hex(token),
     scopes,
     created_at: opts.created_at ?? nowSecs() - 60,
-    not_before: opts.not_before ?? null,
-    expires_at: opts.expires_at ?? null,
-    revoked_at: opts.revoked_at ?? null,
-    grace_until: null,
-    previous,
+    not_before: opts.not_before,
+    expires_at: opts.expires_at,
+    revoked_at: opts.revoked_at,
+    previous: opts.previous ? { hash: sha256Hex(opts.previous), grace_until: opts.grace_until } : undefined,
   };
 }
 
@@ -79,19 +72,17 @@ export function rule(name, match, access = "token", opts = {}) {
 
 /** Rebuilds a bundle with every object's fields in the model's declaration order. */
 export function canonical(b) {
+  // JSON.stringify leaves out members that are undefined: absent optionals are not written.
   const token = (t) => ({
     name: t.name,
-    token_id: t.token_id,
     hash: t.hash,
     scopes: t.scopes,
     created_at: t.created_at,
-    not_before: t.not_before ?? null,
-    expires_at: t.expires_at ?? null,
-    revoked_at: t.revoked_at ?? null,
-    grace_until: t.grace_until ?? null,
-    previous: t.previous
-      ? { token_id: t.previous.token_id, hash: t.previous.hash, grace_until: t.previous.grace_until }
-      : null,
+    not_before: t.not_before ?? undefined,
+    expires_at: t.expires_at ?? undefined,
+    revoked_at: t.revoked_at ?? undefined,
+    grace_until: t.grace_until ?? undefined,
+    previous: t.previous ? { hash: t.previous.hash, grace_until: t.previous.grace_until } : undefined,
   });
   const r = (x) => rule(x.name, "exact" in x.path ? { exact: x.path.exact } : { prefix: x.path.prefix }, x.access, x);
   return {
