@@ -150,10 +150,10 @@ def ecds_resource(bundle_text="", version_info=None, wasm_path=WASM):
     }
 
 
-def write_atomic(path, data):
+def write_atomic(path, data, before_rename=None):
     """Writes data (str or bytes) to a temporary file in path's directory, fsyncs it and
     renames it over path, so Envoy's watch sees one complete file (IN_MOVED_TO), never a
-    partial one."""
+    partial one. `before_rename()`, if given, runs just before the rename (a timer's start)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tokengate.", suffix=".tmp", dir=directory)
     try:
@@ -162,6 +162,8 @@ def write_atomic(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; Envoy may run as another user
+        if before_rename:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -169,14 +171,15 @@ def write_atomic(path, data):
         raise
 
 
-def write_ecds(path, bundle_text="", **kw):
+def write_ecds(path, bundle_text="", before_rename=None, **kw):
     """Protobuf JSON, or binary protobuf when path ends in .pb (case-sensitive, as Envoy and
-    the CLI decide)."""
+    the CLI decide). `before_rename` as for `write_atomic`."""
     resource = ecds_resource(bundle_text, **kw)
     if path.endswith(".pb"):
-        write_atomic(path, protobuf(resource, "DiscoveryResponse"))
+        data = protobuf(resource, "DiscoveryResponse")
     else:
-        write_atomic(path, json.dumps(resource, indent=2) + "\n")
+        data = json.dumps(resource, indent=2) + "\n"
+    write_atomic(path, data, before_rename)
 
 
 # The few Envoy v3 messages of the ECDS resource: JSON name -> (field number, kind), where a

@@ -166,6 +166,7 @@ impl RootContext for GateRoot {
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
+        let started = self.get_current_time();
         let metrics = Rc::new(Metrics::define());
         self.metrics = Some(Rc::clone(&metrics));
         let config = self.get_plugin_configuration().unwrap_or_default();
@@ -205,10 +206,14 @@ impl RootContext for GateRoot {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "tokengate: serving bundle version {} for {} ({} tokens)",
+                        "tokengate: serving bundle version {} for {} ({} tokens, loaded in {} ms)",
                         gate.version(),
                         gate.environment(),
-                        gate.token_count()
+                        gate.token_count(),
+                        self.get_current_time()
+                            .duration_since(started)
+                            .unwrap_or_default()
+                            .as_millis()
                     ),
                 );
                 self.serve(Rc::new(gate), &metrics);
