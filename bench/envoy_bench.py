@@ -395,7 +395,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load per config")
     ap.add_argument("--reload-pushes", type=int, default=3, help="0: no reload test")
     ap.add_argument("--sizes", default="10,10000,100000")
-    ap.add_argument("--null-mb", default="13.5,7", metavar="MB,…",
+    ap.add_argument("--null-mb", default="7", metavar="MB,…",
                     help="also measure the reload floor with configurations of these sizes "
                          "(what a more compact bundle encoding would cost Envoy)")
     ap.add_argument("--perf", type=int, default=1, help="1: profile some configs with perf")
