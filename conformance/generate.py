@@ -378,9 +378,10 @@ REFUSALS = [
     refusal("rotation's previous hash is another token's hash", json.dumps(sign(bundle(
         20, MAIN_TOKENS + [record("rot", T["never-issued"], [], previous=T["root"], grace=NOW)],
         POLICY, SOURCES)))),
+    # Compact, as signed: the signature verifies on the bytes sent, so only the id can refuse it.
     refusal("token_id (as earlier releases wrote it) not derived from the hash", json.dumps(sign(bundle(
         20, [{**record("x", T["root"], ["*"]), "token_id": "tid_" + sha(T["monitor"])[:16]}],
-        POLICY, SOURCES)))),
+        POLICY, SOURCES)), separators=(",", ":"))),
     refusal("bad scope", json.dumps(sign(bundle(
         20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES)))),
     refusal("bad rule path", json.dumps(sign(bundle(

@@ -306,7 +306,7 @@ mod proto {
 }
 
 /// A bundle made earlier (`tokengate bundle --out`), checked exactly as the filter will.
-pub fn prebuilt(store: &Store, key: &SigningKey, path: &Path) -> Result<Bundle> {
+pub fn prebuilt(store: &Store, key: &SigningKey, path: &Path) -> Result<(Bundle, String)> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let environment = store.environment()?;
     let expect = Expectation {
@@ -320,7 +320,12 @@ pub fn prebuilt(store: &Store, key: &SigningKey, path: &Path) -> Result<Bundle> 
             path.display()
         )
     })?;
-    bundle::parse_verified(&text, key).map_err(|e| anyhow::anyhow!("{e}"))
+    let bundle = bundle::parse_verified(&text, key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The bytes checked are the bytes written: re-serialised, a bundle an earlier release
+    // signed (with members this one leaves out) would no longer match its signature.
+    let text = String::from_utf8(text)
+        .map_err(|_| anyhow::anyhow!("{}: a bundle is UTF-8 text", path.display()))?;
+    Ok((bundle, text))
 }
 
 /// Signs a new bundle for Envoy (or takes a prebuilt one), checks it as the filter will,
@@ -342,11 +347,15 @@ pub fn envoy(
             wasm.display()
         )
     })?;
-    let bundle = match prebuilt_bundle {
+    let (bundle, text) = match prebuilt_bundle {
         Some(path) => prebuilt(store, key, path)?,
-        None => crate::issue_bundle(store, key, Target::Envoy, now, who)?,
+        None => {
+            let bundle = crate::issue_bundle(store, key, Target::Envoy, now, who)?;
+            let text = bundle.to_json();
+            (bundle, text)
+        }
     };
-    let resource = ecds_file(&bundle.to_json(), bundle.version, &wasm, encoding)?;
+    let resource = ecds_file(&text, bundle.version, &wasm, encoding)?;
     let destination = file.display().to_string();
     let details = serde_json::json!({"version": bundle.version, "file": destination, "tokens": bundle.tokens.len()});
     store.transaction(who, "push.envoy", None, details, now, |tx| {

@@ -396,3 +396,76 @@ fn push_envoy_to_a_pb_file_writes_binary_protobuf_never_the_key() {
         assert!(!binary.windows(secret.len()).any(|w| w == secret.as_bytes()));
     }
 }
+
+#[test]
+fn push_envoy_of_a_bundle_an_earlier_release_signed_writes_it_byte_for_byte() {
+    use tokengate_core::bundle::SigningKey;
+    use tokengate_core::{Expectation, Gate, Target};
+    let env = Env::new("push-earlier");
+    env.ok(&["create", "svc"]);
+    let current = env.dir.join("current.json");
+    env.ok(&[
+        "bundle",
+        "--target",
+        "envoy",
+        "--out",
+        current.to_str().unwrap(),
+    ]);
+    let current = std::fs::read_to_string(current).unwrap();
+    let key =
+        SigningKey::from_hex(&std::fs::read_to_string(env.dir.join("tokengate.key")).unwrap())
+            .unwrap();
+    // The same bundle as releases before 2026-12-02 wrote it: the derived token_id and every
+    // absent member as null, signed by the same key.
+    let parsed: serde_json::Value = serde_json::from_str(&current).unwrap();
+    let hash = parsed["tokens"][0]["hash"].as_str().unwrap();
+    let created = parsed["tokens"][0]["created_at"].as_u64().unwrap();
+    let canonical = current[..current.rfind(",\"signature\":").unwrap()]
+        .replace(
+            &format!("\"hash\":\"{hash}\""),
+            &format!("\"token_id\":\"tid_{}\",\"hash\":\"{hash}\"", &hash[..16]),
+        )
+        .replace(
+            &format!("\"created_at\":{created}}}"),
+            &format!("\"created_at\":{created},\"not_before\":null,\"expires_at\":null,\"revoked_at\":null,\"grace_until\":null,\"previous\":null}}"),
+        )
+        + "}";
+    assert!(canonical.contains("token_id") && canonical.contains("\"previous\":null"));
+    let signature = key.sign_bytes(canonical.as_bytes());
+    let earlier = format!(
+        "{},\"signature\":\"{signature}\"}}",
+        &canonical[..canonical.len() - 1]
+    );
+    let earlier_file = env.dir.join("earlier.json");
+    std::fs::write(&earlier_file, &earlier).unwrap();
+
+    let wasm = env.dir.join("filter.wasm");
+    std::fs::write(&wasm, b"\0asm").unwrap();
+    let ecds = env.dir.join("ecds.json");
+    env.ok(&[
+        "push",
+        "envoy",
+        "--bundle",
+        earlier_file.to_str().unwrap(),
+        "--file",
+        ecds.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+    ]);
+    let resource: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ecds).unwrap()).unwrap();
+    let written = resource["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        written, earlier,
+        "the bundle goes to Envoy as it was signed"
+    );
+    let expect = Expectation {
+        target: Target::Envoy,
+        environment: Some("test"),
+        newer_than: None,
+    };
+    let gate = Gate::load(written.as_bytes(), &key, &expect).unwrap();
+    assert_eq!(gate.token_count(), 1);
+}

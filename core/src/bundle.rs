@@ -2,7 +2,8 @@
 //!
 //! The signature is HMAC-SHA256, by a key the target holds apart from the bundle, over the
 //! bundle's canonical bytes: the compact JSON of the typed model, fields in declaration
-//! order, without the `signature` field. Loading is all-or-nothing: [`Gate::load`] verifies
+//! order, without the `signature` field (a token record leaves out its absent optional
+//! members; every other absent member is written as `null`). Loading is all-or-nothing: [`Gate::load`] verifies
 //! the signature (constant time), the target, the environment and the version, then
 //! validates every field; any failure rejects the whole bundle.
 
@@ -122,8 +123,9 @@ pub struct TokenRecord {
     /// Revoked at this instant (any value revokes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<u64>,
-    /// This hash stops being valid at this instant. Absent in bundles; set on the lookup
-    /// record of a replaced token (see [`TokenRecord::lookup_records`]).
+    /// This hash stops being valid at this instant. The CLI never writes it in a bundle (a
+    /// rotation rides on `previous`); it is set on the lookup record of a replaced token
+    /// (see [`TokenRecord::lookup_records`]), and honoured wherever it is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_until: Option<u64>,
     /// The token this one replaced by rotation, valid until the end of its grace period.
@@ -310,9 +312,10 @@ impl TokenRecord {
     }
 }
 
-/// The member records written before the token id was left to be derived carried. Still
-/// read, so that an ECDS file or a KV record from an earlier release keeps serving until the
-/// next push rewrites it, and only if it is the id derived from the record's hash.
+/// A member that records written before 2026-12-02 carried: the public token id, which is
+/// now derived from the hash where it is needed. Still read, and only if it is the id derived
+/// from the record's hash, so that an ECDS file or a KV record written by an earlier release
+/// keeps serving until the next push rewrites it.
 const LEGACY_TOKEN_ID: &str = "token_id";
 
 fn check_legacy_token_id(r: &Reader<'_>, token_id: Option<&str>, hash: &str) -> json::Result<()> {
@@ -351,7 +354,7 @@ impl PreviousToken {
 
 impl TokenRecord {
     /// One record per hash a gate recognises: this token and, during a rotation's grace,
-    /// the token it replaced (same name and scopes, its own id and hash, `grace_until` set).
+    /// the token it replaced (same name and scopes, its own hash, `grace_until` set).
     /// This is the form a Worker stores in KV, keyed by hash.
     pub fn lookup_records(&self) -> Vec<TokenRecord> {
         let current = TokenRecord {

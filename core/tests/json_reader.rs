@@ -31,6 +31,11 @@ fn rich_bundle() -> String {
         "hash": "ab", "grace_until": 5,
     });
     tokens[1]["expires_at"] = 7u64.into();
+    // Absent members as earlier releases wrote them (null), and a lookup record's grace.
+    for member in ["not_before", "revoked_at", "previous"] {
+        tokens[2][member] = serde_json::Value::Null;
+    }
+    tokens[3]["grace_until"] = 9u64.into();
     serde_json::to_string_pretty(&bundle).unwrap()
 }
 
