@@ -329,17 +329,24 @@ fn concurrent_commands_never_corrupt_the_store() {
 
 /// `push envoy --file <dir>/<file>` with a stand-in filter; the file's bytes.
 fn push_envoy(env: &Env, file: &str) -> Vec<u8> {
+    push_envoy_with(env, file, &[])
+}
+
+/// `push envoy` as [`push_envoy`], with `extra` arguments (e.g. `--bundle F`).
+fn push_envoy_with(env: &Env, file: &str, extra: &[&str]) -> Vec<u8> {
     let wasm = env.dir.join("filter.wasm");
     std::fs::write(&wasm, b"\0asm").unwrap();
     let path = env.dir.join(file);
-    env.ok(&[
+    let mut args = vec![
         "push",
         "envoy",
         "--file",
         path.to_str().unwrap(),
         "--wasm",
         wasm.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    env.ok(&args);
     std::fs::read(path).unwrap()
 }
 
@@ -439,21 +446,12 @@ fn push_envoy_of_a_bundle_an_earlier_release_signed_writes_it_byte_for_byte() {
     let earlier_file = env.dir.join("earlier.json");
     std::fs::write(&earlier_file, &earlier).unwrap();
 
-    let wasm = env.dir.join("filter.wasm");
-    std::fs::write(&wasm, b"\0asm").unwrap();
-    let ecds = env.dir.join("ecds.json");
-    env.ok(&[
-        "push",
-        "envoy",
-        "--bundle",
-        earlier_file.to_str().unwrap(),
-        "--file",
-        ecds.to_str().unwrap(),
-        "--wasm",
-        wasm.to_str().unwrap(),
-    ]);
-    let resource: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&ecds).unwrap()).unwrap();
+    let ecds = push_envoy_with(
+        &env,
+        "ecds.json",
+        &["--bundle", earlier_file.to_str().unwrap()],
+    );
+    let resource: serde_json::Value = serde_json::from_slice(&ecds).unwrap();
     let written = resource["resources"][0]["typed_config"]["config"]["configuration"]["value"]
         .as_str()
         .unwrap();
