@@ -344,6 +344,17 @@ def wait_idle(pid, timeout=60.0):
     return time.monotonic() - 0.5
 
 
+def push_until_served(cfg, text, token, wasm_path, what):
+    """Writes `text` as cfg's ECDS file and waits until `token` is served. Returns the time of
+    the rename as (monotonic, wall clock), and the seconds from it to served: the clock starts
+    at the rename, since encoding and writing the file are not Envoy's work."""
+    renamed = []
+    harness.write_ecds(cfg.gw.ecds_path, text, wasm_path=wasm_path,
+                       before_rename=lambda: renamed.append((time.monotonic(), time.time())))
+    harness.wait_for(lambda: cfg.status(token) == 200, timeout=120, interval=0.005, what=what)
+    return renamed[0], time.monotonic() - renamed[0][0]
+
+
 def reload_test(name, upstream_port, n, pushes, make, first, wasm_path=harness.WASM, filters=None,
                 start=TOKENGATE_START, ecds_file="tokengate.ecds.json", cpus=ENVOY_CPU):
     """A fresh gateway: RSS with no configuration, with a 10-token one (`first`), then `pushes`
@@ -364,13 +375,7 @@ def reload_test(name, upstream_port, n, pushes, make, first, wasm_path=harness.W
         version, fresh = 2 + k, 10_000_000 + k  # token `fresh` is only in this bundle
         text = make(version, [fresh])
         new = make_token(fresh)
-        renamed = []  # the clock starts at the rename: encoding and writing the file are not Envoy's
-        harness.write_ecds(gw.ecds_path, text, wasm_path=wasm_path,
-                           before_rename=lambda: renamed.append(time.monotonic()))
-        t0 = renamed[0]
-        harness.wait_for(lambda: cfg.status(new) == 200, timeout=120, interval=0.005,
-                         what=f"{name} v{version} served")
-        took = time.monotonic() - t0
+        (t0, _), took = push_until_served(cfg, text, new, wasm_path, f"{name} v{version} served")
         settled = wait_idle(pid) - t0  # every VM configured, the canary gone
         push = {"version": version, "served_s": took, "settled_s": settled, "rss_kib": rss_kib(pid),
                 "vms_active": vms(), "vms_created": gw.stat("wasm.envoy.wasm.runtime.v8.created", 0),

@@ -46,14 +46,8 @@ def main():
             text = tokens.bundle(args.tokens, version, [fresh])
             new = eb.make_token(fresh)
             seen = os.path.getsize(gw.envoy_log)
-            renamed = []
-            harness.write_ecds(gw.ecds_path, text, wasm_path=args.wasm,
-                               before_rename=lambda: renamed.append((time.monotonic(), time.time())))
-            harness.wait_for(lambda: cfg.status(new) == 200, timeout=120, interval=0.005,
-                             what="served")
-            served = time.monotonic() - renamed[0][0]
+            (_, wall), served = eb.push_until_served(cfg, text, new, args.wasm, "served")
             time.sleep(1.0)  # the last VM's log line
-            wall = renamed[0][1]
             stamp = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"
             print(f"push v{version} ({len(text) / 1e6:.1f} MB): renamed at {stamp}, "
                   f"served after {served * 1000:.0f} ms")

@@ -3,9 +3,9 @@
 //! The signature is HMAC-SHA256, by a key the target holds apart from the bundle, over the
 //! bundle's canonical bytes: the compact JSON of the typed model, fields in declaration
 //! order, without the `signature` field (a token record leaves out its absent optional
-//! members; every other absent member is written as `null`). Loading is all-or-nothing: [`Gate::load`] verifies
-//! the signature (constant time), the target, the environment and the version, then
-//! validates every field; any failure rejects the whole bundle.
+//! members; every other absent member is written as `null`). Loading is all-or-nothing:
+//! [`Gate::load`] verifies the signature (constant time), the target, the environment and
+//! the version, then validates every field; any failure rejects the whole bundle.
 
 use core::fmt;
 use std::collections::{HashMap, HashSet};
