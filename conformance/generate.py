@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Writes conformance/vectors.json: fixture bundles and the cases every target must pass.
 
-The token format, checksum, hashing and signing are implemented here a second time, from
-SPEC.md, independently of the Rust core: the core loading these bundles is itself a check.
-Fixture tokens come from fixed bytes, so the file is reproducible:
+The token format, checksum and hashing (README.md) and the signed tokengate.bundle/v2
+bundle (docs/trust.md: envelope, payload, key ids, Ed25519 signatures) are implemented here
+a second time, independently of the Rust code: the targets loading these bundles is itself
+a check. Fixture tokens and signing keys come from fixed bytes and Ed25519 signing is
+deterministic, so the file is reproducible:
 
     python3 conformance/generate.py        # rewrite vectors.json
     python3 conformance/generate.py --check  # fail if vectors.json is stale
@@ -11,11 +13,20 @@ Fixture tokens come from fixed bytes, so the file is reproducible:
 import hashlib, hmac, json, sys, zlib
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
 DAY = 86_400
-KEY = hashlib.sha256(b"tokengate conformance key").hexdigest()
 ENVIRONMENT = "conformance"
+FORMAT = "tokengate.bundle/v2"
+# Fixture private keys: 32-byte Ed25519 seeds. B is the new key of a rotation; the retired
+# key is one a gate no longer trusts; OTHER is never trusted by any gate.
+KEY_A = hashlib.sha256(b"tokengate conformance key A").digest()
+KEY_B = hashlib.sha256(b"tokengate conformance key B").digest()
+KEY_RETIRED = hashlib.sha256(b"tokengate conformance key retired").digest()
+KEY_OTHER = hashlib.sha256(b"tokengate conformance key other").digest()
 
 
 def base62(data: bytes, width: int) -> str:
@@ -57,18 +68,48 @@ def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=()
             "access": access, "all_of": list(all_of), "any_of": list(any_of), "cf_access": cf_access}
 
 
-def sign(body: dict) -> dict:
-    canonical = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    signed = dict(body)
-    signed["signature"] = hmac.new(bytes.fromhex(KEY), canonical, hashlib.sha256).hexdigest()
-    return signed
+def compact(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def bundle(version, tokens, policy, sources, forward=False, revoke_all_at=None, target="envoy"):
-    return {"format": "tokengate.bundle/v1", "version": version, "issued_at": NOW - 60,
-            "environment": ENVIRONMENT, "target": target, "policy": {"rules": policy},
-            "credentials": {"sources": sources, "forward": forward},
-            "tokens": tokens, "revoke_all_at": revoke_all_at, "cloudflare_access": None}
+def pub(seed: bytes) -> str:
+    raw = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+        Encoding.Raw, PublicFormat.Raw)
+    return raw.hex()
+
+
+def kid(seed: bytes) -> str:
+    return "kid_" + hashlib.sha256(bytes.fromhex(pub(seed))).hexdigest()[:16]
+
+
+def sign(seed: bytes, payload_text: str) -> dict:
+    """One signature entry: the key covers the payload's exact bytes, nothing else."""
+    signature = Ed25519PrivateKey.from_private_bytes(seed).sign(payload_text.encode())
+    return {"key_id": kid(seed), "signature": signature.hex()}
+
+
+def envelope(payload_text: str, signatures: list, fmt=FORMAT, extra="") -> str:
+    """The bundle text, by concatenation: the payload goes in verbatim, so the bytes signed
+    are exactly the bytes a gate reads between the payload's braces."""
+    return (f'{{"format":{compact(fmt)},"signatures":{compact(signatures)},'
+            f'"payload":{payload_text}{extra}}}')
+
+
+def publish(payload: dict, signers: list) -> str:
+    text = compact(payload)
+    return envelope(text, [sign(seed, text) for seed in signers])
+
+
+def bundle(version, tokens, policy, sources, forward=False, revoke_all_at=None, target="envoy",
+           keys=None, cloudflare_access=None):
+    """A payload as the admin writes it: the optional members only when set, never null."""
+    out = {"version": version, "issued_at": NOW - 60, "environment": ENVIRONMENT,
+           "target": target, "keys": keys or [pub(KEY_A)], "policy": {"rules": policy},
+           "credentials": {"sources": sources, "forward": forward}, "tokens": tokens}
+    for member, value in [("revoke_all_at", revoke_all_at), ("cloudflare_access", cloudflare_access)]:
+        if value is not None:
+            out[member] = value
+    return out
 
 
 T = {name: make_token(prefix, name) for name, prefix in [
@@ -120,7 +161,11 @@ BUNDLES = {
                               POLICY, ["bearer", "query:access_token"], target=t),
     "forward": lambda t: bundle(13, [record("ci-deploy", T["ci-deploy"], ["*"])],
                                 POLICY, SOURCES, forward=True, target=t),
+    # Mid-rotation: both keys published and signing, so a gate trusting either one loads it.
+    "rotation": lambda t: bundle(14, MAIN_TOKENS, POLICY, SOURCES, target=t,
+                                 keys=[pub(KEY_A), pub(KEY_B)]),
 }
+SIGNED_BY = {"rotation": [KEY_A, KEY_B]}  # every other fixture: KEY_A alone
 
 REALM = 'Bearer realm="tokengate"'
 INVALID = f'{REALM}, error="invalid_token"'
@@ -353,48 +398,91 @@ names = [c["name"] for c in cases]
 assert len(names) == len(set(names)), "case names must be unique"
 
 # --- bundles every target must refuse ----------------------------------------------------
-def refusal(name, text, key=KEY, serving=None):
-    return {"name": name, "bundle": text, "key": key, "serving": serving}
+TRUSTED = [pub(KEY_A)]
 
 
-good = sign(BUNDLES["main"]("envoy"))
-good_text = json.dumps(good, separators=(",", ":"))
+def refusal(name, text, trusted=None, serving=None):
+    """trusted: the keys the gate trusts when it is not TRUSTED (null in the file)."""
+    return {"name": name, "bundle": text, "trusted": trusted, "serving": serving}
+
+
+def signed(payload: dict) -> str:
+    return publish(payload, [KEY_A])
+
+
+def v1_bundle() -> str:
+    """The main bundle as release v1 wrote it: one object, HMAC-SHA256 over its compact form
+    under a shared secret. A v2 gate has no secret and must not fall back to it."""
+    secret = hashlib.sha256(b"tokengate conformance key").hexdigest()
+    body = {"format": "tokengate.bundle/v1", "version": 10, "issued_at": NOW - 60,
+            "environment": ENVIRONMENT, "target": "envoy", "policy": {"rules": POLICY},
+            "credentials": {"sources": SOURCES, "forward": False}, "tokens": MAIN_TOKENS,
+            "revoke_all_at": None, "cloudflare_access": None}
+    mac = hmac.new(bytes.fromhex(secret), compact(body).encode(), hashlib.sha256).hexdigest()
+    return compact({**body, "signature": mac})
+
+
+main = BUNDLES["main"]("envoy")
+main_text = compact(main)
+good_text = signed(main)
+with_other = compact({**main, "keys": [pub(KEY_A), pub(KEY_OTHER)]})
+with_b = compact({**main, "keys": [pub(KEY_A), pub(KEY_B)]})
+# A's signature over another payload: well-formed, by the right key, for the wrong bytes.
+a_elsewhere = sign(KEY_A, compact({**main, "version": 99}))
 REFUSALS = [
     refusal("tampered byte", good_text.replace('"orders:read"', '"orders:reae"', 1)),
-    refusal("wrong key", good_text, key=hashlib.sha256(b"another key").hexdigest()),
-    refusal("no signature", json.dumps(BUNDLES["main"]("envoy"))),
-    refusal("signed for the worker", json.dumps(sign(BUNDLES["main"]("worker")))),
-    refusal("signed for another environment",
-            json.dumps(sign({**BUNDLES["main"]("envoy"), "environment": "prod"}))),
+    # The version digit: the changed payload would be a valid, newer bundle (a replay as new).
+    refusal("valid signature over a payload with one byte changed",
+            good_text.replace('"version":10,', '"version":19,', 1)),
+    refusal("wrong key", good_text, trusted=[pub(KEY_B)]),
+    refusal("no signature", envelope(main_text, [])),
+    refusal("signed by an untrusted key", publish({**main, "keys": [pub(KEY_OTHER)]}, [KEY_OTHER])),
+    refusal("signed by a retired key",
+            publish({**main, "keys": [pub(KEY_RETIRED)]}, [KEY_RETIRED]), trusted=[pub(KEY_B)]),
+    # A valid signature by A, filed under OTHER's id: a gate finds keys by id, not by trying.
+    refusal("signature under a key id the gate lacks", envelope(
+        with_other, [{**sign(KEY_A, with_other), "key_id": kid(KEY_OTHER)}])),
+    # OTHER's valid signature must not make up for A's failing one: unknown keys are ignored.
+    refusal("a trusted key's signature does not verify",
+            envelope(with_other, [sign(KEY_OTHER, with_other), a_elsewhere])),
+    # Both keys trusted and B's signature verifies: A's failing one still refuses the bundle.
+    refusal("one of two trusted keys' signatures does not verify",
+            envelope(with_b, [a_elsewhere, sign(KEY_B, with_b)]), trusted=[pub(KEY_A), pub(KEY_B)]),
+    refusal("a signature's key is not in the payload's keys",
+            publish({**main, "keys": [pub(KEY_B)]}, [KEY_A])),
+    refusal("a v1 (HMAC) bundle", v1_bundle()),
+    refusal("envelope member after the payload is unknown",
+            envelope(main_text, [sign(KEY_A, main_text)], extra=',"comment":"x"')),
+    refusal("reformatted after signing",
+            json.dumps(json.loads(good_text), indent=1, ensure_ascii=False)),
+    refusal("signed for the worker", signed(BUNDLES["main"]("worker"))),
+    refusal("signed for another environment", signed({**main, "environment": "prod"})),
     refusal("older version than served", good_text, serving="revoke-all"),
     refusal("same version as served, other content",
-            json.dumps(sign({**BUNDLES["revoke-all"]("envoy"), "revoke_all_at": None})), serving="revoke-all"),
+            signed(bundle(11, REVOKE_ALL_TOKENS, POLICY, SOURCES)), serving="revoke-all"),
     refusal("invalid JSON", good_text[:-2]),
-    refusal("unknown field", json.dumps(sign({**BUNDLES["main"]("envoy"), "debug": True}))),
-    refusal("duplicate token names", json.dumps(sign(bundle(
-        20, MAIN_TOKENS + [record("root", T["never-issued"], [])], POLICY, SOURCES)))),
-    refusal("duplicate token hashes", json.dumps(sign(bundle(
-        20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES)))),
-    refusal("rotation's previous hash is another token's hash", json.dumps(sign(bundle(
+    refusal("unknown field", signed({**main, "debug": True})),
+    refusal("duplicate token names", signed(bundle(
+        20, MAIN_TOKENS + [record("root", T["never-issued"], [])], POLICY, SOURCES))),
+    refusal("duplicate token hashes", signed(bundle(
+        20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES))),
+    refusal("rotation's previous hash is another token's hash", signed(bundle(
         20, MAIN_TOKENS + [record("rot", T["never-issued"], [], previous=T["root"], grace=NOW)],
-        POLICY, SOURCES)))),
-    # Compact, as signed: the signature verifies on the bytes sent, so only the id can refuse it.
-    refusal("token_id (as earlier releases wrote it) not derived from the hash", json.dumps(sign(bundle(
-        20, [{**record("x", T["root"], ["*"]), "token_id": "tid_" + sha(T["monitor"])[:16]}],
-        POLICY, SOURCES)), separators=(",", ":"))),
-    refusal("bad scope", json.dumps(sign(bundle(
-        20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES)))),
-    refusal("bad rule path", json.dumps(sign(bundle(
-        20, [], [rule("r", {"prefix": "/api/../x"})], SOURCES)))),
-    refusal("no credential sources", json.dumps(sign(bundle(20, [], POLICY, [])))),
-    refusal("wrong format", json.dumps(sign({**BUNDLES["main"]("envoy"), "format": "tokengate.bundle/v2"}))),
+        POLICY, SOURCES))),
+    refusal("bad scope", signed(bundle(20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES))),
+    refusal("bad rule path", signed(bundle(20, [], [rule("r", {"prefix": "/api/../x"})], SOURCES))),
+    refusal("no credential sources", signed(bundle(20, [], POLICY, []))),
+    # Signed as v2 signs, so the envelope's format is the only thing wrong.
+    refusal("wrong format", envelope(main_text, [sign(KEY_A, main_text)], fmt="tokengate.bundle/v3")),
 ]
+assert len({r["name"] for r in REFUSALS}) == len(REFUSALS), "refusal names must be unique"
 
 suite = {
     "now": NOW,
-    "key": KEY,
+    "trusted_keys": TRUSTED,
     "environment": ENVIRONMENT,
-    "bundles": {name: {t: sign(make(t)) for t in ("envoy", "worker")} for name, make in BUNDLES.items()},
+    "bundles": {name: {t: publish(make(t), SIGNED_BY.get(name, [KEY_A])) for t in ("envoy", "worker")}
+                for name, make in BUNDLES.items()},
     "cases": cases,
     "refusals": REFUSALS,
 }

@@ -2,7 +2,7 @@
 """Start, drive and stop a real Envoy with the tokengate filter, for tests and the demo.
 
     from harness import Gateway, ecds_resource
-    with Gateway(env={"TOKENGATE_SIGNING_KEY": key, "TOKENGATE_ENVIRONMENT": "prod"}) as gw:
+    with Gateway(env={"TOKENGATE_ENVIRONMENT": "prod"}, trusted_keys=[public_hex]) as gw:
         gw.push(bundle_text)                     # atomic ECDS write, waits until Envoy applied it
         status, headers, body = gw.request("GET", "/api/x", [("authorization", "Bearer ...")])
         gw.stat("wasmcustom.tokengate.allowed.valid")
@@ -10,6 +10,10 @@
 `envoy/gateway.yaml` is rendered into a private run directory with free ports and absolute
 paths; the shipped file is never modified. Every process is stopped on `close()`, on leaving
 the `with` block and at interpreter exit. Envoy runs with `--concurrency 1` unless told.
+
+Envoy holds public keys only: the trusted keys travel in the ECDS resource with the bundle
+(`vm_config.environment_variables.key_values`, TOKENGATE_TRUSTED_KEYS), as `tokengate push
+envoy` writes them; the Gateway refuses an admin key source in Envoy's environment.
 
 As a script:  python3 envoy/harness.py empty-ecds PATH   writes the "no bundle yet" resource
 (with the repository-relative .wasm path of gateway.yaml, as in envoy/run/tokengate.ecds.json).
@@ -35,6 +39,8 @@ GATEWAY_YAML = os.path.join(ENVOY_DIR, "gateway.yaml")
 WASM_REL = "target/wasm32-wasip1/release/tokengate_filter.wasm"  # as in gateway.yaml (cwd = ROOT)
 WASM = os.path.join(ROOT, WASM_REL)
 FILTER_NAME = "tokengate"  # the ECDS resource name == the http_filters entry name
+HOST_ENV_KEYS = ["TOKENGATE_ENVIRONMENT"]  # from Envoy's environment, as in gateway.yaml
+TRUSTED_KEYS_VARIABLE = "TOKENGATE_TRUSTED_KEYS"  # written into the resource, never the env
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 # Strings of gateway.yaml that render() replaces; each must occur (checked).
@@ -48,6 +54,8 @@ _SHIPPED = {
 }
 
 _LIVE = []  # processes to stop at exit
+# The admin's key sources (docs/trust.md): never in a gate's environment, not even inherited.
+_PRIVATE_ENV = ("TOKENGATE_SIGNING_KEY", "TOKENGATE_SIGNING_KEY_FILE", "TOKENGATE_KEY_COMMAND")
 
 
 @atexit.register
@@ -105,10 +113,26 @@ def envoy_binary():
 
 # --- the ECDS resource ---------------------------------------------------------------
 
-def wasm_plugin(bundle_text="", wasm_path=WASM):
-    """The envoy.extensions.filters.http.wasm.v3.Wasm config. Everything but `configuration`
-    must stay byte-identical between pushes (and equal to gateway.yaml's default_config) so
-    Envoy keeps the same VMs, which hold the no-rollback high-water mark."""
+def trusted_keys_value(trusted_keys):
+    """TOKENGATE_TRUSTED_KEYS as written into the resource: a list of public keys (64 hex)
+    joined with commas, a string as given (byte for byte: it must equal what the CLI wrote),
+    or None when there are none (the "no bundle yet" state needs none)."""
+    if not trusted_keys:
+        return None
+    if isinstance(trusted_keys, str):
+        return trusted_keys
+    return ",".join(trusted_keys)
+
+
+def wasm_plugin(bundle_text="", wasm_path=WASM, trusted_keys=None):
+    """The envoy.extensions.filters.http.wasm.v3.Wasm config. Only `configuration` and the
+    trusted keys (`key_values`) change between pushes; the rest stays equal to gateway.yaml's
+    default_config. The key set arrives in the same resource as the bundle, so Envoy applies
+    both in one update."""
+    environment = {"host_env_keys": list(HOST_ENV_KEYS)}
+    keys = trusted_keys_value(trusted_keys)
+    if keys is not None:
+        environment["key_values"] = {TRUSTED_KEYS_VARIABLE: keys}
     return {
         "@type": WASM_TYPE,
         "config": {
@@ -119,9 +143,7 @@ def wasm_plugin(bundle_text="", wasm_path=WASM):
                 "vm_id": FILTER_NAME,
                 "runtime": "envoy.wasm.runtime.v8",
                 "code": {"local": {"filename": wasm_path}},
-                "environment_variables": {
-                    "host_env_keys": ["TOKENGATE_SIGNING_KEY", "TOKENGATE_ENVIRONMENT"]
-                },
+                "environment_variables": environment,
             },
             "configuration": {
                 "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -131,11 +153,12 @@ def wasm_plugin(bundle_text="", wasm_path=WASM):
     }
 
 
-def ecds_resource(bundle_text="", version_info=None, wasm_path=WASM):
-    """A DiscoveryResponse holding one TypedExtensionConfig named `tokengate`."""
+def ecds_resource(bundle_text="", version_info=None, wasm_path=WASM, trusted_keys=None):
+    """A DiscoveryResponse holding one TypedExtensionConfig named `tokengate`; version_info
+    is the bundle's payload version, as the CLI writes it."""
     if version_info is None:
         try:
-            version_info = str(json.loads(bundle_text)["version"]) if bundle_text else "0"
+            version_info = str(json.loads(bundle_text)["payload"]["version"]) if bundle_text else "0"
         except (ValueError, KeyError, TypeError):
             version_info = "unknown"
     return {
@@ -144,7 +167,7 @@ def ecds_resource(bundle_text="", version_info=None, wasm_path=WASM):
             {
                 "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
                 "name": FILTER_NAME,
-                "typed_config": wasm_plugin(bundle_text, wasm_path),
+                "typed_config": wasm_plugin(bundle_text, wasm_path, trusted_keys),
             }
         ],
     }
@@ -173,7 +196,8 @@ def write_atomic(path, data, before_rename=None):
 
 def write_ecds(path, bundle_text="", before_rename=None, **kw):
     """Protobuf JSON, or binary protobuf when path ends in .pb (case-sensitive, as Envoy and
-    the CLI decide). `before_rename` as for `write_atomic`."""
+    the CLI decide). `before_rename` as for `write_atomic`; `kw` as for `ecds_resource`
+    (trusted_keys=, wasm_path=, version_info=)."""
     resource = ecds_resource(bundle_text, **kw)
     if path.endswith(".pb"):
         data = protobuf(resource, "DiscoveryResponse")
@@ -183,8 +207,9 @@ def write_ecds(path, bundle_text="", before_rename=None, **kw):
 
 
 # The few Envoy v3 messages of the ECDS resource: JSON name -> (field number, kind), where a
-# kind is "string", "any", an enum's {label: number}, or another message's name. The same
-# table as the CLI's (admin/src/push.rs); a member missing here is an error, never dropped.
+# kind is "string", "any", "map" (map<string, string>), an enum's {label: number}, or another
+# message's name. The same table as the CLI's (admin/src/push.rs); a member missing here is
+# an error, never dropped.
 _PROTO = {
     "DiscoveryResponse": {"version_info": (1, "string"), "resources": (2, "any")},
     "TypedExtensionConfig": {"name": (1, "string"), "typed_config": (2, "any")},
@@ -198,7 +223,9 @@ _PROTO = {
                  "environment_variables": (7, "EnvironmentVariables")},
     "AsyncDataSource": {"local": (1, "DataSource")},
     "DataSource": {"filename": (1, "string")},
-    "EnvironmentVariables": {"host_env_keys": (1, "string")},
+    # envoy.extensions.wasm.v3.EnvironmentVariables { repeated string host_env_keys = 1;
+    # map<string, string> key_values = 2; }
+    "EnvironmentVariables": {"host_env_keys": (1, "string"), "key_values": (2, "map")},
     "StringValue": {"value": (1, "string")},
 }
 _PROTO_TYPES = {"type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig": "TypedExtensionConfig",
@@ -226,6 +253,11 @@ def protobuf(value, message):
         if name == "@type":
             continue
         number, kind = _PROTO[message][name]
+        if kind == "map":
+            # On the wire a map is a repeated entry message: key = field 1, value = field 2.
+            for key, value in member.items():
+                out += _delimited(number, _delimited(1, key.encode()) + _delimited(2, value.encode()))
+            continue
         for element in member if isinstance(member, list) else [member]:
             if kind == "string":
                 out += _delimited(number, element.encode())
@@ -247,8 +279,12 @@ class Gateway:
 
     def __init__(self, env=None, concurrency=1, run_dir=None, initial_bundle="",
                  wasm_path=WASM, log_level="info", extra_args=(), transform=None,
-                 ecds_file="tokengate.ecds.json"):
+                 ecds_file="tokengate.ecds.json", trusted_keys=None):
         self.env = dict(env or {})
+        if any(k in self.env for k in _PRIVATE_ENV):
+            raise ValueError("a gate holds public keys only: the trusted keys go in the ECDS "
+                             "resource (trusted_keys=), never a private key in Envoy's env")
+        self.trusted_keys = trusted_keys  # push()'s default, and the initial resource's
         self.concurrency = concurrency
         self.wasm_path = wasm_path
         self.log_level = log_level
@@ -305,14 +341,15 @@ class Gateway:
         self.render()
         # Envoy refuses to start when the ECDS file is missing: write the pre-push state.
         if not os.path.exists(self.ecds_path):
-            write_ecds(self.ecds_path, self.initial_bundle, wasm_path=self.wasm_path)
+            write_ecds(self.ecds_path, self.initial_bundle, wasm_path=self.wasm_path,
+                       trusted_keys=self.trusted_keys)
         self.start_envoy()
         return self
 
     def start_envoy(self):
-        env = dict(os.environ)
-        for k in ("TOKENGATE_SIGNING_KEY", "TOKENGATE_ENVIRONMENT"):
-            env.pop(k, None)
+        # Nothing of the caller's tokengate settings leaks into Envoy's process environment
+        # (the admin's key sources least of all); the filter reads only TOKENGATE_ENVIRONMENT.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
         env.update(self.env)
         cmd = [envoy_binary(), "-c", self.config_path, "--concurrency", str(self.concurrency),
                "--log-level", self.log_level, "--disable-hot-restart",
@@ -374,11 +411,13 @@ class Gateway:
         return self.admin("/stats/prometheus")[1]
 
     # ECDS
-    def push(self, bundle_text, wait=True, timeout=10.0):
-        """Writes the bundle atomically. With wait, returns "accepted" or "rejected" once
-        Envoy's ECDS counters (update_success / update_rejected) move."""
+    def push(self, bundle_text, wait=True, timeout=10.0, trusted_keys=None):
+        """Writes the bundle atomically, with `trusted_keys` (default: the Gateway's) in the
+        same resource. With wait, returns "accepted" or "rejected" once Envoy's ECDS counters
+        (update_success / update_rejected) move."""
         before = self._ecds_counts()
-        write_ecds(self.ecds_path, bundle_text, wasm_path=self.wasm_path)
+        keys = self.trusted_keys if trusted_keys is None else trusted_keys
+        write_ecds(self.ecds_path, bundle_text, wasm_path=self.wasm_path, trusted_keys=keys)
         if not wait:
             return None
         after = wait_for(lambda: (lambda c: c if c != before else None)(self._ecds_counts()),

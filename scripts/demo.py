@@ -38,9 +38,10 @@ def main():
             os.remove(os.path.join(DEMO, name))
     os.environ["TOKENGATE_STORE"] = os.path.join(DEMO, "tokengate.db")
     os.environ["TOKENGATE_ACTOR"] = "demo"
-    os.environ.pop("TOKENGATE_SIGNING_KEY", None)
+    for name in ("TOKENGATE_SIGNING_KEY", "TOKENGATE_SIGNING_KEY_FILE", "TOKENGATE_KEY_COMMAND"):
+        os.environ.pop(name, None)  # the demo's key is the key file init makes, nothing else
 
-    step("tokengate init: a new store and signing key in target/demo/")
+    step("tokengate init: a new store and Ed25519 signing key (the admin's alone) in target/demo/")
     cli("init", "--environment", "demo")
     cli("policy", "set", os.path.join(ROOT, "scripts", "demo-policy.toml"))
     step("issuing tokens (each is printed once, by `tokengate create`)")
@@ -52,20 +53,21 @@ def main():
     cli("import", "billing-legacy", "--scopes", "orders:read", stdin=legacy + "\n")
     print(cli("list"))
 
-    key = open(os.path.join(DEMO, "tokengate.key")).read().strip()
+    step("tokengate key public: all the gates get (public keys only; the private key stays with the admin)")
+    trusted = cli("key", "public")
+    print("  " + trusted)
     step("starting the echo upstream and Envoy 1.40 with the tokengate filter (loopback only)")
-    gw = Gateway(env={"TOKENGATE_SIGNING_KEY": key, "TOKENGATE_ENVIRONMENT": "demo"},
-                 run_dir=os.path.join(DEMO, "envoy"))
+    gw = Gateway(env={"TOKENGATE_ENVIRONMENT": "demo"}, run_dir=os.path.join(DEMO, "envoy"))
     gw.start()
     step("starting the Worker in workerd (Miniflare, local KV) in front of the same upstream")
     worker = subprocess.Popen(
         ["node", os.path.join(ROOT, "tests", "worker", "serve.mjs"),
-         f"http://127.0.0.1:{gw.upstream_port}", key, "demo"],
+         f"http://127.0.0.1:{gw.upstream_port}", trusted, "demo"],
         stdout=subprocess.PIPE, text=True)
     worker_port = json.loads(worker.stdout.readline())["port"]
-    step("tokengate push envoy: signed bundle -> ECDS file -> Envoy reloads it, no restart")
+    step("tokengate push envoy: signed bundle + trusted public keys -> ECDS file -> Envoy reloads it, no restart")
     cli("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM)
-    step("tokengate push worker: signed bundle -> the Worker writes only token hashes to KV")
+    step("tokengate push worker: signed bundle -> the Worker checks it, writes only token hashes to KV")
     cli("push", "worker", "--url", f"http://127.0.0.1:{worker_port}")
     time.sleep(0.3)
 

@@ -4,19 +4,21 @@
 //! `create` and `rotate` print the new token alone on stdout; everything else goes to
 //! stderr, or to stdout as a listing (`--json` on every listing).
 
+mod key_command;
+mod keys;
 mod policy_file;
 mod push;
 mod store;
 mod time;
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokengate_core::bundle::{Bundle, CredentialConfig, FORMAT};
-use tokengate_core::{token, Expectation, Gate, Outcome, Request, SigningKey, Target};
+use tokengate_core::bundle::{self, Bundle, CredentialConfig};
+use tokengate_core::{token, Expectation, Gate, KeySet, Outcome, Request, Target};
 
 use crate::store::{Actor, Store, Token};
 
@@ -43,10 +45,15 @@ struct Cli {
         default_value = "tokengate.db"
     )]
     store: PathBuf,
-    /// The signing key file (64 hex characters); default: the store's path with `.key`.
-    /// TOKENGATE_SIGNING_KEY (the hex itself) takes precedence.
+    /// The private key file (one 64-hex Ed25519 key per line, mode 0600); default: the
+    /// store's path with `.key`. TOKENGATE_SIGNING_KEY (the keys themselves) and
+    /// --key-command take precedence.
     #[arg(long, global = true, env = "TOKENGATE_SIGNING_KEY_FILE")]
     key_file: Option<PathBuf>,
+    /// A command whose standard output is the private key(s), e.g. a secret manager's CLI;
+    /// run with `sh -c`.
+    #[arg(long, global = true, env = "TOKENGATE_KEY_COMMAND")]
+    key_command: Option<String>,
     /// Who is acting, for the audit trail (default: $USER).
     #[arg(long, global = true, env = "TOKENGATE_ACTOR")]
     actor: Option<String>,
@@ -56,7 +63,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a store and its signing key.
+    /// Create a store and its signing key (or adopt the key from the key file, the
+    /// environment or --key-command).
     Init {
         /// The environment bundles are signed for (e.g. prod).
         #[arg(long)]
@@ -150,6 +158,11 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// The admin's signing keys: list, publish, rotate, retire.
+    Key {
+        #[command(subcommand)]
+        action: key_command::KeyAction,
+    },
     /// Write a signed bundle (stdout, or --out).
     Bundle {
         #[arg(long, value_enum)]
@@ -220,7 +233,7 @@ enum PushTarget {
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
-    /// Sign and send the bundle to the Worker (`TOKENGATE_PUSH_KEY` there = this signing key).
+    /// Sign and send the bundle to the Worker (it trusts `tokengate key public`).
     Worker {
         /// The Worker's base URL (https://, or http:// to loopback).
         #[arg(long, env = "TOKENGATE_WORKER_URL")]
@@ -272,17 +285,8 @@ fn key_path(cli: &Cli) -> PathBuf {
         .unwrap_or_else(|| cli.store.with_extension("key"))
 }
 
-fn signing_key(path: &Path) -> Result<SigningKey> {
-    if let Ok(hex) = std::env::var("TOKENGATE_SIGNING_KEY") {
-        return SigningKey::from_hex(&hex).context("TOKENGATE_SIGNING_KEY");
-    }
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "reading the signing key {} (or set TOKENGATE_SIGNING_KEY)",
-            path.display()
-        )
-    })?;
-    SigningKey::from_hex(&text).with_context(|| format!("{}", path.display()))
+fn key_source(cli: &Cli) -> keys::Source {
+    keys::Source::resolve(cli.key_command.clone(), key_path(cli))
 }
 
 fn random_32() -> Result<[u8; 32]> {
@@ -393,21 +397,27 @@ fn read_secret(from_env: Option<&str>) -> Result<String> {
 
 fn run(cli: Cli) -> Result<Option<Negative>> {
     let now = time::now();
-    let key_file = key_path(&cli);
     match cli.command {
         Command::Init { ref environment } => {
             if !tokengate_core::policy::valid_name(environment) {
                 bail!("environment {environment:?} must match [a-z0-9][a-z0-9._-]{{0,63}}");
             }
             let who = actor(cli.actor.clone(), None);
-            let make_key = std::env::var("TOKENGATE_SIGNING_KEY").is_err();
-            if make_key && key_file.exists() {
-                bail!(
-                    "{} already exists; refusing to overwrite a signing key",
-                    key_file.display()
-                );
-            }
+            // An existing key (file, variable or command) is adopted; otherwise one is made.
+            let source = key_source(&cli);
+            let adopt = !matches!(&source, keys::Source::File(path) if !path.exists());
+            let ring = if adopt { Some(source.load()?) } else { None };
             let default = policy_file::parse("default", policy_file::DEFAULT_POLICY)?;
+            let new_key = match ring {
+                Some(_) => None,
+                None => Some(keys::generate()?),
+            };
+            let public_keys = match (&ring, &new_key) {
+                (Some(ring), _) => ring.public_keys(),
+                (None, Some(key)) => vec![keys::public_hex(key)],
+                (None, None) => unreachable!("one of the two is set"),
+            };
+            let published = KeySet::from_hex(&public_keys).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut store = Store::create(&cli.store, environment, now, &who)?;
             store.transaction(
                 &who,
@@ -417,13 +427,29 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 now,
                 |tx| store::set(tx, "policy", &serde_json::to_string(&default)?),
             )?;
-            if make_key {
-                let key = SigningKey::from_bytes(random_32()?);
-                write_private(&key_file, &key.to_hex())?;
-                eprintln!(
-                    "signing key written to {} (mode 0600); it is never printed",
-                    key_file.display()
-                );
+            store.transaction(
+                &who,
+                "key.add",
+                None,
+                serde_json::json!({"keys": published.ids(), "source": source.to_string()}),
+                now,
+                |tx| {
+                    for key in published.keys() {
+                        store::add_signing_key(tx, key.id(), &key.to_hex(), now)?;
+                    }
+                    Ok(())
+                },
+            )?;
+            match (&new_key, &source) {
+                (Some(key), keys::Source::File(path)) => {
+                    keys::create_file(path, key)?;
+                    eprintln!(
+                        "signing key {} written to {} (mode 0600); it is never printed",
+                        keys::id_of(key),
+                        path.display()
+                    );
+                }
+                _ => eprintln!("signing key(s) {} adopted from {source}", published.ids()),
             }
             eprintln!(
                 "store created at {} for environment {environment}",
@@ -741,17 +767,17 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             }
         },
         Command::Bundle { target, ref out } => {
-            let key = signing_key(&key_file)?;
+            let ring = key_source(&cli).load()?;
             let mut store = Store::open(&cli.store)?;
             let target: Target = target.into();
             let bundle = issue_bundle(
                 &mut store,
-                &key,
+                &ring,
                 target,
                 now,
                 &actor(cli.actor.clone(), None),
             )?;
-            let text = bundle.to_json();
+            let text = &bundle.text;
             match out {
                 Some(path) => {
                     push::write_atomically(path, text.as_bytes())?;
@@ -767,19 +793,19 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
         }
         Command::Push { ref target } => match target {
             PushTarget::Worker { url } => {
-                let key = signing_key(&key_file)?;
+                let ring = key_source(&cli).load()?;
                 let mut store = Store::open(&cli.store)?;
                 let who = actor(cli.actor.clone(), None);
-                let version = push::worker(&mut store, &key, url, now, &who)?;
+                let version = push::worker(&mut store, &ring, url, now, &who)?;
                 eprintln!("pushed bundle version {version} to the Worker at {url}");
                 Ok(None)
             }
             PushTarget::Envoy { file, wasm, bundle } => {
-                let key = signing_key(&key_file)?;
+                let ring = key_source(&cli).load()?;
                 let mut store = Store::open(&cli.store)?;
                 let who = actor(cli.actor.clone(), None);
                 let version =
-                    push::envoy(&mut store, &key, file, wasm, bundle.as_deref(), now, &who)?;
+                    push::envoy(&mut store, &ring, file, wasm, bundle.as_deref(), now, &who)?;
                 eprintln!(
                     "pushed bundle version {version} to Envoy via {}",
                     file.display()
@@ -787,6 +813,9 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 Ok(None)
             }
         },
+        Command::Key { ref action } => {
+            key_command::run(action, &cli.store, &key_source(&cli), &cli.actor, now)
+        }
         Command::Audit { limit, json } => {
             let store = Store::open(&cli.store)?;
             let events = store.audit(limit)?;
@@ -875,19 +904,6 @@ fn print_table(rows: &[Vec<String>]) -> Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(file, "{text}")?;
-    Ok(())
-}
-
 /// The bundle for the store's current state (unsigned).
 pub(crate) fn build_bundle(
     store: &Store,
@@ -900,11 +916,11 @@ pub(crate) fn build_bundle(
         .context("no policy is set (tokengate policy set FILE)")?;
     let tokens = store.tokens()?.iter().map(|t| t.record(now)).collect();
     Ok(Bundle {
-        format: FORMAT.to_owned(),
         version,
         issued_at: now,
         environment: store.environment()?,
         target,
+        keys: store.published_keys()?,
         policy: policy.policy(),
         credentials: CredentialConfig {
             sources: policy.credentials.sources.clone(),
@@ -913,19 +929,36 @@ pub(crate) fn build_bundle(
         tokens,
         revoke_all_at: store.revoke_all_at()?,
         cloudflare_access: policy.cloudflare_access.clone(),
-        signature: None,
     })
 }
 
-/// Takes a new version, signs, and checks the bundle exactly as the target will: a bundle
-/// the gate would refuse is never written or sent.
+/// A published bundle, ready to write or send.
+pub(crate) struct Issued {
+    pub version: u64,
+    pub tokens: usize,
+    /// The keys it publishes (what the gates trust after it).
+    pub keys: KeySet,
+    /// The exact text, envelope and signatures included.
+    pub text: String,
+}
+
+/// The keys the store publishes, as a gate would trust them.
+pub(crate) fn published_key_set(store: &Store) -> Result<KeySet> {
+    KeySet::from_hex(&store.published_keys()?)
+        .map_err(|e| anyhow::anyhow!("the store's published keys: {e} (tokengate key list)"))
+}
+
+/// Takes a new version, signs with every published key the admin holds, and checks the
+/// bundle exactly as a gate that trusts the published keys will: a bundle a gate would
+/// refuse is never written or sent.
 pub(crate) fn issue_bundle(
     store: &mut Store,
-    key: &SigningKey,
+    ring: &keys::Keyring,
     target: Target,
     now: u64,
     who: &Actor,
-) -> Result<Bundle> {
+) -> Result<Issued> {
+    let published = published_key_set(store)?;
     let version = store.transaction(
         who,
         "bundle.version",
@@ -934,15 +967,22 @@ pub(crate) fn issue_bundle(
         now,
         store::next_version,
     )?;
-    let mut bundle = build_bundle(store, target, version, now)?;
-    bundle.sign(key);
+    let bundle = build_bundle(store, target, version, now)?;
+    let payload = serde_json::to_string(&bundle)?;
+    let signatures = ring.sign(payload.as_bytes(), &bundle.keys)?;
+    let text = bundle::publish(&payload, &signatures);
     let environment = store.environment()?;
     let expect = Expectation {
         target,
         environment: Some(&environment),
         newer_than: store.pushed_version(&target.to_string())?,
     };
-    Gate::load(bundle.to_json().as_bytes(), key, &expect)
+    let gate = Gate::load(text.as_bytes(), &published, &expect)
         .map_err(|e| anyhow::anyhow!("the bundle would be refused by the gate: {e}"))?;
-    Ok(bundle)
+    Ok(Issued {
+        version,
+        tokens: gate.token_count(),
+        keys: published,
+        text,
+    })
 }

@@ -4,19 +4,29 @@
 //! (a DiscoveryResponse holding one TypedExtensionConfig), written atomically — temp file
 //! in the same directory, fsync, rename — so Envoy's file watch only ever sees whole files.
 //!
+//! Envoy's filter reads the admin's public keys from its VM environment; the resource carries
+//! them (`key_values`) beside the bundle, so a key rotation lands in the same atomic update.
+//!
 //! Worker: `POST <url>/.well-known/tokengate/bundle` with `Tokengate-Signature:
-//! t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">`. A Worker applies at most a batch of KV
-//! changes per request and answers 202 `{"applied","remaining"}`; the same bundle is sent
-//! again, freshly signed, until it answers 200.
+//! t=<unix seconds>,<key id>=<hex Ed25519 of "tokengate.push/v2\n<t>\n<body>">[,…]`, one
+//! signature per published key. A Worker applies at most a batch of KV changes per request
+//! and answers 202 `{"applied","remaining"}`; the same bundle is sent again, freshly signed,
+//! until it answers 200.
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tokengate_core::bundle::{self, Bundle};
-use tokengate_core::{Expectation, Gate, SigningKey, Target};
+use tokengate_core::{Expectation, Gate, KeySet, Target};
 
+use crate::keys::Keyring;
 use crate::store::{self, Actor, Store};
+use crate::Issued;
+
+/// The VM environment variable the filter reads the admin's public keys from.
+pub const KEYS_VARIABLE: &str = "TOKENGATE_TRUSTED_KEYS";
+/// What a push request's signatures cover, before `<t>\n<body>`.
+pub const PUSH_CONTEXT: &str = "tokengate.push/v2";
 
 /// The ECDS resource name the gateway's filter chain refers to.
 pub const FILTER_NAME: &str = "tokengate";
@@ -75,9 +85,15 @@ impl EcdsEncoding {
     }
 }
 
-/// The ECDS DiscoveryResponse carrying `bundle_json` for the filter loaded from `wasm`.
-/// Everything but `configuration` stays identical between pushes, so Envoy keeps the VM.
-pub fn ecds_resource(bundle_json: &str, version: u64, wasm: &Path) -> serde_json::Value {
+/// The ECDS DiscoveryResponse carrying `bundle_json` for the filter loaded from `wasm`, which
+/// trusts `trusted_keys` (hex, comma-joined). Between pushes that keep the keys, only
+/// `configuration` changes, so Envoy keeps the VM.
+pub fn ecds_resource(
+    bundle_json: &str,
+    version: u64,
+    wasm: &Path,
+    trusted_keys: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "version_info": version.to_string(),
         "resources": [{
@@ -98,6 +114,7 @@ pub fn ecds_resource(bundle_json: &str, version: u64, wasm: &Path) -> serde_json
                         "runtime": proto::V8_RUNTIME,
                         "environment_variables": {
                             "host_env_keys": proto::HOST_ENV_KEYS,
+                            "key_values": { KEYS_VARIABLE: trusted_keys },
                         },
                         "code": { "local": { "filename": wasm.display().to_string() } },
                     },
@@ -112,9 +129,10 @@ pub fn ecds_file(
     bundle_json: &str,
     version: u64,
     wasm: &Path,
+    trusted_keys: &str,
     encoding: EcdsEncoding,
 ) -> Result<Vec<u8>> {
-    let resource = ecds_resource(bundle_json, version, wasm);
+    let resource = ecds_resource(bundle_json, version, wasm, trusted_keys);
     Ok(match encoding {
         EcdsEncoding::Json => serde_json::to_string_pretty(&resource)?.into_bytes(),
         EcdsEncoding::Binary => proto::encode(&resource, "DiscoveryResponse")?,
@@ -134,7 +152,8 @@ mod proto {
     pub const WASM_FILTER: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
     pub const STRING_VALUE: &str = "type.googleapis.com/google.protobuf.StringValue";
     pub const V8_RUNTIME: &str = "envoy.wasm.runtime.v8";
-    pub const HOST_ENV_KEYS: [&str; 2] = ["TOKENGATE_SIGNING_KEY", "TOKENGATE_ENVIRONMENT"];
+    /// From Envoy's own environment: only the environment name, never a key.
+    pub const HOST_ENV_KEYS: [&str; 1] = ["TOKENGATE_ENVIRONMENT"];
 
     enum Kind {
         String,
@@ -142,6 +161,9 @@ mod proto {
         /// A `google.protobuf.Any`: the JSON object names its message in `@type`.
         Any,
         Enum(&'static [(&'static str, u64)]),
+        /// A `map<string, string>`: a JSON object, each member an entry message with the
+        /// key as field 1 and the value as field 2.
+        StringMap,
     }
 
     /// `envoy.extensions.wasm.v3.FailurePolicy`.
@@ -174,7 +196,7 @@ mod proto {
             ],
             "AsyncDataSource" => &[("local", 1, Message("DataSource"))],
             "DataSource" => &[("filename", 1, String)],
-            "EnvironmentVariables" => &[("host_env_keys", 1, String)],
+            "EnvironmentVariables" => &[("host_env_keys", 1, String), ("key_values", 2, StringMap)],
             "StringValue" => &[("value", 1, String)],
             other => bail!("no protobuf schema for {other}"),
         })
@@ -240,6 +262,16 @@ mod proto {
                         length_delimited(&mut any, 2, &encode(element, message_of(type_url)?)?);
                         length_delimited(&mut out, *number, &any);
                     }
+                    Kind::StringMap => {
+                        let map = element.as_object().with_context(context)?;
+                        for (key, value) in map {
+                            let value = value.as_str().with_context(context)?;
+                            let mut entry = Vec::new();
+                            length_delimited(&mut entry, 1, key.as_bytes());
+                            length_delimited(&mut entry, 2, value.as_bytes());
+                            length_delimited(&mut out, *number, &entry);
+                        }
+                    }
                     Kind::Enum(values) => {
                         let label = element.as_str().with_context(context)?;
                         let (_, value) = values
@@ -290,8 +322,9 @@ mod proto {
 
         #[test]
         fn the_bundle_is_carried_byte_for_byte() {
-            let bundle = r#"{"format":"tokengate.bundle/v1","version":7}"#;
-            let resource = super::super::ecds_resource(bundle, 7, std::path::Path::new("/f.wasm"));
+            let bundle = r#"{"format":"tokengate.bundle/v2","payload":{"version":7}}"#;
+            let path = std::path::Path::new("/f.wasm");
+            let resource = super::super::ecds_resource(bundle, 7, path, "ab,cd");
             let file = encode(&resource, "DiscoveryResponse").unwrap();
             let at = file
                 .windows(bundle.len())
@@ -301,12 +334,23 @@ mod proto {
             assert_eq!(file[at - 2..at], [0x0a, bundle.len() as u8]);
             let version_info = [0x0a, 1, b'7']; // field 1, length 1, "7"
             assert!(file.windows(3).any(|w| w == version_info));
+            // key_values (field 2): one entry, key (field 1) then value (field 2).
+            let entry = [
+                &[0x12, 2 + 22 + 2 + 5][..],
+                &[0x0a, 22],
+                b"TOKENGATE_TRUSTED_KEYS",
+                &[0x12, 5],
+                b"ab,cd",
+            ]
+            .concat();
+            assert!(file.windows(entry.len()).any(|w| w == entry.as_slice()));
         }
     }
 }
 
-/// A bundle made earlier (`tokengate bundle --out`), checked exactly as the filter will.
-pub fn prebuilt(store: &Store, key: &SigningKey, path: &Path) -> Result<(Bundle, String)> {
+/// A bundle made earlier (`tokengate bundle --out`), checked exactly as the filter will;
+/// its bytes are written as read.
+pub fn prebuilt(store: &Store, trusted: &KeySet, path: &Path) -> Result<Issued> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let environment = store.environment()?;
     let expect = Expectation {
@@ -314,25 +358,27 @@ pub fn prebuilt(store: &Store, key: &SigningKey, path: &Path) -> Result<(Bundle,
         environment: Some(&environment),
         newer_than: store.pushed_version("envoy")?,
     };
-    Gate::load(&text, key, &expect).map_err(|e| {
+    let gate = Gate::load(&text, trusted, &expect).map_err(|e| {
         anyhow::anyhow!(
             "{}: the filter would refuse this bundle: {e}",
             path.display()
         )
     })?;
-    let bundle = bundle::parse_verified(&text, key).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The bytes checked are the bytes written: re-serialised, a bundle an earlier release
-    // signed (with members this one leaves out) would no longer match its signature.
     let text = String::from_utf8(text)
         .map_err(|_| anyhow::anyhow!("{}: a bundle is UTF-8 text", path.display()))?;
-    Ok((bundle, text))
+    Ok(Issued {
+        version: gate.version(),
+        tokens: gate.token_count(),
+        keys: gate.keys().clone(),
+        text,
+    })
 }
 
 /// Signs a new bundle for Envoy (or takes a prebuilt one), checks it as the filter will,
-/// writes the ECDS file, and records the push; returns the version.
+/// writes the ECDS file with the published keys, and records the push; returns the version.
 pub fn envoy(
     store: &mut Store,
-    key: &SigningKey,
+    ring: &Keyring,
     file: &Path,
     wasm: &Path,
     prebuilt_bundle: Option<&Path>,
@@ -347,22 +393,24 @@ pub fn envoy(
             wasm.display()
         )
     })?;
-    let (bundle, text) = match prebuilt_bundle {
-        Some(path) => prebuilt(store, key, path)?,
-        None => {
-            let bundle = crate::issue_bundle(store, key, Target::Envoy, now, who)?;
-            let text = bundle.to_json();
-            (bundle, text)
-        }
+    let issued = match prebuilt_bundle {
+        Some(path) => prebuilt(store, &crate::published_key_set(store)?, path)?,
+        None => crate::issue_bundle(store, ring, Target::Envoy, now, who)?,
     };
-    let resource = ecds_file(&text, bundle.version, &wasm, encoding)?;
+    let resource = ecds_file(
+        &issued.text,
+        issued.version,
+        &wasm,
+        &issued.keys.to_text(),
+        encoding,
+    )?;
     let destination = file.display().to_string();
-    let details = serde_json::json!({"version": bundle.version, "file": destination, "tokens": bundle.tokens.len()});
+    let details = serde_json::json!({"version": issued.version, "file": destination, "tokens": issued.tokens, "keys": issued.keys.ids()});
     store.transaction(who, "push.envoy", None, details, now, |tx| {
         write_atomically(file, &resource)?;
-        store::record_push(tx, "envoy", bundle.version, now, &destination)
+        store::record_push(tx, "envoy", issued.version, now, &destination)
     })?;
-    Ok(bundle.version)
+    Ok(issued.version)
 }
 
 /// Requests one worker push may take before giving up (each applies up to ~900 changes).
@@ -385,13 +433,7 @@ struct WorkerReply {
 
 /// Signs a new bundle for the Worker, checks it as the Worker will, sends it (again and
 /// again while the Worker applies it in batches), and records the push; returns the version.
-pub fn worker(
-    store: &mut Store,
-    key: &SigningKey,
-    url: &str,
-    now: u64,
-    who: &Actor,
-) -> Result<u64> {
+pub fn worker(store: &mut Store, ring: &Keyring, url: &str, now: u64, who: &Actor) -> Result<u64> {
     use std::io::IsTerminal;
 
     let endpoint = format!("{}/.well-known/tokengate/bundle", url.trim_end_matches('/'));
@@ -401,8 +443,9 @@ pub fn worker(
     {
         anyhow::bail!("--url must be https:// (plain http only to 127.0.0.1 or localhost)");
     }
-    let bundle = crate::issue_bundle(store, key, Target::Worker, now, who)?;
-    let body = bundle.to_json();
+    let bundle = crate::issue_bundle(store, ring, Target::Worker, now, who)?;
+    let published = store.published_keys()?;
+    let body = &bundle.text;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(std::time::Duration::from_secs(120)))
@@ -415,11 +458,19 @@ pub fn worker(
             break;
         }
         let t = crate::time::now();
-        let signature = key.sign_bytes(format!("{t}.{body}").as_bytes());
+        let message = format!("{PUSH_CONTEXT}\n{t}\n{body}");
+        let signatures: Vec<String> = ring
+            .sign(message.as_bytes(), &published)?
+            .into_iter()
+            .map(|s| format!("{}={}", s.key_id, s.signature))
+            .collect();
         let mut response = agent
             .post(&endpoint)
             .header("content-type", "application/json")
-            .header("tokengate-signature", &format!("t={t},v1={signature}"))
+            .header(
+                "tokengate-signature",
+                &format!("t={t},{}", signatures.join(",")),
+            )
             .send(body.as_bytes())
             .with_context(|| format!("sending the bundle to {endpoint}"))?;
         let status = response.status().as_u16();
@@ -437,7 +488,7 @@ pub fn worker(
                     eprintln!();
                 }
                 let destination = url.to_owned();
-                let details = serde_json::json!({"version": bundle.version, "url": destination, "tokens": bundle.tokens.len(), "requests": round});
+                let details = serde_json::json!({"version": bundle.version, "url": destination, "tokens": bundle.tokens, "keys": bundle.keys.ids(), "requests": round});
                 store.transaction(who, "push.worker", None, details, now, |tx| {
                     store::record_push(tx, "worker", bundle.version, now, &destination)
                 })?;

@@ -52,6 +52,13 @@ const MIGRATIONS: &[&str] = &[
         at INTEGER NOT NULL,
         destination TEXT NOT NULL
      );",
+    // 2: the admin's Ed25519 public keys (never the private ones).
+    "CREATE TABLE signing_keys (
+        key_id TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        retired_at INTEGER
+     );",
 ];
 
 /// An open store, holding the lock file for as long as it lives.
@@ -120,6 +127,25 @@ impl Token {
             revoked_at: self.revoked_at,
             grace_until: None,
             previous,
+        }
+    }
+}
+
+/// One of the admin's public keys.
+#[derive(Debug, Clone, Serialize)]
+pub struct SigningKeyRow {
+    pub key_id: String,
+    pub public_key: String,
+    pub created_at: u64,
+    pub retired_at: Option<u64>,
+}
+
+impl SigningKeyRow {
+    pub fn state(&self) -> &'static str {
+        if self.retired_at.is_some() {
+            "retired"
+        } else {
+            "active"
         }
     }
 }
@@ -369,6 +395,32 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Every key the admin has had, oldest first.
+    pub fn signing_keys(&self) -> Result<Vec<SigningKeyRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT key_id, public_key, created_at, retired_at FROM signing_keys ORDER BY created_at, rowid",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SigningKeyRow {
+                key_id: r.get(0)?,
+                public_key: r.get(1)?,
+                created_at: seconds(r.get(2)?).unwrap_or_default(),
+                retired_at: seconds(r.get(3)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The public keys (hex) every bundle publishes: those not retired, oldest first.
+    pub fn published_keys(&self) -> Result<Vec<String>> {
+        Ok(self
+            .signing_keys()?
+            .into_iter()
+            .filter(|k| k.retired_at.is_none())
+            .map(|k| k.public_key)
+            .collect())
+    }
+
     /// The last version pushed to a target, if any.
     pub fn pushed_version(&self, target: &str) -> Result<Option<u64>> {
         Ok(self
@@ -388,6 +440,50 @@ pub fn set(tx: &Transaction<'_>, key: &str, value: &str) -> Result<()> {
     tx.execute(
         "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Records a new public key inside a transaction.
+pub fn add_signing_key(
+    tx: &Transaction<'_>,
+    key_id: &str,
+    public_key: &str,
+    now: u64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO signing_keys (key_id, public_key, created_at) VALUES (?1, ?2, ?3)",
+        params![key_id, public_key, signed(Some(now))],
+    )
+    .with_context(|| format!("key {key_id} is already in the store"))?;
+    Ok(())
+}
+
+/// Retires a key inside a transaction; the last active key cannot be retired.
+pub fn retire_signing_key(tx: &Transaction<'_>, key_id: &str, now: u64) -> Result<()> {
+    let state: Option<Option<i64>> = tx
+        .query_row(
+            "SELECT retired_at FROM signing_keys WHERE key_id = ?1",
+            [key_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match state {
+        None => bail!("no key {key_id} in the store (tokengate key list)"),
+        Some(Some(_)) => bail!("key {key_id} is already retired"),
+        Some(None) => {}
+    }
+    let active: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM signing_keys WHERE retired_at IS NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    if active <= 1 {
+        bail!("{key_id} is the only active key; rotate first (tokengate key rotate)");
+    }
+    tx.execute(
+        "UPDATE signing_keys SET retired_at = ?2 WHERE key_id = ?1",
+        params![key_id, signed(Some(now))],
     )?;
     Ok(())
 }

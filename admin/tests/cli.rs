@@ -396,7 +396,7 @@ fn push_envoy_to_a_pb_file_writes_binary_protobuf_never_the_key() {
     let binary = push_envoy(&env, "ecds.pb");
     assert!(serde_json::from_slice::<serde_json::Value>(&binary).is_err());
     // The bundle travels inside as it is signed, byte for byte (StringValue.value).
-    let head = br#"{"format":"tokengate.bundle/v1","version":1,"#;
+    let head = br#"{"format":"tokengate.bundle/v2","signatures":[{"key_id":"kid_"#;
     assert!(binary.windows(head.len()).any(|w| w == head));
     let key = std::fs::read_to_string(env.dir.join("tokengate.key")).unwrap();
     for secret in [key.trim(), token.as_str()] {
@@ -405,65 +405,200 @@ fn push_envoy_to_a_pb_file_writes_binary_protobuf_never_the_key() {
 }
 
 #[test]
-fn push_envoy_of_a_bundle_an_earlier_release_signed_writes_it_byte_for_byte() {
-    use tokengate_core::bundle::SigningKey;
-    use tokengate_core::{Expectation, Gate, Target};
-    let env = Env::new("push-earlier");
+fn push_envoy_of_a_prebuilt_bundle_writes_it_byte_for_byte_with_the_published_keys() {
+    use tokengate_core::{Expectation, Gate, KeySet, Target};
+    let env = Env::new("push-prebuilt");
     env.ok(&["create", "svc"]);
-    let current = env.dir.join("current.json");
+    let prebuilt = env.dir.join("prebuilt.json");
     env.ok(&[
         "bundle",
         "--target",
         "envoy",
         "--out",
-        current.to_str().unwrap(),
+        prebuilt.to_str().unwrap(),
     ]);
-    let current = std::fs::read_to_string(current).unwrap();
-    let key =
-        SigningKey::from_hex(&std::fs::read_to_string(env.dir.join("tokengate.key")).unwrap())
-            .unwrap();
-    // The same bundle as releases before 2026-12-02 wrote it: the derived token_id and every
-    // absent member as null, signed by the same key.
-    let parsed: serde_json::Value = serde_json::from_str(&current).unwrap();
-    let hash = parsed["tokens"][0]["hash"].as_str().unwrap();
-    let created = parsed["tokens"][0]["created_at"].as_u64().unwrap();
-    let canonical = current[..current.rfind(",\"signature\":").unwrap()]
-        .replace(
-            &format!("\"hash\":\"{hash}\""),
-            &format!("\"token_id\":\"tid_{}\",\"hash\":\"{hash}\"", &hash[..16]),
-        )
-        .replace(
-            &format!("\"created_at\":{created}}}"),
-            &format!("\"created_at\":{created},\"not_before\":null,\"expires_at\":null,\"revoked_at\":null,\"grace_until\":null,\"previous\":null}}"),
-        )
-        + "}";
-    assert!(canonical.contains("token_id") && canonical.contains("\"previous\":null"));
-    let signature = key.sign_bytes(canonical.as_bytes());
-    let earlier = format!(
-        "{},\"signature\":\"{signature}\"}}",
-        &canonical[..canonical.len() - 1]
-    );
-    let earlier_file = env.dir.join("earlier.json");
-    std::fs::write(&earlier_file, &earlier).unwrap();
-
-    let ecds = push_envoy_with(
-        &env,
-        "ecds.json",
-        &["--bundle", earlier_file.to_str().unwrap()],
-    );
+    let text = std::fs::read_to_string(&prebuilt).unwrap();
+    let ecds = push_envoy_with(&env, "ecds.json", &["--bundle", prebuilt.to_str().unwrap()]);
     let resource: serde_json::Value = serde_json::from_slice(&ecds).unwrap();
-    let written = resource["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+    let config = &resource["resources"][0]["typed_config"]["config"];
+    let written = config["configuration"]["value"].as_str().unwrap();
+    assert_eq!(written, text, "the bundle goes to Envoy as it was signed");
+    let keys = config["vm_config"]["environment_variables"]["key_values"]["TOKENGATE_TRUSTED_KEYS"]
         .as_str()
         .unwrap();
-    assert_eq!(
-        written, earlier,
-        "the bundle goes to Envoy as it was signed"
-    );
+    assert_eq!(keys, env.ok(&["key", "public"]).trim());
     let expect = Expectation {
         target: Target::Envoy,
         environment: Some("test"),
         newer_than: None,
     };
-    let gate = Gate::load(written.as_bytes(), &key, &expect).unwrap();
-    assert_eq!(gate.token_count(), 1);
+    let trusted = KeySet::parse(keys).unwrap();
+    assert_eq!(
+        Gate::load(written.as_bytes(), &trusted, &expect)
+            .unwrap()
+            .token_count(),
+        1
+    );
+    // The same bundle reformatted no longer matches its signatures: refused, nothing written.
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    std::fs::write(&prebuilt, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+    let ecds_path = env.dir.join("ecds.json");
+    let error = env.fails(
+        &[
+            "push",
+            "envoy",
+            "--file",
+            ecds_path.to_str().unwrap(),
+            "--wasm",
+            env.dir.join("filter.wasm").to_str().unwrap(),
+            "--bundle",
+            prebuilt.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(error.contains("signature"), "{error}");
+    assert_eq!(std::fs::read(&ecds_path).unwrap(), ecds);
+}
+
+/// The signatures of a published bundle, by key id.
+fn signers(text: &str) -> Vec<String> {
+    let value: serde_json::Value = serde_json::from_str(text).unwrap();
+    value["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn key_ids(env: &Env) -> Vec<(String, String)> {
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ok(&["key", "list", "--json"])).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["key_id"].as_str().unwrap().to_owned(),
+                k["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn key_rotate_publishes_both_keys_and_retire_leaves_the_new_one_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("keys");
+    let key_file = env.dir.join("tokengate.key");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key_file), 0o600);
+    let old = key_ids(&env);
+    assert_eq!(old.len(), 1);
+    let old_id = old[0].0.clone();
+    let bundle = |env: &Env| env.ok(&["bundle", "--target", "envoy"]);
+    assert_eq!(signers(&bundle(&env)), vec![old_id.clone()]);
+
+    env.ok(&["key", "rotate", "--reason", "yearly"]);
+    let keys = key_ids(&env);
+    assert_eq!(keys.len(), 2);
+    let new_id = keys[1].0.clone();
+    assert_eq!(
+        mode(&key_file),
+        0o600,
+        "the rewritten key file stays private"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        2
+    );
+    assert_eq!(signers(&bundle(&env)), vec![old_id.clone(), new_id.clone()]);
+    assert_eq!(env.ok(&["key", "public"]).trim().split(',').count(), 2);
+
+    // The last active key cannot be retired; an unknown id changes nothing.
+    let before = env.audit_len();
+    let error = env.fails(&["key", "retire", "kid_0000000000000000"], "");
+    assert!(error.contains("no key"), "{error}");
+    assert_eq!(env.audit_len(), before);
+
+    env.ok(&["key", "retire", &old_id, "--reason", "rotated"]);
+    assert_eq!(
+        key_ids(&env),
+        vec![
+            (old_id.clone(), "retired".into()),
+            (new_id.clone(), "active".into())
+        ]
+    );
+    assert_eq!(signers(&bundle(&env)), vec![new_id.clone()]);
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        1
+    );
+    let error = env.fails(&["key", "retire", &new_id], "");
+    assert!(error.contains("only active key"), "{error}");
+    let audit = env.ok(&["audit", "--json"]);
+    assert!(audit.contains("key.rotate") && audit.contains("key.retire"));
+    // Nothing printed, logged or stored holds a private key.
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    assert!(only_the_key_file_holds(&env.dir, private.trim()));
+}
+
+/// Whether the key file is the only file under `dir` holding `needle`.
+fn only_the_key_file_holds(dir: &Path, needle: &str) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().all(|entry| {
+        let path = entry.path();
+        path.file_name().is_some_and(|n| n == "tokengate.key")
+            || !std::fs::read(&path)
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+    })
+}
+
+#[test]
+fn keys_come_from_a_command_or_the_environment_never_argv_and_a_shared_key_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("key-sources");
+    let key_file = env.dir.join("tokengate.key");
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    // A key file others can read is refused: it can sign anything.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let error = env.fails(&["bundle", "--target", "envoy"], "");
+    assert!(error.contains("chmod 600"), "{error}");
+    assert!(!error.contains(private.trim()));
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // --key-command: its stdout is the key (a secret manager's CLI).
+    let command = format!("cat {}", key_file.display());
+    let out = env.ok(&["bundle", "--target", "envoy", "--key-command", &command]);
+    assert_eq!(signers(&out).len(), 1);
+    let error = env.fails(
+        &["bundle", "--target", "envoy", "--key-command", "exit 3"],
+        "",
+    );
+    assert!(error.contains("key command failed"), "{error}");
+    // TOKENGATE_SIGNING_KEY; a malformed one is named, never echoed.
+    let ok = env
+        .command(&["bundle", "--target", "envoy"])
+        .env("TOKENGATE_SIGNING_KEY", private.trim())
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let bad = env
+        .command(&["bundle", "--target", "envoy"])
+        .env("TOKENGATE_SIGNING_KEY", "abc123-not-a-key")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr.contains("TOKENGATE_SIGNING_KEY") && !stderr.contains("abc123"),
+        "{stderr}"
+    );
+    // A key the store does not publish signs nothing.
+    let stranger = "11".repeat(32);
+    let out = env
+        .command(&["bundle", "--target", "envoy"])
+        .env("TOKENGATE_SIGNING_KEY", &stranger)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("published"));
 }

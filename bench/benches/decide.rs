@@ -22,12 +22,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use tokengate_bench::{
-    bad_checksum_token, bundle_json, envoy_headers, key_hex, token, unknown_token, ENVIRONMENT, NOW,
+    bad_checksum_token, bundle_json, envoy_headers, public_key_hex, token, unknown_token,
+    ENVIRONMENT, NOW,
 };
-use tokengate_core::json::Reader;
+use tokengate_core::bundle::Envelope;
 use tokengate_core::token::{shape, TokenHash};
 use tokengate_core::{
-    bundle, credentials, policy, Bundle, Expectation, Gate, Request, SigningKey, Step, Target,
+    credentials, policy, Bundle, Expectation, Gate, KeySet, Request, Step, Target,
 };
 use tokengate_host_tests::{filter_path, Host, Vm};
 
@@ -41,8 +42,12 @@ fn cases() -> [(&'static str, String); 3] {
     ]
 }
 
+fn trusted() -> KeySet {
+    KeySet::parse(&public_key_hex()).unwrap()
+}
+
 fn gate(json: &str) -> Gate {
-    let key = SigningKey::from_hex(&key_hex()).unwrap();
+    let key = trusted();
     let expect = Expectation {
         target: Target::Envoy,
         environment: Some(ENVIRONMENT),
@@ -124,10 +129,10 @@ fn floor_path() -> std::path::PathBuf {
 }
 
 fn tokengate_vm(host: &Host, config: &str) -> Vm {
-    let key = key_hex();
+    let key = public_key_hex();
     let mut vm = host
         .start(&[
-            ("TOKENGATE_SIGNING_KEY", key.as_str()),
+            ("TOKENGATE_TRUSTED_KEYS", key.as_str()),
             ("TOKENGATE_ENVIRONMENT", ENVIRONMENT),
         ])
         .unwrap();
@@ -234,38 +239,40 @@ fn wasmtime(c: &mut Criterion) {
 fn load(c: &mut Criterion) {
     let n = 100_000;
     let json = bundle_json(n, 1);
-    let key = SigningKey::from_hex(&key_hex()).unwrap();
+    let key = trusted();
+    let expect = Expectation {
+        target: Target::Envoy,
+        environment: Some(ENVIRONMENT),
+        newer_than: None,
+    };
     let mut group = c.benchmark_group("load");
     group.sample_size(10);
-    // The reader every target loads bundles with, and serde's derive (what it replaced) on
-    // the same bytes, side by side.
-    group.bench_function(BenchmarkId::new("json-parse", n), |b| {
-        b.iter(|| Reader::read_all(json.as_bytes(), Bundle::read).unwrap())
+    // The parts of a load: the Ed25519 check over the payload's bytes as received, the
+    // payload read whole with serde (the CLI's way), and the whole load (records streamed
+    // into the table).
+    group.bench_function(BenchmarkId::new("envelope-ed25519", n), |b| {
+        b.iter(|| Envelope::open(json.as_bytes(), &key).unwrap())
     });
-    group.bench_function(BenchmarkId::new("json-parse-serde", n), |b| {
-        b.iter(|| serde_json::from_slice::<Bundle>(json.as_bytes()).unwrap())
+    let envelope = Envelope::open(json.as_bytes(), &key).unwrap();
+    group.bench_function(BenchmarkId::new("payload-serde-whole", n), |b| {
+        b.iter(|| {
+            envelope
+                .payload::<Vec<tokengate_core::TokenRecord>>()
+                .unwrap()
+        })
     });
-    let parsed = Reader::read_all(json.as_bytes(), Bundle::read).unwrap();
-    group.bench_function(BenchmarkId::new("canonical-bytes-hmac", n), |b| {
-        b.iter(|| key.sign_bytes(&parsed.canonical_bytes()))
-    });
-    // What the signature check costs now for a bundle as the CLI writes it: the MAC runs over
-    // the bytes received (the re-serialisation above is only the fallback for other layouts).
-    group.bench_function(BenchmarkId::new("hmac-as-sent", n), |b| {
-        b.iter(|| key.sign_bytes(json.as_bytes()))
-    });
+    let (parsed, _) = envelope
+        .payload::<Vec<tokengate_core::TokenRecord>>()
+        .unwrap();
     group.bench_function(BenchmarkId::new("index-build", n), |b| {
         b.iter_batched(
             || parsed.clone(),
-            |bundle| Gate::from_bundle(bundle).unwrap(),
+            |bundle: Bundle| Gate::from_bundle(bundle).unwrap(),
             BatchSize::LargeInput,
         )
     });
     group.bench_function(BenchmarkId::new("total", n), |b| {
-        b.iter(|| {
-            let verified = bundle::parse_verified(json.as_bytes(), &key).unwrap();
-            Gate::from_bundle(verified).unwrap()
-        })
+        b.iter(|| Gate::load(json.as_bytes(), &key, &expect).unwrap())
     });
     group.finish();
 
@@ -275,9 +282,9 @@ fn load(c: &mut Criterion) {
     group.sample_size(10);
     for n in SIZES {
         let json = bundle_json(n, 1);
-        let key = key_hex();
+        let key = public_key_hex();
         let env = [
-            ("TOKENGATE_SIGNING_KEY", key.as_str()),
+            ("TOKENGATE_TRUSTED_KEYS", key.as_str()),
             ("TOKENGATE_ENVIRONMENT", ENVIRONMENT),
         ];
         group.bench_function(BenchmarkId::new("configure", n), |b| {

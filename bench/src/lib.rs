@@ -4,16 +4,29 @@
 //!
 //! Tokens are made from fixed bytes (token `i` from `i`), so every run measures the same set.
 
-use tokengate_core::{token, Bundle, SigningKey};
+use ed25519_dalek::{Signer, SigningKey};
+use tokengate_core::bundle::{publish, SignatureEntry};
+use tokengate_core::keys::key_id;
+use tokengate_core::{token, Bundle};
 
 /// The environment the fixture bundles are signed for.
 pub const ENVIRONMENT: &str = "bench";
 /// Unix seconds the fixture is valid at.
 pub const NOW: u64 = 1_767_225_600;
 
-/// The HMAC key of the fixture (hex), as the filter reads it from `TOKENGATE_SIGNING_KEY`.
-pub fn key_hex() -> String {
-    "b3".repeat(32)
+/// The fixture's signing key (the admin's, in a real deployment).
+fn signing_key() -> SigningKey {
+    SigningKey::from_bytes(&[0xb3; 32])
+}
+
+/// The fixture's public key (hex), as the filter reads it from `TOKENGATE_TRUSTED_KEYS`.
+pub fn public_key_hex() -> String {
+    signing_key()
+        .verifying_key()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The plaintext of fixture token `i` (`sk_live_…`, valid checksum).
@@ -40,7 +53,7 @@ pub fn bad_checksum_token() -> String {
     t
 }
 
-/// The signed bundle (JSON text) holding tokens `0..n`, every one with `orders:read`.
+/// The published bundle (text) holding tokens `0..n`, every one with `orders:read`.
 pub fn bundle_json(n: u64, version: u64) -> String {
     let rule = |name: &str,
                 path: serde_json::Value,
@@ -116,21 +129,28 @@ pub fn bundle_json(n: u64, version: u64) -> String {
                 "scopes": ["orders:read"], "created_at": NOW - 86_400})
         })
         .collect();
-    let document = serde_json::json!({"format": "tokengate.bundle/v1", "version": version,
+    let document = serde_json::json!({"version": version,
         "issued_at": NOW - 60, "environment": ENVIRONMENT, "target": "envoy",
+        "keys": [public_key_hex()],
         "policy": {"rules": policy},
         "credentials": {"sources": ["bearer", "header:x-internal-token", "header:x-internal-api-key"], "forward": false},
-        "tokens": tokens, "revoke_all_at": null, "cloudflare_access": null});
-    let mut bundle: Bundle = match serde_json::from_value(document) {
+        "tokens": tokens});
+    let bundle: Bundle = match serde_json::from_value(document) {
         Ok(bundle) => bundle,
         Err(e) => unreachable!("the fixture matches the bundle model: {e}"),
     };
-    let key = match SigningKey::from_hex(&key_hex()) {
-        Ok(key) => key,
-        Err(e) => unreachable!("the fixture key is 64 hex characters: {e}"),
+    let payload = serde_json::to_string(&bundle).unwrap_or_default();
+    let key = signing_key();
+    let signature = SignatureEntry {
+        key_id: key_id(key.verifying_key().as_bytes()),
+        signature: key
+            .sign(payload.as_bytes())
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
     };
-    bundle.sign(&key);
-    bundle.to_json()
+    publish(&payload, &[signature])
 }
 
 /// The request headers Envoy passes to the filter for `GET /api/orders/1` with `credential`

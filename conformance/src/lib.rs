@@ -14,15 +14,15 @@ use serde::Deserialize;
 pub struct Suite {
     /// Unix seconds most cases run at.
     pub now: u64,
-    /// The fixture signing key, hex.
-    pub key: String,
+    /// The public keys (hex) every target trusts for the cases and refusals.
+    pub trusted_keys: Vec<String>,
     /// The environment fixture bundles are signed for.
     pub environment: String,
-    /// Signed fixture bundles: name → target (`envoy`, `worker`) → bundle.
-    pub bundles: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// Published fixture bundles: name → target (`envoy`, `worker`) → the exact text.
+    pub bundles: BTreeMap<String, BTreeMap<String, String>>,
     /// Decision cases.
     pub cases: Vec<Case>,
-    /// Bundles every target must refuse, for the `envoy` target with the fixture key.
+    /// Bundles every target must refuse, for the `envoy` target.
     pub refusals: Vec<Refusal>,
 }
 
@@ -100,8 +100,8 @@ pub struct Refusal {
     pub name: String,
     /// The bundle text exactly as pushed.
     pub bundle: String,
-    /// The key the target holds (hex); the fixture key unless the case is about keys.
-    pub key: String,
+    /// The public keys (hex) the target trusts; `None`: the suite's `trusted_keys`.
+    pub trusted: Option<Vec<String>>,
     /// The fixture bundle the target serves already, if any (rollback and replay cases).
     #[serde(default)]
     pub serving: Option<String>,
@@ -137,12 +137,17 @@ pub fn load() -> Result<Suite, String> {
 }
 
 impl Suite {
+    /// The public keys (hex) a target trusts for `refusal` (the suite's unless it says).
+    pub fn trusted_for<'a>(&'a self, refusal: &'a Refusal) -> &'a [String] {
+        refusal.trusted.as_deref().unwrap_or(&self.trusted_keys)
+    }
+
     /// The text of a fixture bundle signed for `target`.
     pub fn bundle_text(&self, name: &str, target: &str) -> Result<String, String> {
         self.bundles
             .get(name)
             .and_then(|by_target| by_target.get(target))
-            .map(|b| b.to_string())
+            .cloned()
             .ok_or_else(|| format!("no fixture bundle {name:?} for target {target:?}"))
     }
 
@@ -151,8 +156,11 @@ impl Suite {
         self.bundles
             .get(name)
             .and_then(|t| t.values().next())
-            .and_then(|b| b.get("version"))
-            .and_then(serde_json::Value::as_u64)
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .and_then(|b| {
+                b.pointer("/payload/version")
+                    .and_then(serde_json::Value::as_u64)
+            })
             .unwrap_or_default()
     }
 }

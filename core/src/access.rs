@@ -16,7 +16,8 @@
 use core::fmt;
 
 use crate::bundle::AccessConfig;
-use crate::json::{self, Fields, Reader};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 
 /// The header Cloudflare Access puts on requests it let through (compared case-insensitively).
 pub const ASSERTION_HEADER: &str = "cf-access-jwt-assertion";
@@ -184,83 +185,72 @@ pub struct Assertion {
 /// The claims the checks read; every other claim is skipped. A claim of the wrong type
 /// reads as absent (`nbf` as present but unusable), and a repeated one makes the
 /// assertion malformed: a JWT whose claims could be read two ways is refused.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Deserialize)]
 struct Claims {
+    #[serde(default, deserialize_with = "string_or_absent")]
     iss: Option<String>,
     /// `aud` as a string, or the strings of an `aud` array.
+    #[serde(default, deserialize_with = "audiences")]
     aud: Vec<String>,
+    #[serde(default, deserialize_with = "seconds_or_absent")]
     exp: Option<u64>,
     /// `Some(None)`: present, but not a usable NumericDate.
+    #[serde(default, deserialize_with = "present_seconds")]
     nbf: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "string_or_absent")]
     email: Option<String>,
+    #[serde(default, deserialize_with = "string_or_absent")]
     common_name: Option<String>,
 }
 
-impl Claims {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["iss", "aud", "exp", "nbf", "email", "common_name"]);
-        let mut claims = Self::default();
-        r.object(|r, key| {
-            match fields.known(r, key)? {
-                Some(0) => claims.iss = string_or_skip(r)?,
-                Some(1) => match r.next_byte() {
-                    Some(b'[') => r.array(|r| {
-                        claims.aud.extend(string_or_skip(r)?);
-                        Ok(())
-                    })?,
-                    _ => claims.aud.extend(string_or_skip(r)?),
-                },
-                Some(2) => claims.exp = seconds_or_skip(r)?,
-                Some(3) => claims.nbf = Some(seconds_or_skip(r)?),
-                Some(4) => claims.email = string_or_skip(r)?,
-                Some(_) => claims.common_name = string_or_skip(r)?,
-                None => r.skip()?,
-            }
-            Ok(())
-        })?;
-        Ok(claims)
-    }
-}
-
 /// The JOSE header members the gate reads: `alg` and `kid` (strings, else absent).
-#[derive(Default)]
+#[derive(Default, Deserialize)]
 struct Header {
+    #[serde(default, deserialize_with = "string_or_absent")]
     alg: Option<String>,
+    #[serde(default, deserialize_with = "string_or_absent")]
     kid: Option<String>,
 }
 
-impl Header {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["alg", "kid"]);
-        let mut header = Self::default();
-        r.object(|r, key| {
-            match fields.known(r, key)? {
-                Some(0) => header.alg = string_or_skip(r)?,
-                Some(_) => header.kid = string_or_skip(r)?,
-                None => r.skip()?,
-            }
-            Ok(())
-        })?;
-        Ok(header)
-    }
+/// A claim's value as it stands in the JSON: typed by the checks, not by serde, so a value
+/// of the wrong type reads as absent instead of failing the whole assertion.
+type Raw = Box<RawValue>;
+
+fn as_string(raw: &RawValue) -> Option<String> {
+    serde_json::from_str(raw.get()).ok()
 }
 
-fn string_or_skip(r: &mut Reader<'_>) -> json::Result<Option<String>> {
-    if r.next_byte() == Some(b'"') {
-        r.string().map(Some)
-    } else {
-        r.skip().map(|()| None)
-    }
+fn string_or_absent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(as_string(&Raw::deserialize(d)?))
+}
+
+fn audiences<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let raw = Raw::deserialize(d)?;
+    Ok(match serde_json::from_str::<Vec<Raw>>(raw.get()) {
+        Ok(items) => items.iter().filter_map(|item| as_string(item)).collect(),
+        Err(_) => as_string(&raw).into_iter().collect(),
+    })
 }
 
 /// A NumericDate: whole seconds (a fractional part is dropped; negatives, exponents and
 /// non-numbers are unusable).
-fn seconds_or_skip(r: &mut Reader<'_>) -> json::Result<Option<u64>> {
-    if matches!(r.next_byte(), Some(b'-' | b'0'..=b'9')) {
-        r.seconds()
+fn numeric_date(raw: &RawValue) -> Option<u64> {
+    let text = raw.get();
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, "0"));
+    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+    if digits(whole) && digits(fraction) {
+        whole.parse().ok()
     } else {
-        r.skip().map(|()| None)
+        None
     }
+}
+
+fn seconds_or_absent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(numeric_date(&Raw::deserialize(d)?))
+}
+
+fn present_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Ok(Some(numeric_date(&Raw::deserialize(d)?)))
 }
 
 impl fmt::Debug for Assertion {
@@ -284,8 +274,8 @@ impl Assertion {
         else {
             return Err(AccessError::Malformed);
         };
-        let header = json_part(header, Header::read)?;
-        let claims = json_part(payload, Claims::read)?;
+        let header: Header = json_part(header)?;
+        let claims: Claims = json_part(payload)?;
         let signature = base64url_decode(signature).ok_or(AccessError::Malformed)?;
         match header.alg.as_deref() {
             Some(ALGORITHM) => {}
@@ -385,13 +375,10 @@ impl Assertion {
     }
 }
 
-/// One base64url part of the JWT, read as a JSON object by `read`.
-fn json_part<T>(
-    part: &str,
-    read: impl FnOnce(&mut Reader<'_>) -> json::Result<T>,
-) -> Result<T, AccessError> {
+/// One base64url part of the JWT, read as a JSON object.
+fn json_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, AccessError> {
     let bytes = base64url_decode(part).ok_or(AccessError::Malformed)?;
-    Reader::read_all(&bytes, read).map_err(|_| AccessError::Malformed)
+    serde_json::from_slice(&bytes).map_err(|_| AccessError::Malformed)
 }
 
 /// Decodes unpadded base64url (RFC 7515 §2); padding, other alphabets and stray bits are
@@ -661,8 +648,8 @@ mod tests {
         use crate::decision::{Outcome, Reason, Request, Step, ACCESS_HEADER, SUBJECT_HEADER};
         use crate::{Bundle, Gate};
         let bundle: Bundle = serde_json::from_value(serde_json::json!({
-            "format": "tokengate.bundle/v1", "version": 1, "issued_at": 0,
-            "environment": "prod", "target": "worker",
+            "version": 1, "issued_at": 0, "environment": "prod", "target": "worker",
+            "keys": ["d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"],
             "policy": {"rules": [
                 {"name": "app", "path": {"prefix": "/app"}, "access": "token", "cf_access": true},
                 {"name": "scoped", "path": {"prefix": "/scoped"}, "access": "token",

@@ -8,8 +8,8 @@
 use core::fmt;
 
 use crate::access::{self, Assertion, KeyCheck};
-use crate::bundle::{Gate, Record};
 use crate::credentials::{self, Found};
+use crate::gate::{Gate, Record};
 use crate::policy::{self, Access};
 use crate::token::{self, Shape, TokenHash, MAX_TOKEN_LEN};
 

@@ -8,8 +8,6 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::json::{self, required, Fields, Reader};
-
 /// Rules a bundle may hold.
 pub const MAX_RULES: usize = 512;
 /// Scopes one token or rule may hold.
@@ -70,95 +68,6 @@ pub enum Access {
     Public,
     /// A valid token holding the rule's scopes.
     Token,
-}
-
-impl Policy {
-    /// Reads `{"rules": [...]}`.
-    pub fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["rules"]);
-        let mut rules = None;
-        r.object(|r, key| {
-            fields.index(r, key)?;
-            let mut list = Vec::new();
-            r.array(|r| {
-                list.push(Rule::read(r)?);
-                Ok(())
-            })?;
-            rules = Some(list);
-            Ok(())
-        })?;
-        Ok(Self {
-            rules: required(r, rules, "rules")?,
-        })
-    }
-}
-
-impl Rule {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&[
-            "name",
-            "path",
-            "methods",
-            "host",
-            "access",
-            "all_of",
-            "any_of",
-            "cf_access",
-        ]);
-        let mut rule = Self {
-            name: String::new(),
-            path: PathMatch::Exact(String::new()),
-            methods: Vec::new(),
-            host: None,
-            access: Access::Token,
-            all_of: Vec::new(),
-            any_of: Vec::new(),
-            cf_access: false,
-        };
-        r.object(|r, key| {
-            match fields.index(r, key)? {
-                0 => rule.name = r.string()?,
-                1 => rule.path = PathMatch::read(r)?,
-                2 => rule.methods = r.strings()?,
-                3 => rule.host = r.nullable(Reader::string)?,
-                4 => {
-                    let choices = [("public", Access::Public), ("token", Access::Token)];
-                    rule.access = r.choice("access", &choices)?;
-                }
-                5 => rule.all_of = r.strings()?,
-                6 => rule.any_of = r.strings()?,
-                _ => rule.cf_access = r.bool()?,
-            }
-            Ok(())
-        })?;
-        for name_path_access in [0, 1, 4] {
-            fields.require(r, name_path_access)?;
-        }
-        Ok(rule)
-    }
-}
-
-impl PathMatch {
-    /// `{"exact": "/p"}` or `{"prefix": "/p"}`: exactly one member.
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut found = None;
-        r.object(|r, key| {
-            if found.is_some() {
-                return Err(r.member_error("a path match has exactly one of `exact`, `prefix`"));
-            }
-            found = Some(match key {
-                "exact" => Self::Exact(r.string()?),
-                "prefix" => Self::Prefix(r.string()?),
-                _ => {
-                    return Err(r.member_error(format!(
-                        "unknown path match `{key}`, expected `exact` or `prefix`"
-                    )))
-                }
-            });
-            Ok(())
-        })?;
-        found.ok_or_else(|| r.error("a path match has exactly one of `exact`, `prefix`"))
-    }
 }
 
 /// Why a policy was refused. Every variant names the rule it is about.

@@ -3,17 +3,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers: a failure is the report
 
 use tokengate_conformance::{self as conformance, Observed};
-use tokengate_core::{Expectation, Gate, Outcome, Request, SigningKey, Target};
+use tokengate_core::{Expectation, Gate, KeySet, Outcome, Request, Target};
 
 fn gate(suite: &conformance::Suite, name: &str) -> Gate {
-    let key = SigningKey::from_hex(&suite.key).unwrap();
+    let trusted = KeySet::from_hex(&suite.trusted_keys).unwrap();
     let text = suite.bundle_text(name, "envoy").unwrap();
     let expect = Expectation {
         target: Target::Envoy,
         environment: Some(&suite.environment),
         newer_than: None,
     };
-    Gate::load(text.as_bytes(), &key, &expect).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    Gate::load(text.as_bytes(), &trusted, &expect).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
 /// What the upstream would receive: the request's headers, less the removed, plus the added.
@@ -87,7 +87,7 @@ fn every_vector_passes_in_the_core() {
 fn every_refusal_is_refused_by_the_core() {
     let suite = conformance::load().unwrap();
     for refusal in &suite.refusals {
-        let key = SigningKey::from_hex(&refusal.key).unwrap();
+        let trusted = KeySet::from_hex(suite.trusted_for(refusal)).unwrap();
         let expect = Expectation {
             target: Target::Envoy,
             environment: Some(&suite.environment),
@@ -96,7 +96,7 @@ fn every_refusal_is_refused_by_the_core() {
                 .as_deref()
                 .map(|name| suite.bundle_version(name)),
         };
-        let result = Gate::load(refusal.bundle.as_bytes(), &key, &expect);
+        let result = Gate::load(refusal.bundle.as_bytes(), &trusted, &expect);
         assert!(result.is_err(), "{} was accepted", refusal.name);
     }
 }
@@ -133,7 +133,8 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
     let suite = conformance::load().unwrap();
     for case in &suite.cases {
         let text = suite.bundle_text(&case.bundle, "envoy").unwrap();
-        let full: Bundle = serde_json::from_str(&text).unwrap();
+        let envelope: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let full: Bundle = serde_json::from_value(envelope["payload"].clone()).unwrap();
         let kv: HashMap<String, tokengate_core::TokenRecord> = full
             .tokens
             .iter()
@@ -164,5 +165,31 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
         };
         let whole = gate(&suite, &case.bundle).decide(&request, case.now);
         assert_eq!(split, whole, "{}", case.name);
+    }
+}
+
+/// A bundle signed by two keys loads on a gate that trusts either one: during an admin key
+/// rotation no gate refuses a valid bundle, whichever set it trusts.
+#[test]
+fn a_bundle_signed_by_two_keys_loads_with_either_trusted() {
+    let suite = conformance::load().unwrap();
+    let text = suite.bundle_text("rotation", "envoy").unwrap();
+    let envelope: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let published: Vec<String> =
+        serde_json::from_value(envelope["payload"]["keys"].clone()).unwrap();
+    assert_eq!(published.len(), 2);
+    let expect = Expectation {
+        target: Target::Envoy,
+        environment: Some(&suite.environment),
+        newer_than: None,
+    };
+    for key in &published {
+        let trusted = KeySet::from_hex(std::slice::from_ref(key)).unwrap();
+        let gate = Gate::load(text.as_bytes(), &trusted, &expect).unwrap();
+        assert_eq!(
+            gate.keys().keys().len(),
+            2,
+            "the gate trusts both keys next"
+        );
     }
 }

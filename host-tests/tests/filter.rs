@@ -19,17 +19,22 @@ fn suite() -> &'static Suite {
     SUITE.get_or_init(|| conformance::load().unwrap())
 }
 
-fn vm(key: &str) -> Vm {
+/// The VM environment as `push envoy` writes it: the trusted public keys, comma-joined.
+fn trusted() -> String {
+    suite().trusted_keys.join(",")
+}
+
+fn vm(keys: &str) -> Vm {
     host()
         .start(&[
-            ("TOKENGATE_SIGNING_KEY", key),
+            ("TOKENGATE_TRUSTED_KEYS", keys),
             ("TOKENGATE_ENVIRONMENT", &suite().environment),
         ])
         .unwrap()
 }
 
 fn configured(bundle: &str) -> Vm {
-    let mut vm = vm(&suite().key);
+    let mut vm = vm(&trusted());
     let text = suite().bundle_text(bundle, "envoy").unwrap();
     assert!(
         vm.configure(text.as_bytes()).unwrap(),
@@ -187,8 +192,9 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
         .find(|c| c.name == "valid bearer token passes with identity headers")
         .unwrap();
     for refusal in &suite.refusals {
+        let keys = suite.trusted_for(refusal).join(",");
         let env = [
-            ("TOKENGATE_SIGNING_KEY", refusal.key.as_str()),
+            ("TOKENGATE_TRUSTED_KEYS", keys.as_str()),
             ("TOKENGATE_ENVIRONMENT", suite.environment.as_str()),
         ];
         let shared = SharedData::default();
@@ -264,8 +270,9 @@ fn a_newer_bundle_replaces_the_old_one_and_the_gauge_follows() {
 #[test]
 fn a_fresh_vm_sharing_data_refuses_a_rollback_and_accepts_the_bundle_served() {
     let suite = suite();
+    let keys = trusted();
     let env = [
-        ("TOKENGATE_SIGNING_KEY", suite.key.as_str()),
+        ("TOKENGATE_TRUSTED_KEYS", keys.as_str()),
         ("TOKENGATE_ENVIRONMENT", suite.environment.as_str()),
     ];
     let shared = SharedData::default();
@@ -291,7 +298,7 @@ fn a_fresh_vm_sharing_data_refuses_a_rollback_and_accepts_the_bundle_served() {
 
 #[test]
 fn no_bundle_yet_fails_closed_with_503() {
-    let mut vm = vm(&suite().key);
+    let mut vm = vm(&trusted());
     assert!(
         vm.configure(b"").unwrap(),
         "an empty configuration is the pre-push default"
@@ -305,7 +312,7 @@ fn no_bundle_yet_fails_closed_with_503() {
 }
 
 #[test]
-fn a_missing_or_malformed_key_refuses_every_bundle() {
+fn missing_or_malformed_trusted_keys_refuse_every_bundle() {
     let main = suite().bundle_text("main", "envoy").unwrap();
     let mut no_key = host()
         .start(&[("TOKENGATE_ENVIRONMENT", "conformance")])
@@ -314,7 +321,7 @@ fn a_missing_or_malformed_key_refuses_every_bundle() {
     let mut bad_key = vm("not-hex");
     assert!(!bad_key.configure(main.as_bytes()).unwrap());
     let mut no_env = host()
-        .start(&[("TOKENGATE_SIGNING_KEY", &suite().key)])
+        .start(&[("TOKENGATE_TRUSTED_KEYS", &trusted())])
         .unwrap();
     assert!(!no_env.configure(main.as_bytes()).unwrap());
 }

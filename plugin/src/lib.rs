@@ -1,7 +1,7 @@
 //! tokengate's proxy-wasm HTTP filter for Envoy.
 //!
-//! A thin adapter: the plugin configuration is the signed bundle, the verification key and
-//! the environment come from the VM's environment variables (`TOKENGATE_SIGNING_KEY`,
+//! A thin adapter: the plugin configuration is the published bundle, the admin's public keys
+//! and the environment come from the VM's environment variables (`TOKENGATE_TRUSTED_KEYS`,
 //! `TOKENGATE_ENVIRONMENT`), and every request is decided by `tokengate_core`. This file
 //! only moves headers, time and metrics between Envoy and the core.
 //!
@@ -15,12 +15,13 @@ use std::time::UNIX_EPOCH;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
-use tokengate_core::bundle::{self, Served};
 use tokengate_core::decision::{self, Reason};
-use tokengate_core::{Decision, Expectation, Gate, Outcome, Request, SigningKey, Target};
+use tokengate_core::{Decision, Expectation, Gate, KeySet, Outcome, Request, Served, Target};
 
-/// The VM environment variable holding the hex HMAC key.
-pub const KEY_VARIABLE: &str = "TOKENGATE_SIGNING_KEY";
+/// The VM environment variable holding the admin's public keys (hex, comma-separated): the
+/// ECDS resource carries it in `vm_config.environment_variables.key_values`, so a key
+/// rotation arrives with the bundle it signs. Public keys only: nothing here can sign.
+pub const KEYS_VARIABLE: &str = "TOKENGATE_TRUSTED_KEYS";
 /// The VM environment variable naming the environment this gate serves.
 pub const ENVIRONMENT_VARIABLE: &str = "TOKENGATE_ENVIRONMENT";
 
@@ -111,13 +112,13 @@ enum Refusal {
 }
 
 impl GateRoot {
-    /// Verifies, checks succession against the bundle served, and validates.
-    fn load(config: Vec<u8>, served: Option<&Served>) -> Result<(Gate, Served), Refusal> {
+    /// Opens the bundle with the trusted keys, checks it and its succession against the
+    /// bundle served, and validates it.
+    fn load(config: &[u8], served: Option<&Served>) -> Result<Gate, Refusal> {
         let invalid = |e: String| Refusal::Invalid(e);
-        let key_hex = std::env::var(KEY_VARIABLE)
-            .map_err(|_| invalid(format!("{KEY_VARIABLE} is not set in the VM environment")))?;
-        let key =
-            SigningKey::from_hex(&key_hex).map_err(|e| invalid(format!("{KEY_VARIABLE}: {e}")))?;
+        let keys = std::env::var(KEYS_VARIABLE)
+            .map_err(|_| invalid(format!("{KEYS_VARIABLE} is not set in the VM environment")))?;
+        let trusted = KeySet::parse(&keys).map_err(|e| invalid(format!("{KEYS_VARIABLE}: {e}")))?;
         let environment = std::env::var(ENVIRONMENT_VARIABLE).map_err(|_| {
             invalid(format!(
                 "{ENVIRONMENT_VARIABLE} is not set in the VM environment"
@@ -128,16 +129,20 @@ impl GateRoot {
             environment: Some(&environment),
             newer_than: None,
         };
+        let mut stale = false;
         // The token records go straight into the gate's table as the text is read: the
         // VM's memory never shrinks, so a large bundle's peak is the text plus the table.
-        let verified = bundle::load_verified(&config, &key).map_err(|e| invalid(e.to_string()))?;
-        drop(config);
-        let bundle = &verified.bundle;
-        bundle::check_expectation(bundle, &expect).map_err(|e| invalid(e.to_string()))?;
-        bundle::check_succession(served, bundle).map_err(|e| Refusal::Stale(e.to_string()))?;
-        let mark = Served::of(bundle);
-        let gate = Gate::from_verified(verified).map_err(|e| invalid(e.to_string()))?;
-        Ok((gate, mark))
+        Gate::load_checked(config, &trusted, |head, mark| {
+            expect.check(head)?;
+            match served {
+                Some(served) => served.check_successor(mark).inspect_err(|_| stale = true),
+                None => Ok(()),
+            }
+        })
+        .map_err(|e| match stale {
+            true => Refusal::Stale(e.to_string()),
+            false => invalid(e.to_string()),
+        })
     }
 
     fn serve(&mut self, gate: Rc<Gate>, metrics: &Metrics) {
@@ -182,7 +187,7 @@ impl RootContext for GateRoot {
                 "an empty configuration cannot replace bundle version {}",
                 s.version
             ))),
-            (_, false) => Self::load(config, served.as_ref()),
+            (_, false) => Self::load(&config, served.as_ref()),
         };
         let refused = |reason: &str| {
             if let Some(id) = metrics.bundle_refused {
@@ -194,8 +199,9 @@ impl RootContext for GateRoot {
             );
         };
         match loaded {
-            Ok((gate, mark)) => {
-                if served.as_ref() != Some(&mark) {
+            Ok(gate) => {
+                let mark = gate.served();
+                if served.as_ref() != Some(mark) {
                     proxy_wasm::hostcalls::set_shared_data(
                         SERVED_KEY,
                         Some(mark.encode().as_bytes()),

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 # End-to-end tests of tokengate in a real Envoy: the conformance vectors, the CLI lifecycle,
-# bad pushes, hot reload under load, the access log and the stats. Stdlib only.
-"""Run: python3 tests/envoy/e2e.py   (needs: the built filter, target/debug/tokengate, Envoy
-from scripts/tools.sh). Prints one line per test and a closing `N passed, M failed`."""
+# admin key rotation, that no gate holds a private key, bad pushes, hot reload under load,
+# the access log and the stats. Stdlib + `cryptography` (Ed25519, to re-sign fixtures and to
+# forge bundles the way an attacker would).
+"""Run: python3 tests/envoy/e2e.py [NAME...]   (needs: the built filter, target/debug/tokengate,
+Envoy from scripts/tools.sh). Prints one line per test and a closing `N passed, M failed`."""
 
 import base64
 import hashlib
-import hmac
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -16,13 +18,94 @@ import threading
 import time
 import traceback
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
-from harness import WASM, Gateway, ecds_resource, write_ecds  # noqa: E402
+from harness import (GATEWAY_YAML, TRUSTED_KEYS_VARIABLE, WASM, WASM_REL, Gateway,  # noqa: E402
+                     ecds_resource, write_ecds)
 
 CLI = os.environ.get("TOKENGATE_BIN", os.path.join(ROOT, "target", "debug", "tokengate"))
 VECTORS = json.load(open(os.path.join(ROOT, "conformance", "vectors.json")))
+SHIPPED_ECDS = os.path.join(ROOT, "envoy", "run", "tokengate.ecds.json")
 ECDS = "extension_config_discovery.http_filter.tokengate."
+VERSION = "wasmcustom.tokengate.bundle.version"  # the filter's gauge: the bundle it serves
+REFUSED = "wasmcustom.tokengate.bundle.refused"
+
+
+# --- Ed25519 and bundle v2, as docs/trust.md defines them --------------------------------
+
+FORMAT = "tokengate.bundle/v2"
+PAYLOAD_ORDER = ("version", "issued_at", "environment", "target", "keys", "policy",
+                 "credentials", "tokens", "revoke_all_at", "cloudflare_access")
+# The conformance fixture keys (conformance/generate.py): A is the one gates trust, B the new
+# key of its rotation bundle. Known here so a re-timed fixture is signed by the same keys.
+FIXTURE_SEEDS = [hashlib.sha256(b"tokengate conformance key A").digest(),
+                 hashlib.sha256(b"tokengate conformance key B").digest()]
+HEX64 = re.compile(r"[0-9a-f]{64}")
+KEY_ID = re.compile(r"kid_[0-9a-f]{16}")
+
+
+def seed_bytes(seed):
+    return bytes.fromhex(seed) if isinstance(seed, str) else seed
+
+
+def public_key(seed):
+    """The public key (64 hex) of a 32-byte seed (bytes or 64 hex)."""
+    return Ed25519PrivateKey.from_private_bytes(seed_bytes(seed)).public_key().public_bytes(
+        Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def key_id(public_hex):
+    return "kid_" + hashlib.sha256(bytes.fromhex(public_hex)).hexdigest()[:16]
+
+
+def compact(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def publish(payload, seeds):
+    """The published bundle text: `payload` in the admin's member order, compact, signed by
+    each seed over the payload's exact bytes (nothing else), which go in verbatim."""
+    unknown = set(payload) - set(PAYLOAD_ORDER)
+    assert not unknown, f"payload members a gate would refuse: {unknown}"
+    text = compact({k: payload[k] for k in PAYLOAD_ORDER if payload.get(k) is not None})
+    signatures = [{"key_id": key_id(public_key(seed)), "signature":
+                   Ed25519PrivateKey.from_private_bytes(seed_bytes(seed)).sign(text.encode()).hex()}
+                  for seed in seeds]
+    return f'{{"format":"{FORMAT}","signatures":{compact(signatures)},"payload":{text}}}'
+
+
+def split_keys(text):
+    """A key set as text (commas and/or white space) as a list."""
+    return [k for k in re.split(r"[\s,]+", text or "") if k]
+
+
+def signers(bundle_text):
+    return {s["key_id"] for s in json.loads(bundle_text)["signatures"]}
+
+
+def forged_bundle(served_text, seed, token, version):
+    """What an attacker holding `seed` would publish: the served payload one version on, with
+    `seed`'s public key as the admin's keys and a record granting `token` every scope."""
+    payload = json.loads(served_text)["payload"]
+    now = int(time.time())
+    payload.update(version=version, issued_at=now, keys=[public_key(seed)])
+    payload["tokens"] = payload["tokens"] + [{
+        "name": "intruder", "hash": hashlib.sha256(token.encode()).hexdigest(),
+        "scopes": ["*"], "created_at": now - 1}]
+    return publish(payload, [seed])
+
+
+def hex_strings(text):
+    """Every 64-character window of every run of at least 64 hex digits (lower-cased): a
+    32-byte key could hide inside a longer run, a signature for one."""
+    found = set()
+    for run in re.findall(r"[0-9a-fA-F]{64,}", text):
+        run = run.lower()
+        found.update(run[i:i + 64] for i in range(len(run) - 63))
+    return found
 
 
 # --- the conformance comparison, as conformance/src/lib.rs `check` -----------------------
@@ -65,24 +148,24 @@ def check_case(case, status, response_headers, body, upstream):
     return problems
 
 
-def retime(bundle, offset, version):
-    """The fixture bundle moved by `offset` seconds, with a new version, re-signed with the
-    fixture key (canonical bytes: compact JSON in field order, without the signature)."""
-    b = json.loads(json.dumps(bundle))
-    b.pop("signature")
-    b["version"] = version
-    b["issued_at"] += offset
-    if b["revoke_all_at"] is not None:
-        b["revoke_all_at"] += offset
-    for t in b["tokens"]:
+def retime(bundle_text, offset, version):
+    """The fixture bundle moved by `offset` seconds, with a new version, published again and
+    signed by the fixture keys that signed it (the published text is never re-serialised:
+    the payload is rebuilt and signed anew)."""
+    by_id = {key_id(public_key(seed)): seed for seed in FIXTURE_SEEDS}
+    envelope = json.loads(bundle_text)
+    payload = envelope["payload"]
+    payload["version"] = version
+    payload["issued_at"] += offset
+    if payload.get("revoke_all_at") is not None:
+        payload["revoke_all_at"] += offset
+    for t in payload["tokens"]:
         for field in ("created_at", "not_before", "expires_at", "revoked_at", "grace_until"):
             if t.get(field) is not None:
                 t[field] += offset
         if t.get("previous"):
             t["previous"]["grace_until"] += offset
-    canonical = json.dumps(b, separators=(",", ":"), ensure_ascii=False).encode()
-    b["signature"] = hmac.new(bytes.fromhex(VECTORS["key"]), canonical, hashlib.sha256).hexdigest()
-    return json.dumps(b, separators=(",", ":"), ensure_ascii=False)
+    return publish(payload, [by_id[s["key_id"]] for s in envelope["signatures"]])
 
 
 def send(gw, case):
@@ -116,9 +199,15 @@ def run_case(gw, case):
 # --- the tests ---------------------------------------------------------------------------
 
 def test_every_conformance_vector_through_envoy():
-    env = {"TOKENGATE_SIGNING_KEY": VECTORS["key"], "TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
+    # This file publishes bundles as conformance/generate.py does, to the byte: re-timed
+    # fixtures and the forgeries below are signed the way a gate checks.
+    assert public_key(FIXTURE_SEEDS[0]) in VECTORS["trusted_keys"], "fixture key A changed"
+    for name, texts in VECTORS["bundles"].items():
+        text = texts["envoy"]
+        assert retime(text, 0, json.loads(text)["payload"]["version"]) == text, f"{name}: published differently"
+    env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
     failures, version = [], 1000
-    with Gateway(env=env) as gw:
+    with Gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
         groups = {}
         for case in VECTORS["cases"]:
             if not case["clock_edge"]:
@@ -148,16 +237,45 @@ def test_every_conformance_vector_through_envoy():
     return f"{len(VECTORS['cases'])} cases"
 
 
+def test_every_conformance_refusal_through_envoy():
+    """Each refusal vector, exactly as published, with the keys it says the gate trusts, in
+    one ECDS resource: Envoy rejects the update and keeps serving what it served (nothing,
+    then the `serving` fixture for the rollback cases)."""
+    env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
+    failures, serving = [], None
+    # Refusals against an empty gate first: a refusal changes nothing, so one Envoy does.
+    refusals = sorted(VECTORS["refusals"], key=lambda r: r["serving"] is not None)
+    with Gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
+        for refusal in refusals:
+            if refusal["serving"] != serving:
+                serving = refusal["serving"]
+                fixture = VECTORS["bundles"][serving]["envoy"]
+                assert gw.push(fixture) == "accepted", gw.tail_log()
+                served = json.loads(fixture)["payload"]["version"]
+            trusted = refusal["trusted"] if refusal["trusted"] is not None else VECTORS["trusted_keys"]
+            outcome = gw.push(refusal["bundle"], trusted_keys=trusted)
+            health = gw.request("GET", "/healthz")[0]
+            if outcome != "rejected":
+                failures.append(f"{refusal['name']}: the ECDS update was {outcome}")
+            elif serving is None and health != 503:
+                failures.append(f"{refusal['name']}: /healthz {health} with no bundle (expected 503)")
+            elif serving is not None and (health != 200 or gw.stat(VERSION) != served):
+                failures.append(f"{refusal['name']}: /healthz {health}, version {gw.stat(VERSION)} "
+                                f"(expected 200 from {serving}, version {served})")
+    assert not failures, f"{len(failures)} of {len(refusals)} refusals failed:\n  " + "\n  ".join(failures)
+    return f"{len(refusals)} refusals"
+
+
 class Operator:
-    """A tokengate store in a temporary directory, driven through the real CLI."""
+    """A tokengate store and its Ed25519 key file in a temporary directory, driven through
+    the real CLI. No key source but the key file `init` made (nothing inherited)."""
 
     def __init__(self, environment="e2e"):
         self.dir = tempfile.mkdtemp(prefix="tokengate-e2e-")
-        self.env = dict(os.environ, TOKENGATE_STORE=os.path.join(self.dir, "tokengate.db"),
-                        TOKENGATE_ACTOR="e2e")
-        self.env.pop("TOKENGATE_SIGNING_KEY", None)
+        self.key_file = os.path.join(self.dir, "tokengate.key")  # the store's path with .key
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+        self.env.update(TOKENGATE_STORE=os.path.join(self.dir, "tokengate.db"), TOKENGATE_ACTOR="e2e")
         self.run("init", "--environment", environment)
-        self.key = open(os.path.join(self.dir, "tokengate.key")).read().strip()
         self.environment = environment
 
     def run(self, *args, stdin="", check=True, env=None):
@@ -174,7 +292,58 @@ class Operator:
         return self.run("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM, *args, check=check)
 
     def gateway(self, **kw):
-        return Gateway(env={"TOKENGATE_SIGNING_KEY": self.key, "TOKENGATE_ENVIRONMENT": self.environment}, **kw)
+        # Envoy gets the environment's name only; its keys come with each push.
+        return Gateway(env={"TOKENGATE_ENVIRONMENT": self.environment}, **kw)
+
+    def seeds(self):
+        """The private keys in the key file: one 64-hex seed per line."""
+        lines = [l.strip() for l in open(self.key_file).read().splitlines() if l.strip()]
+        assert lines and all(HEX64.fullmatch(l) for l in lines), f"key file: {len(lines)} lines, not all 64 hex"
+        return lines
+
+    def trusted_text(self):
+        """`key public`: the published public keys, as TOKENGATE_TRUSTED_KEYS takes them."""
+        return self.run("key", "public").stdout.strip()
+
+    def public_keys(self):
+        return split_keys(self.trusted_text())
+
+    def key_states(self):
+        """`key list --json` as {key id: "active" | "retired"}, whatever the listing's shape:
+        every object naming one key id, with its state as a member ("active" / "retired") or
+        else as `retired_at` (null: active)."""
+        states = {}
+
+        def walk(value):
+            if isinstance(value, dict):
+                strings = [v for v in value.values() if isinstance(v, str)]
+                ids = [v for v in strings if KEY_ID.fullmatch(v)]
+                state = [v for v in strings if v in ("active", "retired")]
+                if len(ids) == 1 and len(state) == 1:
+                    states[ids[0]] = state[0]
+                elif len(ids) == 1 and "retired_at" in value:
+                    states[ids[0]] = "active" if value["retired_at"] is None else "retired"
+                value = list(value.values())
+            if isinstance(value, list):
+                for v in value:
+                    walk(v)
+
+        walk(json.loads(self.run("key", "list", "--json").stdout))
+        return states
+
+
+def pushed_version(proc):
+    """The version a `push envoy` reported on stderr."""
+    found = re.search(r"pushed bundle version (\d+)", proc.stderr)
+    assert found, f"no version in: {proc.stderr!r}"
+    return int(found.group(1))
+
+
+def served_resource(gw):
+    """The bundle text and TOKENGATE_TRUSTED_KEYS in the (JSON) ECDS file on disk."""
+    config = json.load(open(gw.ecds_path))["resources"][0]["typed_config"]["config"]
+    variables = config["vm_config"]["environment_variables"].get("key_values", {})
+    return config["configuration"]["value"], variables.get(TRUSTED_KEYS_VARIABLE)
 
 
 def bearer(token):
@@ -239,6 +408,140 @@ def test_revoke_all_fails_every_token():
         eventually(lambda: status_of(gw, fresh) == 200, 2.0, "new token after revoke-all")
 
 
+def test_admin_key_rotation_end_to_end():
+    """init -> push (key 1) -> key rotate -> push (keys 1 and 2) -> key retire 1 -> push
+    (key 2): every step served, same Envoy. Then a newer bundle signed by the retired key,
+    sent with the current key set, is refused and the last bundle keeps serving."""
+    op = Operator()
+    with op.gateway() as gw:
+        pid = gw.pid
+        token = op.create("svc")
+        first = pushed_version(op.push(gw))
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served with the first key")
+        [old_seed] = op.seeds()
+        old_public = public_key(old_seed)
+        old_kid = key_id(old_public)
+        assert op.key_states() == {old_kid: "active"}, op.key_states()
+        assert op.public_keys() == [old_public]
+        text, trusted = served_resource(gw)
+        assert signers(text) == {old_kid}, signers(text)
+        assert split_keys(trusted) == [old_public], trusted
+
+        op.run("key", "rotate", "--reason", "e2e")
+        assert os.stat(op.key_file).st_mode & 0o077 == 0, "the key file is readable by others"
+        seeds = op.seeds()
+        assert len(seeds) == 2 and old_seed in seeds, "rotate must keep the old key and add one"
+        new_public = public_key(next(s for s in seeds if s != old_seed))
+        new_kid = key_id(new_public)
+        assert set(op.public_keys()) == {old_public, new_public}
+        assert op.key_states() == {old_kid: "active", new_kid: "active"}, op.key_states()
+        both = pushed_version(op.push(gw))
+        assert both > first
+        eventually(lambda: gw.stat(VERSION) == both, 2.0, "the bundle signed by both keys served")
+        text, trusted = served_resource(gw)
+        assert signers(text) == {old_kid, new_kid}, signers(text)
+        assert set(split_keys(trusted)) == {old_public, new_public}, trusted
+        assert status_of(gw, token) == 200
+
+        op.run("key", "retire", old_kid, "--reason", "e2e")
+        current = op.trusted_text()
+        assert split_keys(current) == [new_public], current
+        assert op.key_states() == {old_kid: "retired", new_kid: "active"}, op.key_states()
+        last = pushed_version(op.push(gw))
+        eventually(lambda: gw.stat(VERSION) == last, 2.0, "the bundle signed by the new key served")
+        text, trusted = served_resource(gw)
+        assert signers(text) == {new_kid}, signers(text)
+        assert split_keys(trusted) == [new_public], trusted
+        assert status_of(gw, token) == 200
+
+        # The retired key, leaked: a newer bundle granting a token that was never pushed.
+        intruder = op.create("intruder", "--scopes", "*")
+        refused = gw.stat(REFUSED, 0)
+        forged = forged_bundle(text, old_seed, intruder, last + 1)
+        assert gw.push(forged, trusted_keys=current) == "rejected", "Envoy took a bundle signed by a retired key"
+        eventually(lambda: gw.stat(REFUSED, 0) > refused, 2.0, "the filter counted the refusal")
+        assert gw.stat(VERSION) == last, "the served version changed"
+        assert status_of(gw, token) == 200 and status_of(gw, intruder) == 401
+        # Control: the same bundle signed by the active key is taken, so the retired key's
+        # was refused for its key alone.
+        genuine = forged_bundle(text, next(s for s in seeds if s != old_seed), intruder, last + 1)
+        assert gw.push(genuine, trusted_keys=current) == "accepted", gw.tail_log()
+        assert status_of(gw, intruder) == 200 and gw.stat(VERSION) == last + 1
+        assert gw.pid == pid and gw.envoy.poll() is None, "Envoy restarted"
+    return f"versions {first} -> {both} -> {last}; retired key's version {last + 1} refused"
+
+
+def test_no_gate_holds_a_private_key():
+    """Everything Envoy is given or holds (its bootstrap as shipped and as deployed, the ECDS
+    file, its /config_dump, environment, command line and log) contains no private key of
+    the admin, and no 64-hex string in it, used as a private key, makes a bundle Envoy takes."""
+    op = Operator()
+    op.run("key", "rotate", "--reason", "e2e")  # two private keys, both published
+    seeds = op.seeds()
+    with op.gateway() as gw:
+        token = op.create("svc")
+        version = pushed_version(op.push(gw))
+        eventually(lambda: gw.stat(VERSION) == version and status_of(gw, token) == 200, 2.0, "served")
+        served_text, trusted = served_resource(gw)
+        assert set(split_keys(trusted)) == set(op.public_keys()) and len(split_keys(trusted)) == 2, trusted
+
+        def read(path, mode="r"):
+            with open(path, mode) as f:
+                data = f.read()
+            return data.decode(errors="replace").replace("\0", "\n") if mode == "rb" else data
+
+        material = {
+            "gateway.yaml as shipped": read(GATEWAY_YAML),
+            "gateway.yaml as deployed": read(gw.config_path),
+            "the ECDS file as shipped": read(SHIPPED_ECDS),
+            "the ECDS file as deployed": read(gw.ecds_path),
+            "Envoy's /config_dump": gw.admin("/config_dump?include_eds")[1],
+            "Envoy's environment": read(f"/proc/{gw.pid}/environ", "rb"),
+            "Envoy's command line": read(f"/proc/{gw.pid}/cmdline", "rb"),
+            "Envoy's log": read(gw.envoy_log),
+        }
+        # The dump shows what Envoy holds, keys included: else the search below proves nothing.
+        for public in split_keys(trusted):
+            assert public in material["Envoy's /config_dump"], "the trusted keys are not in /config_dump"
+        for what, text in material.items():
+            for seed in seeds:
+                assert seed not in text.lower(), f"{what} holds the admin's private key"
+
+        candidates = sorted(set().union(*(hex_strings(text) for text in material.values())))
+        intruder = op.create("intruder", "--scopes", "*")  # never pushed
+        failures = []
+        for candidate in candidates:
+            outcome = gw.push(forged_bundle(served_text, candidate, intruder, version + 1),
+                              trusted_keys=trusted)
+            status, now_serving = status_of(gw, intruder), gw.stat(VERSION)
+            if outcome != "rejected" or status != 401 or now_serving != version:
+                failures.append(f"{candidate}: update {outcome}, intruder {status}, version {now_serving}")
+        assert not failures, "bundles signed with what Envoy holds were taken:\n  " + "\n  ".join(failures)
+        assert status_of(gw, token) == 200, "the served bundle stopped serving"
+        # Control: the same forgery signed by the admin's keys is taken, so the ones above
+        # were refused for their keys alone.
+        genuine = forged_bundle(served_text, seeds[0], intruder, version + 1)
+        genuine = publish({**json.loads(genuine)["payload"], "keys": split_keys(trusted)}, seeds)
+        assert gw.push(genuine, trusted_keys=trusted) == "accepted", gw.tail_log()
+        assert status_of(gw, intruder) == 200 and gw.stat(VERSION) == version + 1
+    return f"{len(candidates)} hex strings tried as private keys, every bundle refused"
+
+
+def test_restarted_envoy_takes_its_keys_from_the_ecds_file():
+    """The key set is in the ECDS file, not in Envoy's environment: an Envoy restarted on the
+    same file serves the pushed bundle again."""
+    op = Operator()
+    with op.gateway() as gw:
+        token = op.create("svc")
+        version = pushed_version(op.push(gw))
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
+        gw.stop_envoy()
+        gw.start_envoy()
+        took = eventually(lambda: status_of(gw, token) == 200, 5.0, "served after the restart")
+        assert gw.stat(VERSION) == version
+    return f"served {took * 1000:.0f} ms after /ready"
+
+
 def test_bad_pushes_are_refused_by_the_cli_and_by_envoy():
     op = Operator()
     with op.gateway() as gw:
@@ -251,73 +554,90 @@ def test_bad_pushes_are_refused_by_the_cli_and_by_envoy():
         op.push(gw)
         eventually(lambda: status_of(gw, token) == 401, 2.0, "revoked")
         served = open(gw.ecds_path).read()
-        good = json.loads(open(old_bundle).read())
+        trusted = op.trusted_text()
+        good_text = open(old_bundle).read()
+        good_version = json.loads(good_text)["payload"]["version"]
 
+        # One signed byte changed (a newer version), the rest exactly as published.
+        tampered_text = good_text.replace(f'"version":{good_version},', f'"version":{good_version + 100},', 1)
+        assert tampered_text != good_text
         tampered = os.path.join(op.dir, "tampered.json")
-        open(tampered, "w").write(json.dumps({**good, "version": good["version"] + 100}))
+        open(tampered, "w").write(tampered_text)
+        # A well-formed, newer bundle signed by a key the admin never published (a 64-hex
+        # Ed25519 seed): the CLI's own, or, if it will not sign with an unpublished key, ours.
+        other_seed = hashlib.sha256(b"x").hexdigest()
         other_key = os.path.join(op.dir, "other-key.json")
-        op.run("bundle", "--target", "envoy", "--out", other_key,
-               env=dict(op.env, TOKENGATE_SIGNING_KEY=hashlib.sha256(b"x").hexdigest()))
+        made = op.run("bundle", "--target", "envoy", "--out", other_key, check=False,
+                      env=dict(op.env, TOKENGATE_SIGNING_KEY=other_seed))
+        if made.returncode != 0:
+            payload = json.loads(good_text)["payload"]
+            payload.update(version=good_version + 50, keys=[public_key(other_seed)])
+            open(other_key, "w").write(publish(payload, [other_seed]))
         garbage = os.path.join(op.dir, "garbage.json")
         open(garbage, "w").write("{not json")
-        for path, why in [(tampered, "signature"), (other_key, "signature"),
-                          (old_bundle, "not newer"), (garbage, "not a valid")]:
+        for path, why in [(tampered, ("signature",)), (other_key, ("signature", "key")),
+                          (old_bundle, ("not newer",)), (garbage, ("not a valid", "json"))]:
             proc = op.push(gw, "--bundle", path, check=False)
-            assert proc.returncode == 2 and why in proc.stderr, (path, proc.stderr)
+            assert proc.returncode == 2 and any(w in proc.stderr.lower() for w in why), (path, proc.stderr)
             assert open(gw.ecds_path).read() == served, "a refused push changed the ECDS file"
 
-        # Forced onto disk anyway: Envoy (the filter's canary VM) refuses; v-current serves.
+        # Forced onto disk anyway, with the admin's keys: Envoy (the filter's canary VM)
+        # refuses; v-current serves.
         s = gw.stats()
-        rejected, refused = s.get(ECDS + "update_rejected", 0), s.get("wasmcustom.tokengate.bundle.refused", 0)
-        for text in [json.dumps({**good, "version": good["version"] + 100}), open(other_key).read(),
-                     open(old_bundle).read(), "{not json"]:
+        rejected, refused = s.get(ECDS + "update_rejected", 0), s.get(REFUSED, 0)
+        for text in [tampered_text, open(other_key).read(), good_text, "{not json"]:
             before = gw.stat(ECDS + "update_rejected", 0) + gw.stat(ECDS + "update_success", 0)
-            write_ecds(gw.ecds_path, text, wasm_path=WASM)
+            write_ecds(gw.ecds_path, text, wasm_path=WASM, trusted_keys=trusted)
             eventually(lambda: gw.stat(ECDS + "update_rejected", 0) + gw.stat(ECDS + "update_success", 0) > before,
                        3.0, "Envoy saw the file")
             assert status_of(gw, token) == 401, "the revoked token passed after a bad forced push"
             assert gw.request("GET", "/healthz")[0] == 200, "the previous bundle stopped serving"
         s = gw.stats()
         assert s[ECDS + "update_rejected"] >= rejected + 4, s
-        assert s["wasmcustom.tokengate.bundle.refused"] >= refused + 4, s
+        assert s[REFUSED] >= refused + 4, s
         assert "tokengate_bundle_refused" in gw.prometheus()
 
 
 def test_binary_ecds_file_reloads_like_json():
     """`push envoy --file X.pb` writes binary protobuf (Envoy skips its JSON parser); Envoy's
-    own config dump must show exactly the resource the JSON file would hold. The harness's
-    encoder (the bench's) must write what Envoy reads too."""
+    own config dump must show exactly the resource the JSON file would hold, trusted keys
+    (a map on the wire) included. The harness's encoder (the bench's) must write what Envoy
+    reads too."""
     op = Operator()
     wasm = os.path.realpath(WASM)  # the CLI writes the canonical path
     with op.gateway(ecds_file="tokengate.ecds.pb") as gw:
         assert status_of(gw, "anything") == 503, "the harness's empty .pb: fail closed"
         token = op.create("svc")
-        op.push(gw)
+        version = pushed_version(op.push(gw))
         eventually(lambda: status_of(gw, token) == 200, 2.0, "served from the CLI's .pb")
         assert open(gw.ecds_path, "rb").read(1) != b"{", "the CLI wrote JSON into a .pb"
         dumped = json.loads(gw.admin("/config_dump?resource=ecds_filters")[1])["configs"]
         assert len(dumped) == 1, dumped
-        served = dumped[0]["ecds_filter"]["typed_config"]["config"]["configuration"]["value"]
-        expected = ecds_resource(served, wasm_path=wasm)
+        config = dumped[0]["ecds_filter"]["typed_config"]["config"]
+        served = config["configuration"]["value"]
+        trusted = config["vm_config"]["environment_variables"]["key_values"][TRUSTED_KEYS_VARIABLE]
+        assert set(split_keys(trusted)) == set(op.public_keys()), trusted
+        expected = ecds_resource(served, wasm_path=wasm, trusted_keys=trusted)
         assert dumped[0]["ecds_filter"] == expected["resources"][0]
-        assert dumped[0]["version_info"] == expected["version_info"] == "1"
+        assert dumped[0]["version_info"] == expected["version_info"] == str(version)
 
         # A newer bundle through the harness's encoder: the token revoked, another one issued.
         op.run("revoke", "svc", "--reason", "e2e")
         fresh = op.create("svc-2")
         signed = os.path.join(op.dir, "next.json")
         op.run("bundle", "--target", "envoy", "--out", signed)
-        write_ecds(gw.ecds_path, open(signed).read(), wasm_path=wasm)
+        signed_text = open(signed).read()
+        write_ecds(gw.ecds_path, signed_text, wasm_path=wasm, trusted_keys=trusted)
         eventually(lambda: status_of(gw, fresh) == 200, 2.0, "served from the harness's .pb")
         assert status_of(gw, token) == 401, "revoked through a .pb"
 
         # Tampered, in a well-formed .pb: the filter (not Envoy's parser) refuses it.
-        refused = gw.stat("wasmcustom.tokengate.bundle.refused", 0)
-        tampered = json.loads(open(signed).read())
-        tampered["version"] += 100
-        write_ecds(gw.ecds_path, json.dumps(tampered), wasm_path=wasm)
-        eventually(lambda: gw.stat("wasmcustom.tokengate.bundle.refused", 0) > refused, 3.0,
-                   "the filter refused the tampered bundle")
+        refused = gw.stat(REFUSED, 0)
+        v = json.loads(signed_text)["payload"]["version"]
+        tampered = signed_text.replace(f'"version":{v},', f'"version":{v + 100},', 1)
+        assert tampered != signed_text
+        write_ecds(gw.ecds_path, tampered, wasm_path=wasm, trusted_keys=trusted)
+        eventually(lambda: gw.stat(REFUSED, 0) > refused, 3.0, "the filter refused the tampered bundle")
         assert status_of(gw, token) == 401 and status_of(gw, fresh) == 200, "the previous bundle stopped serving"
 
 
@@ -355,9 +675,8 @@ def test_hot_reload_under_load_drops_nothing():
         pid = gw.pid
         for i in range(20):
             op.create(f"extra-{i}")
-            pushed = op.push(gw).stderr
+            last_version = pushed_version(op.push(gw))
             time.sleep(0.05)
-        last_version = int(pushed.split("pushed bundle version ")[1].split()[0])
         time.sleep(0.5)
         stop.set()
         for t in threads:
@@ -365,7 +684,7 @@ def test_hot_reload_under_load_drops_nothing():
         assert gw.pid == pid
         total = sum(results.values())
         assert results.get(200, 0) == total and total > 100, f"statuses during 20 pushes: {results}"
-        assert gw.stat("wasmcustom.tokengate.bundle.version") == last_version
+        assert gw.stat(VERSION) == last_version
     return f"{total} requests, all 200, over 20 pushes"
 
 
@@ -394,10 +713,21 @@ def test_access_log_and_stats_for_allowed_and_denied():
 
 def test_every_shipped_envoy_config_validates():
     from harness import envoy_binary
-    env = dict(os.environ, TOKENGATE_SIGNING_KEY="0" * 64, TOKENGATE_ENVIRONMENT="demo")
+    # Envoy as deployed: the environment's name and nothing else of tokengate's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
+    env["TOKENGATE_ENVIRONMENT"] = "demo"
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", "envoy/gateway.yaml"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The shipped pre-push resource is the harness's (and so the default_config's twin), and
+    # no shipped file asks Envoy for a signing key.
+    with tempfile.TemporaryDirectory() as d:
+        fresh = os.path.join(d, "tokengate.ecds.json")
+        write_ecds(fresh, wasm_path=WASM_REL)
+        assert open(fresh).read() == open(SHIPPED_ECDS).read(), \
+            "stale: python3 envoy/harness.py empty-ecds envoy/run/tokengate.ecds.json"
+    for path in (GATEWAY_YAML, SHIPPED_ECDS):
+        assert "TOKENGATE_SIGNING_KEY" not in open(path).read(), path
 
 
 TESTS = [v for k, v in list(globals().items()) if k.startswith("test_")]

@@ -3,7 +3,7 @@
 // on 127.0.0.1 made from an RSA key generated below) and its claims hold.
 import crypto from "node:crypto";
 import { assert, headerValues, startWorker } from "./lib/harness.mjs";
-import { bundle, makeToken, nowSecs, randomKey, record, rule, sign } from "./lib/bundle.mjs";
+import { bundle, makeToken, nowSecs, publish, randomKey, record, rule } from "./lib/bundle.mjs";
 
 const ENV = "prod";
 const AUD = "0d5c1fd0f1a3f6b7a9c2e4d6f8a0b2c4d6e8f0a2b4c6d8e0f2a4b6c8d0e2f4a6";
@@ -53,7 +53,7 @@ export default function (suite, { origin }) {
   suite.before(async () => {
     origin.jwks = { keys: [jwk(team, "k1")], public_cert: { kid: "k1", cert: "-" } };
     origin.jwksFetches = 0;
-    worker = await startWorker({ origin, key, environment: ENV });
+    worker = await startWorker({ origin, keys: [key], environment: ENV });
     const rules = [
       rule("app", { prefix: "/app" }, "token", { cf_access: true }),
       rule("scoped", { prefix: "/scoped" }, "token", { cf_access: true, all_of: ["orders:read"] }),
@@ -66,7 +66,7 @@ export default function (suite, { origin }) {
       tokens: [record("ci", token, ["orders:read"])],
       cloudflare_access: { certs_url: `${origin.url}/cdn-cgi/access/certs`, audiences: ["other-app", AUD] },
     });
-    const res = await worker.push(sign(b, key));
+    const res = await worker.push(publish(b, [key]));
     assert.equal(res.status, 200, res.body);
   });
   suite.after(() => worker?.dispose());
@@ -147,7 +147,7 @@ export default function (suite, { origin }) {
   });
 
   suite.test("certs endpoint down and no key cached: 503, fail closed", async () => {
-    const cold = await startWorker({ origin, key, environment: ENV });
+    const cold = await startWorker({ origin, keys: [key], environment: ENV });
     const saved = origin.jwks;
     try {
       const rules = [rule("app", { prefix: "/app" }, "token", { cf_access: true })];
@@ -158,7 +158,7 @@ export default function (suite, { origin }) {
         tokens: [],
         cloudflare_access: { certs_url: `${origin.url}/missing/certs`, audiences: [AUD] },
       });
-      assert.equal((await cold.push(sign(b, key))).status, 200);
+      assert.equal((await cold.push(publish(b, [key]))).status, 200);
       const res = await cold.gate("GET", "/app", { headers: assertion(jwt(claims())) });
       assert.equal(res.status, 503, res.body);
       assert.deepEqual(headerValues(res.headers, "retry-after"), ["5"]);

@@ -3,7 +3,7 @@
 // back (as a push through another isolate would), fail-closed 503s, the status endpoint,
 // and what KV holds (hashes only, never a plaintext token).
 import { CACHE_TTL_MS, assert, assertNoPlaintext, headerValues, sleep, startWorker } from "./lib/harness.mjs";
-import { bundle, corrupt, makeToken, nowSecs, randomKey, record, sign } from "./lib/bundle.mjs";
+import { bundle, corrupt, keyId, makeToken, nowSecs, publish, randomKey, record } from "./lib/bundle.mjs";
 
 const ENV = "prod";
 
@@ -15,7 +15,7 @@ export default function (suite, { origin }) {
   let liveRecord;
   let worker;
   suite.before(async () => {
-    worker = await startWorker({ origin, key, environment: ENV });
+    worker = await startWorker({ origin, keys: [key], environment: ENV });
   });
   suite.after(() => worker?.dispose());
 
@@ -29,18 +29,23 @@ export default function (suite, { origin }) {
     assert.equal(JSON.parse(res.body).error, "temporarily_unavailable");
     assert.equal((await worker.decision(res.ray)).reason, "no_bundle");
     assert.equal(origin.requests.some((r) => headerValues(r.headers, "cf-ray")[0] === res.ray), false);
+    // Nothing served yet: the status says so, and trusts the key TOKENGATE_TRUSTED_KEYS names.
+    const status = await worker.status();
+    assert.equal(status.version, null);
+    assert.deepEqual(status.keys, [keyId(key)]);
   });
 
-  suite.test("status: version, environment, tokens, kv_reads, and nothing else", async () => {
+  suite.test("status: version, environment, tokens, the trusted key ids, kv_reads, and nothing else", async () => {
     liveRecord = record("live", live, ["orders:read"]);
-    const res = await worker.push(sign(bundle({ version: 1, environment: ENV, tokens: [liveRecord, record("other", other, [])] }), key));
+    const res = await worker.push(publish(bundle({ version: 1, environment: ENV, tokens: [liveRecord, record("other", other, [])] }), [key]));
     assert.equal(res.status, 200, res.body);
     const status = await worker.status();
-    assert.deepEqual(Object.keys(status).sort(), ["environment", "kv_reads", "tokens", "version"]);
+    assert.deepEqual(Object.keys(status).sort(), ["environment", "keys", "kv_reads", "tokens", "version"]);
     assert.equal(status.version, 1);
     assert.equal(status.tokens, 2);
+    assert.deepEqual(status.keys, [keyId(key)]);
     const text = JSON.stringify(status);
-    assert.ok(!text.includes(liveRecord.hash) && !text.includes(key), "no hash, no key");
+    assert.ok(!text.includes(liveRecord.hash) && !text.includes(key), "no hash, no private key");
   });
 
   suite.test("kv_reads: a checksum-failing or unreadable token costs no KV read", async () => {
@@ -128,29 +133,14 @@ export default function (suite, { origin }) {
     assert.equal((await call(bearer(live))).status, 200, "recovers once the meta is good again");
   });
 
-  suite.test("a KV record as releases before 2026-12-02 wrote it still serves; with a token_id not its hash's, 503", async () => {
-    const kv = await worker.kv();
-    const written = async (token, tokenId) => {
-      const r = record("earlier", token, ["orders:read"]);
-      const full = { name: r.name, token_id: tokenId(r.hash), hash: r.hash, scopes: r.scopes, created_at: r.created_at };
-      Object.assign(full, { not_before: null, expires_at: null, revoked_at: null, grace_until: null, previous: null });
-      await kv.put(`token:${r.hash}`, JSON.stringify(full));
-      const res = await call(bearer(token));
-      await kv.delete(`token:${r.hash}`);
-      return [res.status, (await worker.decision(res.ray)).reason];
-    };
-    assert.deepEqual(await written(makeToken(), (hash) => `tid_${hash.slice(0, 16)}`), [200, "valid"]);
-    assert.deepEqual(await written(makeToken(), () => "tid_0000000000000000"), [503, "internal"]);
-  });
-
-  suite.test("KV holds hashes only: no key or value contains a plaintext token", async () => {
+  suite.test("KV holds hashes only: no key or value contains a plaintext token or the private key", async () => {
     const snapshot = await worker.snapshot();
     const keys = Object.keys(snapshot);
     for (const k of keys) {
       assert.ok(/^(meta|push:index|push:intent|token:[0-9a-f]{64})$/.test(k), `unexpected key ${k}`);
     }
     assert.ok(keys.includes(`token:${liveRecord.hash}`));
-    assertNoPlaintext(snapshot, plaintexts);
+    assertNoPlaintext(snapshot, [...plaintexts, key]);
     return `${keys.length} keys scanned`;
   });
 }

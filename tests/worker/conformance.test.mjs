@@ -4,14 +4,15 @@
 //
 // The clock: workerd has no clock to set, so cases run at their `now` by moving the fixture
 // bundle in time instead. Each case pushes its fixture with every instant shifted by
-// (real now - case.now), re-signed with the fixture key and a fresh version, then sends the
+// (real now - case.now), published again signed by fixture key A with a fresh version (the
+// fixture seeds are sha256 of "tokengate conformance key A" / "… B"), then sends the
 // request: the Worker's clock reads case.now plus the milliseconds the push took, and no
 // non-edge case has a boundary within seconds after its `now`. Cases marked `clock_edge` sit
 // on a one-second boundary: they are shifted to the next whole second S, sent once S has
 // begun, and count only if both the send and the answer fall inside S (the Worker's clock is
 // read between the two), retried up to five times otherwise.
 import { assert, assertNoPlaintext, headerValues, safeJson, sleep, startWorker } from "./lib/harness.mjs";
-import { VECTORS, nowSecs, retime } from "./lib/bundle.mjs";
+import { FIXTURE_SEEDS, VECTORS, keyIdOfPublic, nowSecs, payloadOfText, publicKeyHex, retime } from "./lib/bundle.mjs";
 
 // Cases whose request cannot reach any Worker as written: workerd resolves "." and ".."
 // segments while it parses the request line (kj::Url), before Worker code runs, as
@@ -64,28 +65,48 @@ export function check(c, seen) {
 }
 
 export default function (suite, { origin }) {
-  const key = VECTORS.key;
+  const seedA = FIXTURE_SEEDS.A;
   let worker;
   let version = 1000;
   suite.before(async () => {
-    worker = await startWorker({ origin, key, environment: VECTORS.environment });
+    // Trusting exactly the suite's trusted_keys; pushes are signed by A.
+    worker = await startWorker({ origin, keys: [seedA], trusted: VECTORS.trusted_keys, environment: VECTORS.environment });
   });
   suite.after(() => worker?.dispose());
 
-  const byVersion = Object.keys(VECTORS.bundles).sort(
-    (a, b) => VECTORS.bundles[a].worker.version - VECTORS.bundles[b].worker.version,
-  );
+  /** A fixture's published text for the Worker, and its payload. */
+  const fixtureText = (name) => VECTORS.bundles[name].worker;
+  const fixture = (name) => payloadOfText(fixtureText(name));
+
+  suite.test("the fixture seed A derives the suite's trusted public key", () => {
+    assert.deepEqual(VECTORS.trusted_keys, [publicKeyHex(seedA)]);
+  });
+
+  const byVersion = Object.keys(VECTORS.bundles).sort((a, b) => fixture(a).version - fixture(b).version);
   for (const name of byVersion) {
-    suite.test(`fixture bundle "${name}" as generate.py signed it is served`, async () => {
-      const fixture = VECTORS.bundles[name].worker;
-      const res = await worker.push(fixture);
+    suite.test(`fixture bundle "${name}" as generate.py published it is served`, async () => {
+      const res = await worker.push(fixtureText(name));
       assert.equal(res.status, 200, res.body);
-      assert.equal((await worker.status()).version, fixture.version);
+      const status = await worker.status();
+      assert.equal(status.version, fixture(name).version);
+      assert.deepEqual(status.keys.slice().sort(), fixture(name).keys.map(keyIdOfPublic).sort());
     });
   }
 
+  suite.test('fixture "rotation" (signed by A and B) is served by a Worker trusting B alone', async () => {
+    // Either key alone must do during a rotation; the push is signed by B, the Worker's key.
+    const other = await startWorker({ origin, keys: [FIXTURE_SEEDS.B], environment: VECTORS.environment });
+    try {
+      const res = await other.push(fixtureText("rotation"));
+      assert.equal(res.status, 200, res.body);
+      assert.equal((await other.status()).version, fixture("rotation").version);
+    } finally {
+      await other.dispose();
+    }
+  });
+
   const pushAt = async (c, delta) => {
-    const res = await worker.push(retime(VECTORS.bundles[c.bundle].worker, delta, ++version, key));
+    const res = await worker.push(retime(fixtureText(c.bundle), delta, ++version, [seedA]));
     assert.equal(res.status, 200, `re-timed push: ${res.body}`);
   };
 
@@ -151,7 +172,7 @@ export default function (suite, { origin }) {
   suite.test("KV holds no credential any case presented", async () => {
     // Every credential value the cases send, except the case that presents a stored hash.
     const hashes = new Set(
-      Object.values(VECTORS.bundles).flatMap((b) => b.worker.tokens.flatMap((t) => [t.hash, t.previous?.hash])),
+      Object.keys(VECTORS.bundles).flatMap((name) => fixture(name).tokens.flatMap((t) => [t.hash, t.previous?.hash])),
     );
     const secrets = new Set();
     for (const c of VECTORS.cases) {

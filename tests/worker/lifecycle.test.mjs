@@ -1,7 +1,8 @@
 // A token's life as an operator drives it, each step a signed push to the Worker: create,
-// revoke, rotate with a grace period, expire, and the emergency revoke-all.
+// revoke, rotate with a grace period, expire, and the emergency revoke-all. Bundles are
+// tokengate.bundle/v2, signed by the admin's Ed25519 key; the Worker holds its public key.
 import { assert, assertNoPlaintext, headerValues, sleep, startWorker } from "./lib/harness.mjs";
-import { bundle, makeToken, nowSecs, randomKey, record, sign } from "./lib/bundle.mjs";
+import { bundle, makeToken, nowSecs, publish, randomKey, record } from "./lib/bundle.mjs";
 
 const ENV = "prod";
 
@@ -10,13 +11,13 @@ export default function (suite, { origin }) {
   let worker;
   let version = 0;
   suite.before(async () => {
-    worker = await startWorker({ origin, key, environment: ENV });
+    worker = await startWorker({ origin, keys: [key], environment: ENV });
   });
   suite.after(() => worker?.dispose());
 
   const issued = []; // every plaintext made here, for the KV scan
   const push = async (tokens, extra = {}) => {
-    const res = await worker.push(sign(bundle({ version: ++version, environment: ENV, tokens, ...extra }), key));
+    const res = await worker.push(publish(bundle({ version: ++version, environment: ENV, tokens, ...extra }), [key]));
     assert.equal(res.status, 200, res.body);
     // After every push, not only the last: a removed token's record is gone by then.
     assertNoPlaintext(await worker.snapshot(), issued);

@@ -6,11 +6,11 @@ import { Origin, Suite } from "./lib/harness.mjs";
 
 const MODULES = [
   "conformance", // every case of conformance/vectors.json through the Worker
-  "push", // the push protocol: signatures, window, refusals with KV unchanged, batching
+  "push", // the push protocol: Ed25519 signatures, window, refusals with KV unchanged, trust, forging, batching
   "lifecycle", // create, revoke, rotate with grace, expiry, revoke-all, as an operator does it
   "cache", // KV reads, the staleness bound, fail-closed 503s, what KV holds
   "access", // Cloudflare Access assertions against a JWKS served on 127.0.0.1
-  "cli", // the real tokengate CLI: push worker, paging, refusals
+  "cli", // the real tokengate CLI: push worker, paging, refusals, admin key rotation
 ];
 const filter = process.env.TOKENGATE_TEST_FILTER ?? "";
 // A stuck runtime must not hang CI.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use js_sys::{Array, Object, Promise, Reflect, Uint8Array};
+use serde::Deserialize;
 use tokengate_core::access::KeyCheck;
-use tokengate_core::json::{self, required, Fields, Reader};
 use tokengate_core::AccessPending;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -50,54 +50,12 @@ extern "C" {
 }
 
 /// A JWKS document as Access serves it; other members are ignored.
+#[derive(Deserialize)]
 struct Jwks {
     keys: Vec<Jwk>,
 }
 
-impl Jwks {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["keys"]);
-        let mut keys = None;
-        r.object(|r, key| {
-            if fields.known(r, key)?.is_none() {
-                return r.skip();
-            }
-            let mut list = Vec::new();
-            r.array(|r| {
-                list.push(Jwk::read(r)?);
-                Ok(())
-            })?;
-            keys = Some(list);
-            Ok(())
-        })?;
-        Ok(Self {
-            keys: required(r, keys, "keys")?,
-        })
-    }
-}
-
-impl Jwk {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["kid", "kty", "alg", "n", "e"]);
-        let mut values: [Option<String>; 5] = Default::default();
-        r.object(|r, key| match fields.known(r, key)? {
-            Some(index) => {
-                values[index] = r.nullable(Reader::string)?;
-                Ok(())
-            }
-            None => r.skip(),
-        })?;
-        let [kid, kty, alg, n, e] = values;
-        Ok(Self {
-            kid,
-            kty: required(r, kty, "kty")?,
-            alg,
-            n,
-            e,
-        })
-    }
-}
-
+#[derive(Deserialize)]
 struct Jwk {
     kid: Option<String>,
     kty: String,
@@ -196,8 +154,8 @@ async fn fetch_keys(url: &str) -> Result<HashMap<String, JsValue>, Failure> {
         .text()
         .await
         .map_err(|e| Failure::Keys(format!("{url}: {e}")))?;
-    let jwks = Reader::read_all(text.as_bytes(), Jwks::read)
-        .map_err(|e| Failure::Keys(format!("{url}: {e}")))?;
+    let jwks: Jwks =
+        serde_json::from_str(&text).map_err(|e| Failure::Keys(format!("{url}: {e}")))?;
     let mut keys = HashMap::new();
     for jwk in jwks.keys {
         let (Some(kid), Some(n), Some(e)) = (jwk.kid, jwk.n, jwk.e) else {

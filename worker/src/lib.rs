@@ -23,8 +23,10 @@ pub const KV_BINDING: &str = "TOKENGATE";
 pub const ORIGIN_URL_VAR: &str = "ORIGIN_URL";
 /// Variable: the environment this Worker serves; pushes for another one are refused.
 pub const ENVIRONMENT_VAR: &str = "TOKENGATE_ENVIRONMENT";
-/// Secret: 64 hex characters; verifies push requests and the bundles they carry.
-pub const PUSH_KEY_SECRET: &str = "TOKENGATE_PUSH_KEY";
+/// Variable: the admin's public keys (hex, comma-separated) this Worker trusts until its
+/// first push lands; from then on it trusts the keys of the bundle it serves. Public keys
+/// only: no Worker secret can sign anything.
+pub const TRUSTED_KEYS_VAR: &str = "TOKENGATE_TRUSTED_KEYS";
 /// Optional variable: token changes applied per push request (default and cap in [`push`]).
 pub const PUSH_BATCH_VAR: &str = "TOKENGATE_PUSH_BATCH";
 
@@ -56,37 +58,49 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     }
 }
 
-/// `GET /.well-known/tokengate/status`: what this isolate serves. No secrets: no key, no
-/// hashes, no token names.
+/// `GET /.well-known/tokengate/status`: what this isolate serves and the key ids it trusts.
+/// No secrets: no hashes, no token names.
 async fn handle_status(env: &Env) -> Result<Response> {
     let configured = env.var(ENVIRONMENT_VAR).ok().map(|v| v.to_string());
-    let (status, version, environment, tokens) = match served::current(env).await {
+    let configured_keys = || {
+        push::trusted_keys(env, None)
+            .map(|keys| key_ids(&keys))
+            .unwrap_or_default()
+    };
+    let (status, version, environment, tokens, keys) = match served::current(env).await {
         Ok(Some(s)) => (
             200,
             Some(s.gate.version()),
             Some(s.gate.environment().to_owned()),
             s.tokens,
+            key_ids(s.gate.keys()),
         ),
-        Ok(None) => (200, None, configured, 0),
+        Ok(None) => (200, None, configured, 0, configured_keys()),
         Err(failure) => {
             worker::console_error!("tokengate status: {failure}");
-            (503, None, configured, 0)
+            (503, None, configured, 0, Vec::new())
         }
     };
-    let body = json_object(&[
-        ("version", version.map_or(Json::Null, Json::Num)),
-        (
-            "environment",
-            environment.as_deref().map_or(Json::Null, Json::Str),
-        ),
-        ("tokens", Json::Num(tokens as u64)),
-        ("kv_reads", Json::Num(served::kv_reads())),
-    ]);
+    let body = serde_json::json!({
+        "version": version,
+        "environment": environment,
+        "keys": keys,
+        "tokens": tokens,
+        "kv_reads": served::kv_reads(),
+    });
     json_response(status, body, &[])
 }
 
+fn key_ids(keys: &tokengate_core::KeySet) -> Vec<String> {
+    keys.keys().iter().map(|k| k.id().to_owned()).collect()
+}
+
 /// A JSON response with `cache-control: no-store` (nothing the gate says may be cached).
-fn json_response(status: u16, body: String, headers: &[(&str, String)]) -> Result<Response> {
+fn json_response(
+    status: u16,
+    body: serde_json::Value,
+    headers: &[(&str, String)],
+) -> Result<Response> {
     let response_headers = worker::Headers::new();
     response_headers.set("content-type", "application/json")?;
     response_headers.set("cache-control", "no-store")?;
@@ -96,7 +110,7 @@ fn json_response(status: u16, body: String, headers: &[(&str, String)]) -> Resul
     Ok(Response::builder()
         .with_status(status)
         .with_headers(response_headers)
-        .fixed(body.into_bytes()))
+        .fixed(body.to_string().into_bytes()))
 }
 
 /// The error shape every tokengate response uses: `{"error", "error_description"}`.
@@ -106,42 +120,6 @@ fn json_error(
     description: &str,
     headers: &[(&str, String)],
 ) -> Result<Response> {
-    let body = json_object(&[
-        ("error", Json::Str(error)),
-        ("error_description", Json::Str(description)),
-    ]);
+    let body = serde_json::json!({"error": error, "error_description": description});
     json_response(status, body, headers)
-}
-
-/// A member value of the Worker's own JSON answers, which are all flat objects.
-#[derive(Clone, Copy)]
-enum Json<'a> {
-    Str(&'a str),
-    Num(u64),
-    Null,
-}
-
-/// A flat JSON object, members in the order given. Written here rather than through
-/// `serde_json::Value`, whose map and number code cost the bundle more than this.
-fn json_object(members: &[(&str, Json<'_>)]) -> String {
-    let mut out = String::from("{");
-    for (i, (name, value)) in members.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        push_json_str(&mut out, name);
-        out.push(':');
-        match value {
-            Json::Str(text) => push_json_str(&mut out, text),
-            Json::Num(n) => out.push_str(&n.to_string()),
-            Json::Null => out.push_str("null"),
-        }
-    }
-    out.push('}');
-    out
-}
-
-fn push_json_str(out: &mut String, text: &str) {
-    // Serialising a string cannot fail.
-    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }

@@ -1,11 +1,14 @@
 //! Signed pushes: `POST /.well-known/tokengate/bundle`.
 //!
-//! The body is a signed `tokengate.bundle/v1` document; the request carries
-//! `Tokengate-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">` made with
-//! `TOKENGATE_PUSH_KEY`, which also verifies the bundle's own signature. Everything is checked
-//! before the first KV write, so a refused push changes nothing: the request signature
-//! (constant time) and its 5-minute window, the bundle signature, target, environment and
-//! version (newer than the one served: no rollback, no replay), then the whole bundle.
+//! The body is a published `tokengate.bundle/v2` document; the request carries
+//! `Tokengate-Signature: t=<unix seconds>,<key id>=<hex Ed25519>[,…]`, each signature over
+//! `tokengate.push/v2\n<t>\n<body>` by one of the admin's keys. The Worker holds public keys
+//! only: `TOKENGATE_TRUSTED_KEYS` until its first push lands, then the `keys` of the bundle it
+//! serves. Everything is checked before the first KV write, so a refused push changes
+//! nothing: the header's form and a `Content-Length` within the cap (before the body is
+//! read), the request signatures and their 5-minute window, the bundle's signatures, target,
+//! environment and version (newer than the one served: a replayed push changes nothing),
+//! then the whole bundle.
 //!
 //! Then only what changed is written: deletes of removed tokens, changed records, new
 //! records, and the meta last. Workers KV allows 1000 operations per invocation, so a
@@ -23,21 +26,21 @@
 use std::collections::BTreeMap;
 
 use futures_util::future::join_all;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokengate_core::access::Settings;
-use tokengate_core::bundle::{check_expectation, parse_verified, BundleError};
-use tokengate_core::json::{self, required, Fields, Reader};
-use tokengate_core::{Bundle, Expectation, Gate, SigningKey, Target, TokenRecord};
+use tokengate_core::bundle::{BundleError, Envelope};
+use tokengate_core::keys::MAX_KEYS;
+use tokengate_core::{Bundle, Expectation, Gate, KeySet, Target, TokenRecord};
 use worker::{console_error, console_log, Env, KvStore, Request, Response, Result};
 
 use crate::served::{self, Failure, Meta, Served, META_KEY, TOKEN_PREFIX};
-use crate::{
-    json_error, json_object, json_response, Json, ENVIRONMENT_VAR, PUSH_BATCH_VAR, PUSH_KEY_SECRET,
-};
+use crate::{json_error, json_response, ENVIRONMENT_VAR, PUSH_BATCH_VAR, TRUSTED_KEYS_VAR};
 
-/// The request header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+/// The request header carrying `t=<unix seconds>,<key id>=<hex Ed25519>[,…]`.
 pub const SIGNATURE_HEADER: &str = "tokengate-signature";
+/// What a push request's signatures cover, before `<t>\n<body>`.
+pub const PUSH_CONTEXT: &str = "tokengate.push/v2";
 /// A push body larger than this is refused (413) before it is parsed.
 pub const MAX_PUSH_BYTES: usize = 8 * 1024 * 1024;
 /// How far `t` may be from the Worker's clock, either way.
@@ -60,82 +63,32 @@ const CONCURRENCY: usize = 32;
 const UNKNOWN: &str = "?";
 
 /// Every token key pushes have written, with the digest of the record written.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Index {
     tokens: BTreeMap<String, String>,
     /// The push that is partly applied, if any.
+    #[serde(default)]
     pending: Option<PendingPush>,
     /// The id of the last intent whose batch is recorded in `tokens`.
+    #[serde(default)]
     confirmed_intent: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A push by its version and signatures (the bundle's, comma-joined).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PendingPush {
     version: u64,
     signature: String,
 }
 
 /// The hashes a batch is about to touch, written before it is applied.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Intent {
     id: String,
     hashes: Vec<String>,
-}
-
-impl Index {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["tokens", "pending", "confirmed_intent"]);
-        let mut index = Self::default();
-        r.object(|r, key| {
-            match fields.index(r, key)? {
-                0 => r.object(|r, hash| {
-                    index.tokens.insert(hash.to_owned(), r.string()?);
-                    Ok(())
-                })?,
-                1 => index.pending = r.nullable(PendingPush::read)?,
-                _ => index.confirmed_intent = r.nullable(Reader::string)?,
-            }
-            Ok(())
-        })?;
-        fields.require(r, 0)?;
-        Ok(index)
-    }
-}
-
-impl PendingPush {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["version", "signature"]);
-        let (mut version, mut signature) = (None, None);
-        r.object(|r, key| {
-            match fields.index(r, key)? {
-                0 => version = Some(r.u64()?),
-                _ => signature = Some(r.string()?),
-            }
-            Ok(())
-        })?;
-        Ok(Self {
-            version: required(r, version, "version")?,
-            signature: required(r, signature, "signature")?,
-        })
-    }
-}
-
-impl Intent {
-    fn read(r: &mut Reader<'_>) -> json::Result<Self> {
-        let mut fields = Fields::new(&["id", "hashes"]);
-        let (mut id, mut hashes) = (None, None);
-        r.object(|r, key| {
-            match fields.index(r, key)? {
-                0 => id = Some(r.string()?),
-                _ => hashes = Some(r.strings()?),
-            }
-            Ok(())
-        })?;
-        Ok(Self {
-            id: required(r, id, "id")?,
-            hashes: required(r, hashes, "hashes")?,
-        })
-    }
 }
 
 /// One KV change.
@@ -191,67 +144,67 @@ pub fn digest(value: &str) -> String {
     hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Parses `t=<digits>,v1=<64 hex>` (spaces after commas allowed, other members ignored).
-pub fn parse_signature_header(value: &str) -> Option<(u64, &str)> {
-    let mut t = None;
-    let mut v1 = None;
-    for member in value.split(',') {
-        let (name, val) = member.trim().split_once('=')?;
-        match name {
-            "t" if t.is_none() && !val.is_empty() && val.len() <= 19 => {
-                if !val.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                t = Some(val.parse().ok()?);
-            }
-            "v1" if v1.is_none() => {
-                if val.len() != 64
-                    || !val
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                {
-                    return None;
-                }
-                v1 = Some(val);
-            }
-            "t" | "v1" => return None,
-            _ => {}
-        }
-    }
-    Some((t?, v1?))
+/// A parsed `Tokengate-Signature` header: the time and each `(key id, signature)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSignatures {
+    /// Unix seconds at signing.
+    pub t: u64,
+    /// `(kid_<16 hex>, <128 hex>)`, distinct key ids.
+    pub signatures: Vec<(String, String)>,
 }
 
-/// Checks the request signature (constant time) and then its window.
+/// Parses `t=<digits>,<kid_16 hex>=<128 hex>[,…]` (spaces after commas allowed). Anything
+/// else (a member it does not know, a repeat, no signature, more than the key limit) is
+/// `None`: a header that could be read two ways is refused.
+pub fn parse_signature_header(value: &str) -> Option<RequestSignatures> {
+    let lower_hex = |text: &str, len: usize| {
+        text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let mut t = None;
+    let mut signatures: Vec<(String, String)> = Vec::new();
+    for member in value.split(',') {
+        let (name, val) = member.trim().split_once('=')?;
+        if name == "t" {
+            let digits =
+                !val.is_empty() && val.len() <= 19 && val.bytes().all(|b| b.is_ascii_digit());
+            if t.is_some() || !digits {
+                return None;
+            }
+            t = Some(val.parse().ok()?);
+        } else {
+            let id = name.strip_prefix("kid_")?;
+            if !lower_hex(id, 16)
+                || !lower_hex(val, 128)
+                || signatures.iter().any(|(k, _)| k == name)
+            {
+                return None;
+            }
+            signatures.push((name.to_owned(), val.to_owned()));
+        }
+    }
+    if signatures.is_empty() || signatures.len() > MAX_KEYS {
+        return None;
+    }
+    Some(RequestSignatures { t: t?, signatures })
+}
+
+/// Checks the request signatures against the trusted keys, then their window.
 pub fn verify_request(
-    key: &SigningKey,
-    header: Option<&str>,
+    trusted: &KeySet,
+    signed: &RequestSignatures,
     body: &[u8],
     now: u64,
 ) -> std::result::Result<(), Refusal> {
-    let header = header.ok_or_else(|| {
-        refuse(
-            401,
-            "invalid_signature",
-            "the Tokengate-Signature header is missing",
-        )
-    })?;
-    let (t, v1) = parse_signature_header(header).ok_or_else(|| {
-        refuse(
-            401,
-            "invalid_signature",
-            "Tokengate-Signature must be t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">",
-        )
-    })?;
-    let mut message = format!("{t}.").into_bytes();
+    let mut message = format!("{PUSH_CONTEXT}\n{}\n", signed.t).into_bytes();
     message.extend_from_slice(body);
-    if !key.verify_bytes(&message, v1) {
-        return Err(refuse(
-            401,
-            "invalid_signature",
-            "the push signature does not verify with TOKENGATE_PUSH_KEY",
-        ));
-    }
-    let skew = now.abs_diff(t);
+    let pairs = signed
+        .signatures
+        .iter()
+        .map(|(id, signature)| (id.as_str(), signature.as_str()));
+    trusted
+        .check(&message, pairs)
+        .map_err(|e| refuse(401, "invalid_signature", format!("push signature: {e}")))?;
+    let skew = now.abs_diff(signed.t);
     if skew > WINDOW_SECONDS {
         return Err(refuse(
             401,
@@ -269,7 +222,7 @@ fn bundle_refusal(error: &BundleError) -> Refusal {
     let description = error.to_string();
     match error {
         BundleError::TooLarge(_) => refuse(413, "too_large", description),
-        BundleError::Signature => refuse(401, "invalid_signature", description),
+        e if e.is_signature() => refuse(401, "invalid_signature", description),
         BundleError::WrongTarget { .. } => refuse(409, "wrong_target", description),
         BundleError::WrongEnvironment { .. } => refuse(409, "wrong_environment", description),
         BundleError::NotNewer { .. } => refuse(409, "not_newer", description),
@@ -348,23 +301,33 @@ pub async fn handle_push(req: Request, env: &Env) -> Result<Response> {
     }
 }
 
+/// The keys this Worker trusts: those of the bundle it serves, else its configured ones.
+pub fn trusted_keys(env: &Env, serving: Option<&Meta>) -> std::result::Result<KeySet, String> {
+    if let Some(meta) = serving {
+        return KeySet::from_hex(&meta.bundle.keys).map_err(|e| format!("{META_KEY}: {e}"));
+    }
+    let text = env
+        .var(TRUSTED_KEYS_VAR)
+        .map_err(|_| format!("the variable {TRUSTED_KEYS_VAR} is not set"))?
+        .to_string();
+    KeySet::parse(&text).map_err(|e| format!("{TRUSTED_KEYS_VAR}: {e}"))
+}
+
 async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Response, Refusal>> {
-    let Some(key) = env
-        .secret(PUSH_KEY_SECRET)
-        .ok()
-        .and_then(|s| SigningKey::from_hex(&s.to_string()).ok())
-    else {
-        return Ok(Err(refuse(
-            500,
-            "server_error",
-            format!("the secret {PUSH_KEY_SECRET} is not set to 64 hex characters"),
-        )));
-    };
     let Some(environment) = env.var(ENVIRONMENT_VAR).ok().map(|v| v.to_string()) else {
         return Ok(Err(refuse(
             500,
             "server_error",
             format!("the variable {ENVIRONMENT_VAR} is not set"),
+        )));
+    };
+    // The header's form, then the declared length: both before a byte of the body is read.
+    let header = req.headers().get(SIGNATURE_HEADER)?;
+    let Some(signed) = header.as_deref().and_then(parse_signature_header) else {
+        return Ok(Err(refuse(
+            401,
+            "invalid_signature",
+            format!("{SIGNATURE_HEADER} must be t=<unix seconds>,<key id>=<hex Ed25519 of \"{PUSH_CONTEXT}\\n<t>\\n<body>\">[,…]"),
         )));
     };
     let too_large = || {
@@ -374,39 +337,51 @@ async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Respons
             format!("a push body may hold at most {MAX_PUSH_BYTES} bytes"),
         )
     };
-    let declared = req
-        .headers()
-        .get("content-length")?
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_PUSH_BYTES as u64) {
+    let declared = req.headers().get("content-length")?;
+    let Some(declared) = declared.and_then(|v| v.trim().parse::<u64>().ok()) else {
+        return Ok(Err(refuse(
+            411,
+            "length_required",
+            "a push must declare its Content-Length",
+        )));
+    };
+    if declared > MAX_PUSH_BYTES as u64 {
         return Ok(Err(too_large()));
     }
-    let header = req.headers().get(SIGNATURE_HEADER)?;
     let body = req.bytes().await?;
     if body.len() > MAX_PUSH_BYTES {
         return Ok(Err(too_large()));
     }
-    if let Err(refusal) = verify_request(&key, header.as_deref(), &body, served::now_secs()) {
-        return Ok(Err(refusal));
-    }
-    let bundle = match parse_verified(&body, &key) {
-        Ok(bundle) => bundle,
-        Err(e) => return Ok(Err(bundle_refusal(&e))),
-    };
     let kv = match served::kv(env) {
         Ok(kv) => kv,
         Err(failure) => return Ok(Err(unavailable(&failure))),
     };
     let serving = match served::read_meta(&kv).await {
-        Ok(meta) => meta.map(|m| m.bundle.version),
+        Ok(meta) => meta,
         Err(failure) => return Ok(Err(unavailable(&failure))),
+    };
+    let trusted = match trusted_keys(env, serving.as_ref()) {
+        Ok(keys) => keys,
+        Err(e) => return Ok(Err(refuse(500, "server_error", e))),
+    };
+    if let Err(refusal) = verify_request(&trusted, &signed, &body, served::now_secs()) {
+        return Ok(Err(refusal));
+    }
+    let opened = Envelope::open(&body, &trusted).and_then(|envelope| {
+        let (bundle, _) = envelope.payload::<Vec<TokenRecord>>()?;
+        let mark = tokengate_core::Served::of(bundle.version, &envelope);
+        Ok((bundle, mark.signatures))
+    });
+    let (bundle, signatures) = match opened {
+        Ok(opened) => opened,
+        Err(e) => return Ok(Err(bundle_refusal(&e))),
     };
     let expect = Expectation {
         target: Target::Worker,
         environment: Some(&environment),
-        newer_than: serving,
+        newer_than: serving.map(|m| m.bundle.version),
     };
-    if let Err(e) = check_expectation(&bundle, &expect) {
+    if let Err(e) = expect.check(&bundle) {
         return Ok(Err(bundle_refusal(&e)));
     }
     let access = match bundle
@@ -422,20 +397,23 @@ async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Respons
         Ok(gate) => gate,
         Err(e) => return Ok(Err(bundle_refusal(&e))),
     };
-    match apply(&kv, env, bundle, gate, access).await {
+    let this_push = PendingPush {
+        version: bundle.version,
+        signature: signatures,
+    };
+    match apply(&kv, env, bundle, this_push, gate, access).await {
         Ok(outcome) => Ok(Ok(outcome?)),
         Err(refusal) => Ok(Err(refusal)),
     }
 }
 
-async fn read_json<T: Default>(
+async fn read_json<T: Default + for<'de> Deserialize<'de>>(
     kv: &KvStore,
     key: &str,
-    read: impl FnOnce(&mut Reader<'_>) -> json::Result<T>,
 ) -> std::result::Result<T, Refusal> {
     match served::kv_get(kv, key).await {
         Ok(None) => Ok(T::default()),
-        Ok(Some(text)) => Reader::read_all(text.as_bytes(), read)
+        Ok(Some(text)) => serde_json::from_str(&text)
             .map_err(|e| unavailable(&Failure::Corrupt(format!("{key}: {e}")))),
         Err(failure) => Err(unavailable(&failure)),
     }
@@ -467,15 +445,12 @@ async fn apply(
     kv: &KvStore,
     env: &Env,
     bundle: Bundle,
+    this_push: PendingPush,
     gate: Gate,
     access: Option<Settings>,
 ) -> std::result::Result<Result<Response>, Refusal> {
-    let this_push = PendingPush {
-        version: bundle.version,
-        signature: bundle.signature.clone().unwrap_or_default(),
-    };
-    let mut index = read_json(kv, INDEX_KEY, Index::read).await?;
-    let intent = read_json(kv, INTENT_KEY, Intent::read).await?;
+    let mut index: Index = read_json(kv, INDEX_KEY).await?;
+    let intent: Intent = read_json(kv, INTENT_KEY).await?;
     if let Some(pending) = &index.pending {
         if this_push.version < pending.version
             || (this_push.version == pending.version && this_push != *pending)
@@ -550,28 +525,24 @@ async fn apply(
     let retry = [("retry-after", "1".to_owned())];
     if failed > 0 {
         let description = format!("{failed} KV writes failed; push again to go on");
-        let body = json_object(&[
-            ("error", Json::Str("temporarily_unavailable")),
-            ("error_description", Json::Str(&description)),
-            ("applied", Json::Num(applied as u64)),
-            ("remaining", Json::Num(remaining as u64)),
-        ]);
+        let body = serde_json::json!({
+            "error": "temporarily_unavailable",
+            "error_description": description,
+            "applied": applied,
+            "remaining": remaining,
+        });
         return Ok(json_response(503, body, &retry));
     }
     if remaining > 0 {
         console_log!("tokengate push: version {version}: applied {applied}, {remaining} to go");
-        let body = json_object(&[
-            ("version", Json::Num(version)),
-            ("applied", Json::Num(applied as u64)),
-            ("remaining", Json::Num(remaining as u64)),
-        ]);
+        let body =
+            serde_json::json!({"version": version, "applied": applied, "remaining": remaining});
         return Ok(json_response(202, body, &retry));
     }
     let tokens = bundle.tokens.len();
     let meta = Meta {
         bundle: Bundle {
             tokens: Vec::new(),
-            signature: None,
             ..bundle
         },
         tokens,
@@ -586,11 +557,7 @@ async fn apply(
         tokens,
     });
     console_log!("tokengate push: serving version {version} ({tokens} tokens, {applied} changes)");
-    let body = json_object(&[
-        ("version", Json::Num(version)),
-        ("applied", Json::Num(applied as u64)),
-        ("tokens", Json::Num(tokens as u64)),
-    ]);
+    let body = serde_json::json!({"version": version, "applied": applied, "tokens": tokens});
     Ok(json_response(200, body, &[]))
 }
 
@@ -613,64 +580,93 @@ mod tests {
         }
     }
 
+    fn key(seed: u8) -> (ed25519_dalek::SigningKey, String, String) {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let public: String = signing
+            .verifying_key()
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let id = tokengate_core::keys::key_id(signing.verifying_key().as_bytes());
+        (signing, public, id)
+    }
+
+    fn header(signing: &ed25519_dalek::SigningKey, id: &str, t: u64, body: &str) -> String {
+        use ed25519_dalek::Signer;
+        let message = format!("{PUSH_CONTEXT}\n{t}\n{body}");
+        let signature: String = signing
+            .sign(message.as_bytes())
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("t={t},{id}={signature}")
+    }
+
     #[test]
     fn signature_header_parsing() {
-        let v1 = "ab".repeat(32);
-        assert_eq!(
-            parse_signature_header(&format!("t=17,v1={v1}")),
-            Some((17, v1.as_str()))
-        );
-        assert_eq!(
-            parse_signature_header(&format!("t=17, v1={v1}, v0=zz")),
-            Some((17, v1.as_str()))
-        );
+        let sig = "ab".repeat(64);
+        let id = "kid_0123456789abcdef";
+        let parsed = parse_signature_header(&format!("t=17, {id}={sig}")).unwrap();
+        assert_eq!(parsed.t, 17);
+        assert_eq!(parsed.signatures, vec![(id.to_owned(), sig.clone())]);
+        let two = format!("t=17,{id}={sig},kid_fedcba9876543210={sig}");
+        assert_eq!(parse_signature_header(&two).unwrap().signatures.len(), 2);
         for bad in [
-            "".to_owned(),
+            String::new(),
             "t=17".to_owned(),
-            format!("v1={v1}"),
-            format!("t=-1,v1={v1}"),
-            format!("t=1,t=2,v1={v1}"),
-            format!("t=1,v1={}", "AB".repeat(32)),
-            format!("t=1,v1={}", "ab".repeat(31)),
-            format!("t=1;v1={v1}"),
+            format!("{id}={sig}"),
+            format!("t=-1,{id}={sig}"),
+            format!("t=1,t=2,{id}={sig}"),
+            format!("t=1,{id}={}", "AB".repeat(64)),
+            format!("t=1,{id}={}", "ab".repeat(63)),
+            format!("t=1,{id}={sig},{id}={sig}"),
+            format!("t=1,kid_0123={sig}"),
+            format!("t=1,v1={}", "ab".repeat(32)),
+            format!("t=1;{id}={sig}"),
         ] {
             assert_eq!(parse_signature_header(&bad), None, "{bad}");
         }
     }
 
     #[test]
-    fn requests_are_verified_then_windowed() {
-        let key = SigningKey::from_bytes([7; 32]);
-        let body = br#"{"x":1}"#;
-        let sign = |t: u64| {
-            format!(
-                "t={t},v1={}",
-                key.sign_bytes(format!("{t}.{{\"x\":1}}").as_bytes())
-            )
+    fn requests_are_verified_against_trusted_keys_then_windowed() {
+        let (ka, a, id_a) = key(7);
+        let (kb, _, id_b) = key(8);
+        let trusted = KeySet::parse(&a).unwrap();
+        let body = r#"{"x":1}"#;
+        let signed = |k, id: &str, t| parse_signature_header(&header(k, id, t, body)).unwrap();
+        let check = |s: &RequestSignatures, body: &str, now| {
+            verify_request(&trusted, s, body.as_bytes(), now)
         };
-        assert_eq!(verify_request(&key, Some(&sign(1000)), body, 1000), Ok(()));
-        assert_eq!(verify_request(&key, Some(&sign(1000)), body, 1300), Ok(()));
-        assert_eq!(verify_request(&key, Some(&sign(1000)), body, 700), Ok(()));
-        let stale = verify_request(&key, Some(&sign(1000)), body, 1301).unwrap_err();
+        assert_eq!(check(&signed(&ka, &id_a, 1000), body, 1000), Ok(()));
+        assert_eq!(check(&signed(&ka, &id_a, 1000), body, 1300), Ok(()));
+        assert_eq!(check(&signed(&ka, &id_a, 1000), body, 700), Ok(()));
+        let stale = check(&signed(&ka, &id_a, 1000), body, 1301).unwrap_err();
         assert_eq!((stale.status, stale.error), (401, "signature_expired"));
-        let future = verify_request(&key, Some(&sign(1000)), body, 699).unwrap_err();
+        let future = check(&signed(&ka, &id_a, 1000), body, 699).unwrap_err();
         assert_eq!(future.error, "signature_expired");
-        let tampered = verify_request(&key, Some(&sign(1000)), br#"{"x":2}"#, 1000).unwrap_err();
+        let tampered = check(&signed(&ka, &id_a, 1000), r#"{"x":2}"#, 1000).unwrap_err();
         assert_eq!(
             (tampered.status, tampered.error),
             (401, "invalid_signature")
         );
-        let other = SigningKey::from_bytes([8; 32]);
-        assert_eq!(
-            verify_request(&other, Some(&sign(1000)), body, 1000)
-                .unwrap_err()
-                .error,
-            "invalid_signature"
-        );
-        assert_eq!(
-            verify_request(&key, None, body, 1000).unwrap_err().status,
-            401
-        );
+        // Another key, and another key under the trusted key's id.
+        let other = check(&signed(&kb, &id_b, 1000), body, 1000).unwrap_err();
+        assert_eq!(other.error, "invalid_signature");
+        let relabelled = check(&signed(&kb, &id_a, 1000), body, 1000).unwrap_err();
+        assert_eq!(relabelled.error, "invalid_signature");
+        // A bundle signature is no push signature: the context differs.
+        use ed25519_dalek::Signer;
+        let bare: String = ka
+            .sign(body.as_bytes())
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let bare = parse_signature_header(&format!("t=1000,{id_a}={bare}")).unwrap();
+        assert!(check(&bare, body, 1000).is_err());
     }
 
     #[test]

@@ -19,9 +19,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokengate_core::access::Settings;
-use tokengate_core::json::{self, required, Fields, Reader};
 use tokengate_core::token::TokenHash;
 use tokengate_core::{Bundle, Gate, Record, TokenRecord};
 use worker::{Delay, Env, KvStore};
@@ -40,9 +39,11 @@ pub const KV_TIMEOUT_MS: u64 = 3_000;
 const MAX_CACHED_TOKENS: usize = 10_000;
 
 /// The bundle as served, stored under [`META_KEY`] once every token change is applied.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Meta {
-    /// The pushed bundle with `tokens` emptied and without its signature (which covered them).
+    /// The pushed payload with `tokens` emptied (its signatures were checked at the push);
+    /// its `keys` are what this Worker trusts from then on.
     pub bundle: Bundle,
     /// How many token records the bundle held.
     pub tokens: usize,
@@ -50,27 +51,8 @@ pub struct Meta {
 
 impl Meta {
     /// Parses a stored meta: `{"bundle": {...}, "tokens": n}`, nothing else.
-    pub fn from_json(text: &str) -> json::Result<Self> {
-        Reader::read_all(text.as_bytes(), |r| {
-            let mut fields = Fields::new(&["bundle", "tokens"]);
-            let (mut bundle, mut tokens) = (None, None);
-            r.object(|r, key| {
-                match fields.index(r, key)? {
-                    0 => bundle = Some(Bundle::read(r)?),
-                    _ => {
-                        let count = r.u64()?;
-                        let count = usize::try_from(count)
-                            .map_err(|_| r.error(format!("{count} tokens is out of range")))?;
-                        tokens = Some(count);
-                    }
-                }
-                Ok(())
-            })?;
-            Ok(Self {
-                bundle: required(r, bundle, "bundle")?,
-                tokens: required(r, tokens, "tokens")?,
-            })
-        })
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
     }
 }
 

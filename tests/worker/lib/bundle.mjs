@@ -1,8 +1,8 @@
-// Bundles built in the tests themselves (the admin CLI is not needed): tokens, records and the
-// canonical signing form, written a third time after core/src/bundle.rs and
-// conformance/generate.py. The canonical bytes are the compact JSON of the typed model with
-// fields in declaration order and without `signature`, which JSON.stringify gives for objects
-// built in that order.
+// Bundles built in the tests themselves (the admin CLI is not needed): tokens, records, keys
+// and the published tokengate.bundle/v2 text, written a third time after core/src/bundle.rs
+// and conformance/generate.py from docs/trust.md. The signatures cover the payload's exact
+// bytes, so the published text is built by concatenation around JSON.stringify of a payload
+// whose objects are built in the documented member order.
 import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
@@ -12,12 +12,66 @@ import { fileURLToPath } from "node:url";
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const VECTORS = JSON.parse(fs.readFileSync(path.join(ROOT, "conformance/vectors.json"), "utf8"));
 
+export const FORMAT = "tokengate.bundle/v2";
+export const PUSH_CONTEXT = "tokengate.push/v2";
+
 export const nowSecs = () => Math.floor(Date.now() / 1000);
 export const sha256Hex = (text) => crypto.createHash("sha256").update(text).digest("hex");
+/** HMAC-SHA256, hex: only for what release v1 did (a v1 bundle, a v1 push header). */
 export const hmacHex = (keyHex, text) =>
   crypto.createHmac("sha256", Buffer.from(keyHex, "hex")).update(text).digest("hex");
+
+// --- keys ------------------------------------------------------------------------------
+/** The fixed PKCS#8 DER header of an Ed25519 private key; the 32-byte seed follows it. */
+const PKCS8_ED25519 = Buffer.from("302e020100300506032b657004220420", "hex");
+const privateKeys = new Map();
+
+function privateKey(seedHex) {
+  if (!/^[0-9a-f]{64}$/.test(seedHex)) throw new Error(`not a 64-hex Ed25519 seed: ${String(seedHex).slice(0, 12)}…`);
+  let key = privateKeys.get(seedHex);
+  if (!key) {
+    key = crypto.createPrivateKey({
+      key: Buffer.concat([PKCS8_ED25519, Buffer.from(seedHex, "hex")]),
+      format: "der",
+      type: "pkcs8",
+    });
+    privateKeys.set(seedHex, key);
+  }
+  return key;
+}
+
+/** A new admin private key: a 32-byte Ed25519 seed as 64 lower-case hex. */
 export const randomKey = () => crypto.randomBytes(32).toString("hex");
 
+/** The public key of a seed: the 32 raw bytes (the end of the SPKI DER), as 64 hex. */
+export function publicKeyHex(seedHex) {
+  const spki = crypto.createPublicKey(privateKey(seedHex)).export({ format: "der", type: "spki" });
+  return spki.subarray(-32).toString("hex");
+}
+
+/** The key id of a public key: "kid_" + the first 16 hex of SHA-256 of its 32 bytes. */
+export const keyIdOfPublic = (publicHex) =>
+  `kid_${crypto.createHash("sha256").update(Buffer.from(publicHex, "hex")).digest("hex").slice(0, 16)}`;
+
+/** The key id of a seed's public key. */
+export const keyId = (seedHex) => keyIdOfPublic(publicKeyHex(seedHex));
+
+/** Ed25519 over the UTF-8 bytes of `text`, as 128 hex. */
+export const signHex = (seedHex, text) =>
+  crypto.sign(null, Buffer.from(text, "utf8"), privateKey(seedHex)).toString("hex");
+
+/** The conformance fixtures' private keys: sha256("tokengate conformance key A"), … B. */
+export const FIXTURE_SEEDS = {
+  A: sha256Hex("tokengate conformance key A"),
+  B: sha256Hex("tokengate conformance key B"),
+};
+
+/** The fixture seeds whose public keys are in `publicKeys` (the ones a test can sign with). */
+export function fixtureSeedsFor(publicKeys) {
+  return Object.values(FIXTURE_SEEDS).filter((s) => publicKeys.includes(publicKeyHex(s)));
+}
+
+// --- tokens ----------------------------------------------------------------------------
 const ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 function base62(bytes, width) {
   let n = BigInt(`0x${Buffer.from(bytes).toString("hex") || "0"}`);
@@ -70,8 +124,13 @@ export function rule(name, match, access = "token", opts = {}) {
   };
 }
 
-/** Rebuilds a bundle with every object's fields in the model's declaration order. */
-export function canonical(b) {
+// --- the payload and the published text ------------------------------------------------
+/**
+ * A payload with every object's members in the documented order: version, issued_at,
+ * environment, target, keys, policy, credentials, tokens, then revoke_all_at and
+ * cloudflare_access only when set. `keys` defaults to the public keys of `seeds`.
+ */
+export function payloadOf(b, seeds = []) {
   // JSON.stringify leaves out members that are undefined: absent optionals are not written.
   const token = (t) => ({
     name: t.name,
@@ -81,33 +140,65 @@ export function canonical(b) {
     not_before: t.not_before ?? undefined,
     expires_at: t.expires_at ?? undefined,
     revoked_at: t.revoked_at ?? undefined,
-    grace_until: t.grace_until ?? undefined,
     previous: t.previous ? { hash: t.previous.hash, grace_until: t.previous.grace_until } : undefined,
   });
   const r = (x) => rule(x.name, "exact" in x.path ? { exact: x.path.exact } : { prefix: x.path.prefix }, x.access, x);
-  return {
-    format: b.format ?? "tokengate.bundle/v1",
+  const out = {
     version: b.version,
     issued_at: b.issued_at ?? nowSecs(),
     environment: b.environment,
     target: b.target ?? "worker",
+    keys: b.keys ?? seeds.map(publicKeyHex),
     policy: { rules: b.policy.rules.map(r) },
     credentials: { sources: b.credentials.sources, forward: b.credentials.forward ?? false },
     tokens: b.tokens.map(token),
-    revoke_all_at: b.revoke_all_at ?? null,
-    cloudflare_access: b.cloudflare_access
-      ? { certs_url: b.cloudflare_access.certs_url, audiences: b.cloudflare_access.audiences }
-      : null,
   };
+  if (b.revoke_all_at !== null && b.revoke_all_at !== undefined) out.revoke_all_at = b.revoke_all_at;
+  if (b.cloudflare_access) {
+    out.cloudflare_access = { certs_url: b.cloudflare_access.certs_url, audiences: b.cloudflare_access.audiences };
+  }
+  return out;
 }
 
-/** Signs a bundle with a hex key over its canonical bytes. */
-export function sign(b, keyHex) {
-  const body = canonical(b);
-  return { ...body, signature: hmacHex(keyHex, JSON.stringify(body)) };
+/** What a bundle signature covers (docs/trust.md): exactly the payload text. */
+export const bundleMessage = (payloadText) => payloadText;
+
+/** What a push signature covers: "tokengate.push/v2\n<t>\n" + the body. */
+export const pushMessage = (t, bodyText) => `${PUSH_CONTEXT}\n${t}\n${bodyText}`;
+
+/** One envelope signature: a key's Ed25519 over the bundle message. */
+export const bundleSignature = (seedHex, payloadText) => ({
+  key_id: keyId(seedHex),
+  signature: signHex(seedHex, bundleMessage(payloadText)),
+});
+
+/**
+ * The published text around a payload text taken verbatim, signed by `seeds` (or carrying
+ * the given `signatures`). `format` and `extra` (text after the payload) make broken ones.
+ */
+export function envelope(payloadText, seeds, { signatures, format = FORMAT, extra = "" } = {}) {
+  const sigs = signatures ?? seeds.map((s) => bundleSignature(s, payloadText));
+  return `{"format":${JSON.stringify(format)},"signatures":${JSON.stringify(sigs)},"payload":${payloadText}${extra}}`;
 }
 
-/** A bundle with the tests' usual policy: /healthz public, /api needs orders:read. */
+/** The published bundle text: the payload in its member order, signed by every seed. */
+export function publish(payload, seeds) {
+  return envelope(JSON.stringify(payloadOf(payload, seeds)), seeds);
+}
+
+/** The payload object of a published text. */
+export const payloadOfText = (text) => JSON.parse(text).payload;
+
+/**
+ * The Tokengate-Signature header value of a push: `t=<t>,<kid>=<hex>,…`, each key's
+ * Ed25519 over "tokengate.push/v2\n<t>\n" + the body.
+ */
+export function pushSignature(seeds, t, bodyText) {
+  const signed = pushMessage(t, bodyText);
+  return [`t=${t}`, ...seeds.map((s) => `${keyId(s)}=${signHex(s, signed)}`)].join(",");
+}
+
+/** A payload with the tests' usual policy: /healthz public, /api needs orders:read. */
 export function bundle({ version, environment, tokens, rules, sources, ...rest }) {
   return {
     version,
@@ -125,10 +216,12 @@ export function bundle({ version, environment, tokens, rules, sources, ...rest }
 }
 
 /**
- * A fixture bundle moved in time by `delta` seconds (every instant in it), given `version`
- * and signed again: how the conformance cases run at their own `now` on a real clock.
+ * A fixture bundle (published text) moved in time by `delta` seconds (every instant in its
+ * payload), given `version` and published again signed by `seeds` (its `keys` kept): how
+ * the conformance cases run at their own `now` on a real clock.
  */
-export function retime(fixture, delta, version, keyHex) {
+export function retime(fixtureText, delta, version, seeds) {
+  const fixture = payloadOfText(fixtureText);
   const shift = (t) => (t === null || t === undefined ? t : t + delta);
   const moved = {
     ...fixture,
@@ -141,9 +234,8 @@ export function retime(fixture, delta, version, keyHex) {
       not_before: shift(t.not_before),
       expires_at: shift(t.expires_at),
       revoked_at: shift(t.revoked_at),
-      grace_until: shift(t.grace_until),
       previous: t.previous ? { ...t.previous, grace_until: shift(t.previous.grace_until) } : null,
     })),
   };
-  return sign(moved, keyHex);
+  return publish(moved, seeds);
 }

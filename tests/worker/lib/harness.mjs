@@ -7,7 +7,7 @@ import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
-import { hmacHex, nowSecs } from "./bundle.mjs";
+import { nowSecs, publicKeyHex, pushSignature } from "./bundle.mjs";
 
 export { assert };
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
@@ -94,13 +94,23 @@ function compatibilityDate() {
  * Starts the bundled Worker in workerd with a fresh, empty KV namespace. Requests go to
  * workerd's own socket for the Worker (Miniflare's `unsafeDirectSockets`), not through
  * Miniflare's JavaScript entry worker, whose `new URL()` would normalise paths first.
+ *
+ * `keys`: the admin's private seeds (64 hex) the tests sign with; the Worker is given only
+ * their public keys, as the plain variable TOKENGATE_TRUSTED_KEYS (or `trusted`, public keys
+ * given directly, when the test does not hold the seeds; `vars` overrides either).
  */
-export async function startWorker({ origin, key, environment, vars = {} }) {
+export async function startWorker({ origin, keys = [], trusted, environment, vars = {} }) {
   const script = path.join(DIST, "index.js");
   if (!fs.existsSync(script)) {
     throw new Error(`no bundled Worker at ${script}: build it first: scripts/worker.sh bundle`);
   }
   const logs = [];
+  const bindings = {
+    ORIGIN_URL: origin.url,
+    TOKENGATE_ENVIRONMENT: environment,
+    TOKENGATE_TRUSTED_KEYS: (trusted ?? keys.map(publicKeyHex)).join(","),
+    ...vars,
+  };
   const mf = new Miniflare({
     modules: true,
     modulesRoot: DIST,
@@ -108,12 +118,7 @@ export async function startWorker({ origin, key, environment, vars = {} }) {
     modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }],
     compatibilityDate: compatibilityDate(),
     kvNamespaces: ["TOKENGATE"],
-    bindings: {
-      ORIGIN_URL: origin.url,
-      TOKENGATE_ENVIRONMENT: environment,
-      TOKENGATE_PUSH_KEY: key,
-      ...vars,
-    },
+    bindings,
     structuredWorkerdLogs: true,
     handleStructuredLogs: ({ message }) => {
       logs.push(message);
@@ -122,14 +127,15 @@ export async function startWorker({ origin, key, environment, vars = {} }) {
   });
   await mf.ready;
   const direct = await mf.unsafeGetDirectURL();
-  return new Worker(mf, Number(direct.port), logs, key);
+  return new Worker(mf, Number(direct.port), logs, keys, bindings);
 }
 
 let rays = 0;
 
 export class Worker {
-  constructor(mf, port, logs, key) {
-    Object.assign(this, { mf, port, logs, key });
+  /** `seeds`: the private keys pushes are signed with by default; `bindings`: what it was given. */
+  constructor(mf, port, logs, seeds, bindings) {
+    Object.assign(this, { mf, port, logs, seeds, bindings });
   }
 
   dispose() {
@@ -213,14 +219,17 @@ export class Worker {
     return JSON.parse(res.body);
   }
 
-  /** Pushes a bundle object (or raw body text) signed at `t` with `key`. */
-  async push(bundle, { key = this.key, t = nowSecs(), body = null, headers = null } = {}) {
-    const text = body ?? JSON.stringify(bundle);
-    const signature = `t=${t},v1=${hmacHex(key, `${t}.${text}`)}`;
+  /**
+   * Pushes a body (a published bundle text, or anything) with a Tokengate-Signature made at
+   * `t` by every seed in `seeds`; `signature` replaces that header's value, `headers` all
+   * the request's headers (e.g. none).
+   */
+  async push(text, { seeds = this.seeds, t = nowSecs(), signature = null, headers = null } = {}) {
+    const value = signature ?? pushSignature(seeds, t, text);
     const res = await this.request("POST", BUNDLE_PATH, {
       headers: headers ?? [
         ["content-type", "application/json"],
-        ["tokengate-signature", signature],
+        ["tokengate-signature", value],
       ],
       body: text,
     });
@@ -229,16 +238,22 @@ export class Worker {
   }
 
   /** Pushes until 200 (re-signing each round with a fresh t, as a client must). */
-  async pushAll(bundle, { rounds = 100, honourRetryAfter = true } = {}) {
+  async pushAll(text, { seeds = this.seeds, rounds = 100, honourRetryAfter = true } = {}) {
     const answers = [];
     for (let i = 0; i < rounds; i++) {
-      const res = await this.push(bundle);
+      const res = await this.push(text, { seeds });
       answers.push(res);
       if (res.status !== 202) return { final: res, answers };
       const retry = Number(headerValues(res.headers, "retry-after")[0] ?? 0);
       if (honourRetryAfter && retry > 0) await sleep(retry * 1000);
     }
     throw new Error(`push did not finish in ${rounds} rounds`);
+  }
+
+  /** What it serves and trusts: the status without its read counter (which any request moves). */
+  async served() {
+    const { kv_reads, ...rest } = await this.status();
+    return rest;
   }
 
   kv() {
@@ -257,6 +272,41 @@ export class Worker {
     } while (cursor);
     return out;
   }
+}
+
+/**
+ * Everything a Worker holds, as text, what an attacker who read all of it would have: the
+ * bindings and variables it was started with, the ones its runtime env exposes
+ * (Miniflare's getBindings: the plain values; the KV binding is a proxy, read through
+ * `snapshot` instead), and every KV key and value.
+ */
+export async function heldBy(worker) {
+  const env = {};
+  for (const [name, value] of Object.entries(await worker.mf.getBindings())) {
+    if (["string", "number", "boolean"].includes(typeof value)) env[name] = value;
+  }
+  return { given: worker.bindings, env, kv: await worker.snapshot() };
+}
+
+/**
+ * Runs `attempt` (a push) and asserts it was refused with one of the `allowed` [status, error]
+ * pairs and an error_description, and that neither KV nor what the Worker serves and trusts
+ * (its status, but the read counter) moved. Returns the response.
+ */
+export async function assertRefused(worker, label, attempt, allowed) {
+  const before = await worker.snapshot();
+  const served = await worker.served();
+  const res = await attempt();
+  const json = res.json ?? safeJson(res.body);
+  const expected = allowed.map(([s, e]) => `${s} ${e}`).join(" or ");
+  assert.ok(
+    allowed.some(([s, e]) => s === res.status && e === json?.error),
+    `${label}: ${res.status} ${res.body.slice(0, 300)} (expected ${expected})`,
+  );
+  assert.equal(typeof json?.error_description, "string", `${label}: no description`);
+  assert.deepEqual(await worker.snapshot(), before, `${label}: KV changed`);
+  assert.deepEqual(await worker.served(), served, `${label}: what the Worker serves changed`);
+  return res;
 }
 
 /** Fails if any secret (or its 43-character random body) appears in any KV key or value. */

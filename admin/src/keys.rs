@@ -1,0 +1,237 @@
+//! The admin's private Ed25519 keys: where they come from and what they sign.
+//!
+//! A source holds one or more private keys (64 hex characters each, one per line): a command
+//! whose standard output is read (a secret manager), `TOKENGATE_SIGNING_KEY`, or the key file
+//! (mode 0600, made by `init`). Keys are never taken from argv and never printed; the text
+//! they were read from is wiped once parsed. The store keeps only public keys.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use ed25519_dalek::{Signer, SigningKey};
+use tokengate_core::bundle::SignatureEntry;
+use tokengate_core::keys::key_id;
+use zeroize::Zeroizing;
+
+/// The environment variable that may hold the private keys themselves.
+pub const KEY_VARIABLE: &str = "TOKENGATE_SIGNING_KEY";
+
+/// Where the private keys are read from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `sh -c CMD`, its standard output.
+    Command(String),
+    /// [`KEY_VARIABLE`].
+    Environment,
+    /// The key file.
+    File(PathBuf),
+}
+
+impl Source {
+    /// The command if given, else the variable if set, else the file.
+    pub fn resolve(command: Option<String>, file: PathBuf) -> Self {
+        match command {
+            Some(command) => Self::Command(command),
+            None if std::env::var_os(KEY_VARIABLE).is_some() => Self::Environment,
+            None => Self::File(file),
+        }
+    }
+
+    /// Reads and parses every private key of the source.
+    pub fn load(&self) -> Result<Keyring> {
+        let text = Zeroizing::new(match self {
+            Self::Command(command) => run_command(command)?,
+            Self::Environment => std::env::var(KEY_VARIABLE)
+                .with_context(|| format!("{KEY_VARIABLE} is not valid UTF-8"))?,
+            Self::File(path) => {
+                check_private(path)?;
+                std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "reading the signing key {} (or set {KEY_VARIABLE}, or pass --key-command)",
+                        path.display()
+                    )
+                })?
+            }
+        });
+        Keyring::parse(&text).with_context(|| self.to_string())
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Command(_) => f.write_str("the key command's output"),
+            Self::Environment => f.write_str(KEY_VARIABLE),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+fn run_command(command: &str) -> Result<String> {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the key command")?;
+    if !output.status.success() {
+        bail!("the key command failed ({})", output.status);
+    }
+    String::from_utf8(output.stdout).context("the key command's output is not UTF-8")
+}
+
+/// A key file readable by anyone but its owner is refused: it can sign anything.
+fn check_private(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "no signing key at {} (run `tokengate init`, set {KEY_VARIABLE}, or pass --key-command)",
+            path.display()
+        )
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
+/// The private keys the admin holds now.
+pub struct Keyring(Vec<SigningKey>);
+
+impl Keyring {
+    /// One 64-hex private key per non-empty line.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut keys = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let Some(seed) = decode_seed(line) else {
+                // The line itself is never echoed: it may be most of a key.
+                bail!(
+                    "line {} is not a private key (64 lower-case hex characters)",
+                    i + 1
+                );
+            };
+            keys.push(SigningKey::from_bytes(&seed));
+        }
+        if keys.is_empty() {
+            bail!("holds no private key");
+        }
+        Ok(Self(keys))
+    }
+
+    /// The public keys (hex), in order.
+    pub fn public_keys(&self) -> Vec<String> {
+        self.0.iter().map(public_hex).collect()
+    }
+
+    /// Signs `message` with every key of `published` (hex) that this ring holds; at least one.
+    pub fn sign(&self, message: &[u8], published: &[String]) -> Result<Vec<SignatureEntry>> {
+        let signatures: Vec<SignatureEntry> = published
+            .iter()
+            .filter_map(|public| self.0.iter().find(|k| public_hex(k) == *public))
+            .map(|key| SignatureEntry {
+                key_id: key_id(key.verifying_key().as_bytes()),
+                signature: hex(&key.sign(message).to_bytes()),
+            })
+            .collect();
+        if signatures.is_empty() {
+            bail!(
+                "none of the published keys is among the private keys given (tokengate key list shows which keys are published)"
+            );
+        }
+        Ok(signatures)
+    }
+}
+
+/// A new private key from the OS CSPRNG.
+pub fn generate() -> Result<SigningKey> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(seed.as_mut())
+        .map_err(|e| anyhow::anyhow!("the OS random generator failed: {e}"))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The public key of a private key, hex.
+pub fn public_hex(key: &SigningKey) -> String {
+    hex(key.verifying_key().as_bytes())
+}
+
+/// The key id of a private key.
+pub fn id_of(key: &SigningKey) -> String {
+    key_id(key.verifying_key().as_bytes())
+}
+
+/// Creates a key file (0600, must not exist) holding `key`.
+pub fn create_file(path: &Path, key: &SigningKey) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let line = Zeroizing::new(format!("{}\n", hex(key.as_bytes())));
+    file.write_all(line.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Rewrites a key file to hold exactly `keys`, atomically (a 0600 temporary file renamed
+/// over it).
+pub fn rewrite_file(path: &Path, keys: &[&SigningKey]) -> Result<()> {
+    check_private(path)?;
+    let temporary = path.with_extension("key.new");
+    std::fs::remove_file(&temporary).ok();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("creating {}", temporary.display()))?;
+    let text = Zeroizing::new(
+        keys.iter()
+            .map(|k| format!("{}\n", hex(k.as_bytes())))
+            .collect::<String>(),
+    );
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+impl Keyring {
+    /// The keys, for rewriting the key file.
+    pub fn keys(&self) -> impl Iterator<Item = &SigningKey> {
+        self.0.iter()
+    }
+}
+
+fn decode_seed(text: &str) -> Option<Zeroizing<[u8; 32]>> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut seed = Zeroizing::new([0u8; 32]);
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        seed[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(seed)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
