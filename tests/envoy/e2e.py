@@ -253,7 +253,7 @@ def test_every_conformance_refusal_through_envoy():
                 assert gw.push(fixture) == "accepted", gw.tail_log()
                 served = json.loads(fixture)["payload"]["version"]
             trusted = refusal["trusted"] if refusal["trusted"] is not None else VECTORS["trusted_keys"]
-            outcome = gw.push(refusal["bundle"], trusted_keys=trusted)
+            outcome = gw.push(refusal["bundle"]["envoy"], trusted_keys=trusted)
             health = gw.request("GET", "/healthz")[0]
             if outcome != "rejected":
                 failures.append(f"{refusal['name']}: the ECDS update was {outcome}")

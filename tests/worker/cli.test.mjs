@@ -26,7 +26,7 @@ const keysIn = (text) => text.split(/[\s,]+/).filter(Boolean);
 
 /**
  * A store in a temporary directory. Its private key is made by `init` into the key file (the
- * store path + ".key") unless `signingKey` is given, as TOKENGATE_SIGNING_KEY.
+ * store path with ".key" for ".db") unless `signingKey` is given, as TOKENGATE_SIGNING_KEY.
  */
 function operator({ environment = ENV, signingKey = null } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-cli-worker-"));
@@ -47,7 +47,7 @@ function operator({ environment = ENV, signingKey = null } = {}) {
     return out;
   };
   ok("init", "--environment", environment);
-  const keyFile = `${store}.key`;
+  const keyFile = path.join(dir, "tokengate.key");
   return {
     dir,
     keyFile,

@@ -306,7 +306,7 @@ export default function (suite, { origin }) {
         }
         const before = await w.snapshot();
         const served = await w.served();
-        const res = await w.push(r.bundle);
+        const res = await w.push(r.bundle.worker);
         assert.ok([400, 401, 409].includes(res.status), `${r.name}: ${res.status} ${res.body}`);
         assert.deepEqual(await w.snapshot(), before, `${r.name}: KV changed`);
         assert.deepEqual(await w.served(), served, `${r.name}: what is served changed`);
