@@ -205,7 +205,9 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
         }
         let mut canary = host().start_shared(&env, &shared).unwrap();
         assert!(
-            !canary.configure(refusal.bundle["envoy"].as_bytes()).unwrap(),
+            !canary
+                .configure(refusal.bundle["envoy"].as_bytes())
+                .unwrap(),
             "{} was accepted",
             refusal.name
         );
@@ -227,7 +229,9 @@ fn every_refusal_is_refused_and_the_previous_bundle_keeps_serving() {
         );
         if let Some(serving) = &refusal.serving {
             // Forced onto a worker VM anyway, it keeps the bundle it serves.
-            worker.configure(refusal.bundle["envoy"].as_bytes()).unwrap();
+            worker
+                .configure(refusal.bundle["envoy"].as_bytes())
+                .unwrap();
             let exchange = worker.request(headers(valid), valid.now * SECOND).unwrap();
             let status = exchange.local_response.map_or(200, |r| r.status);
             // The revoke-all bundle keeps serving: the main bundle's token is unknown there.
