@@ -117,7 +117,8 @@ T = {name: make_token(prefix, name) for name, prefix in [
     ("root", "sk_live"), ("revoked", "sk_live"), ("expiring", "sk_live"),
     ("future", "sk_live"), ("rotated-old", "sk_live"), ("rotated-new", "sk_live"),
     ("no-scopes", "sk_live"), ("at-cutoff", "sk_live"), ("after-cutoff", "sk_live"),
-    ("never-issued", "sk_live"), ("query-user", "sk_live")]}
+    ("never-issued", "sk_live"), ("query-user", "sk_live"), ("revoked-by-all", "sk_live"),
+    ("revoked-before-all", "sk_live")]}
 LEGACY = hashlib.sha256(b"legacy INTERNAL_SERVICE_TOKEN").hexdigest()  # 64 hex chars
 
 POLICY = [
@@ -151,6 +152,11 @@ REVOKE_ALL_TOKENS = [
     record("at-cutoff", T["at-cutoff"], ["*"], created=CUTOFF),
     record("after-cutoff", T["after-cutoff"], ["*"], created=CUTOFF + 1),
     record("root", T["root"], ["*"]),
+    # As `tokengate revoke-all` leaves them: every record revoked at the cut-off itself, or
+    # earlier for a token revoked on its own before.
+    record("revoked-by-all", T["revoked-by-all"], ["*"], created=CUTOFF - 10, revoked=CUTOFF),
+    record("revoked-before-all", T["revoked-before-all"], ["*"], created=CUTOFF - 10,
+           revoked=CUTOFF - 5),
 ]
 
 BUNDLES = {
@@ -173,6 +179,10 @@ BAD_REQUEST = f'{REALM}, error="invalid_request"'
 SPOOF = [("x-tokengate-subject", "root"), ("X-Tokengate-Scopes", "*"),
          ("x-tokengate-token-id", "tid_0000000000000000"), ("x-tokengate-extra", "1")]
 SPOOF_NAMES = ["x-tokengate-extra"]
+# CGI, WSGI, PHP and Rack origins read `x_tokengate_subject` as HTTP_X_TOKENGATE_SUBJECT.
+UNDERSCORE_SPOOF = [("x_tokengate_subject", "root"), ("X_Tokengate_Scopes", "*"),
+                    ("x-tokengate_token-id", "tid_0000000000000000")]
+UNDERSCORE_NAMES = [name for name, _ in UNDERSCORE_SPOOF]
 
 cases = []
 
@@ -238,6 +248,10 @@ allow("* grant covers any-of", "root", "*", bearer(T["root"]), path="/metrics")
 allow("token-only rule needs no scope", "no-scopes", "", bearer(T["no-scopes"]), path="/api/misc")
 allow("host rule matches its host", "ci-deploy", CI, bearer(T["ci-deploy"]), path="/deploy/x",
       authority="ci.internal")
+allow("host rule matches its host with a trailing dot", "ci-deploy", CI, bearer(T["ci-deploy"]),
+      path="/deploy/x", authority="ci.internal.")
+forbid("host rule binds its host with a trailing dot and a port", bearer(T["monitor"]),
+       "deploy:write", path="/deploy/x", authority="CI.internal.:443")
 allow("host match ignores port and case", "ci-deploy", CI, bearer(T["ci-deploy"]),
       path="/deploy/x", authority="CI.Internal:8443")
 allow("bearer scheme is case-insensitive", "ci-deploy", CI,
@@ -307,6 +321,10 @@ deny401("revoke-all revokes tokens created before", bearer(T["root"]), "revoked_
         bundle="revoke-all")
 deny401("revoke-all revokes tokens created exactly at the cut-off", bearer(T["at-cutoff"]),
         "revoked_all", bundle="revoke-all")
+deny401("a record revoke-all marked revoked reports revoke-all", bearer(T["revoked-by-all"]),
+        "revoked_all", bundle="revoke-all")
+deny401("a record revoked before the revoke-all reports its own revocation",
+        bearer(T["revoked-before-all"]), "revoked", bundle="revoke-all")
 case("token created after the cut-off passes", bundle="revoke-all", headers=bearer(T["after-cutoff"]),
      status=200, reason="valid", upstream_headers={"x-tokengate-subject": "after-cutoff"})
 # --- 403 scopes ------------------------------------------------------------------------
@@ -351,6 +369,12 @@ for name, path in [("encoded slash", "/api%2Forders"), ("encoded lower-case slas
     deny400(f"{name} is a bad request", bearer(T["root"]), "bad_path", path=path,
             proxy_may_reject=path == "api/orders")
 deny400("bad path is refused even on public prefixes", [], "bad_path", path="/docs/%2F")
+# Tomcat and Jetty read `/docs/..;/admin` as `/admin`: a `;` is a 400, raw or encoded.
+deny400("a ; path parameter climbing out of a public prefix is a bad path", [], "bad_path",
+        path="/docs/..;/admin")
+deny400("a ; path parameter on a protected route is a bad path", bearer(T["root"]), "bad_path",
+        path="/admin;x")
+deny400("an encoded ; is a bad path", [], "bad_path", path="/docs/x%3Bjsessionid=1")
 # --- duplicate / conflicting credentials -----------------------------------------------
 deny400("two authorization headers", bearer(T["ci-deploy"]) + bearer(T["ci-deploy"]),
         "several_credentials")
@@ -368,6 +392,12 @@ deny400("different tokens in two headers",
         "several_credentials")
 deny400("repeated named header", [("x-internal-token", T["root"]), ("X-Internal-Token", T["root"])],
         "several_credentials")
+deny400("comma-joined named header values conflict",
+        [("x-internal-token", f"{T['ci-deploy']},{T['root']}")], "several_credentials")
+deny400("comma-and-space-joined named header values conflict",
+        [("x-internal-token", f"{T['ci-deploy']}, {T['root']}")], "several_credentials")
+deny400("the same token joined twice in a named header conflicts",
+        [("x-internal-api-key", f"{T['ci-deploy']},{T['ci-deploy']}")], "several_credentials")
 deny400("an invalid second credential still conflicts",
         bearer(T["root"]) + [("x-internal-api-key", "garbage")], "several_credentials")
 # --- anti-spoofing ---------------------------------------------------------------------
@@ -379,12 +409,23 @@ allow("spoofed identity headers are replaced on protected routes", "ci-deploy", 
       SPOOF + bearer(T["ci-deploy"]))
 case("spoofed headers do not authenticate", headers=SPOOF, status=401, reason="no_credential",
      error="missing_token")
+case("underscore identity headers are removed on public routes", path="/healthz",
+     headers=UNDERSCORE_SPOOF, status=200, reason="public", upstream_absent=UNDERSCORE_NAMES)
+allow("underscore identity headers never ride beside the real ones", "ci-deploy", CI,
+      UNDERSCORE_SPOOF + bearer(T["ci-deploy"]),
+      upstream_absent=["authorization"] + UNDERSCORE_NAMES)
 case("credential is stripped on public routes too", path="/healthz", headers=bearer(T["root"]),
      status=200, reason="public", upstream_absent=["authorization"])
 # --- query credentials and forwarding --------------------------------------------------
 case("query credential passes when configured and is stripped", bundle="query",
      path=f"/api/orders/1?a=1&access_token={T['query-user']}&b=2", status=200, reason="valid",
      upstream_headers={"x-tokengate-subject": "query-user"}, upstream_path="/api/orders/1?a=1&b=2")
+case("a percent-encoded query credential name is read and stripped", bundle="query",
+     path=f"/api/orders/1?%61ccess_token={T['query-user']}&b=2", status=200, reason="valid",
+     upstream_headers={"x-tokengate-subject": "query-user"}, upstream_path="/api/orders/1?b=2")
+case("a percent-encoded query credential never reaches the upstream of a public route",
+     bundle="query", path=f"/healthz?a=1&access%5Ftoken={T['query-user']}", status=200,
+     reason="public", upstream_path="/healthz?a=1")
 case("query credential is ignored when not configured",
      path=f"/api/orders/1?access_token={T['ci-deploy']}", status=401, reason="no_credential",
      error="missing_token")

@@ -8,11 +8,12 @@ mod key_command;
 mod keys;
 mod policy_file;
 mod push;
+mod status;
 mod store;
 mod time;
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -175,6 +176,26 @@ enum Command {
         #[command(subcommand)]
         target: PushTarget,
     },
+    /// What each gate serves, asked of the gate; exits 1 when one does not serve the
+    /// version last pushed to it.
+    Status {
+        /// Envoy's admin endpoint (repeatable).
+        #[arg(
+            long = "envoy-admin",
+            env = "TOKENGATE_ENVOY_ADMIN",
+            value_delimiter = ','
+        )]
+        envoy_admin: Vec<String>,
+        /// A Worker's base URL (repeatable).
+        #[arg(
+            long = "worker-url",
+            env = "TOKENGATE_WORKER_URL",
+            value_delimiter = ','
+        )]
+        worker_url: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit trail.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -222,22 +243,27 @@ enum PushTarget {
         /// parses it several times faster than JSON: for large bundles), any other JSON.
         #[arg(long, env = "TOKENGATE_ENVOY_ECDS")]
         file: PathBuf,
-        /// The filter .wasm Envoy loads (absolute path written into the resource).
-        #[arg(
-            long,
-            env = "TOKENGATE_FILTER_WASM",
-            default_value = "target/wasm32-wasip1/release/tokengate_filter.wasm"
-        )]
-        wasm: PathBuf,
+        /// The filter .wasm Envoy loads (its absolute path goes into the resource); default:
+        /// the one the ECDS file names already, else the one built beside this binary.
+        #[arg(long, env = "TOKENGATE_FILTER_WASM")]
+        wasm: Option<PathBuf>,
+        /// Envoy's admin endpoint (e.g. http://127.0.0.1:9901): the push then waits until
+        /// Envoy serves the new version, and fails (restoring the file) if Envoy refuses it.
+        #[arg(long, env = "TOKENGATE_ENVOY_ADMIN")]
+        admin: Option<String>,
         /// Push this bundle (from `tokengate bundle --out`) instead of signing a new one.
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
-    /// Sign and send the bundle to the Worker (it trusts `tokengate key public`).
+    /// Sign and send the bundle to the Worker (it trusts `tokengate key public`); done once
+    /// the Worker serves it.
     Worker {
-        /// The Worker's base URL (https://, or http:// to loopback).
+        /// The Worker's base URL (https://, or http:// to a loopback host).
         #[arg(long, env = "TOKENGATE_WORKER_URL")]
         url: String,
+        /// Push this bundle (from `tokengate bundle --target worker --out`) instead.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
     },
 }
 
@@ -319,7 +345,7 @@ fn validate_scopes(scopes: &[String]) -> Result<()> {
 
 fn lifetime(l: &Lifetime, now: u64) -> Result<(Option<u64>, Option<u64>)> {
     let expires = match (&l.expires_in, &l.expires_at) {
-        (Some(d), _) => Some(now + time::parse_duration(d)?),
+        (Some(d), _) => Some(time::after(now, d)?),
         (None, Some(at)) => Some(time::parse_instant(at)?),
         (None, None) => None,
     };
@@ -385,7 +411,9 @@ fn read_secret(from_env: Option<&str>) -> Result<String> {
     }
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        eprintln!("paste the secret and press enter (it is not echoed anywhere):");
+        // From the terminal with echo off: the secret never shows on screen or in scrollback.
+        return rpassword::prompt_password("secret (not echoed): ")
+            .context("reading the secret from the terminal");
     }
     let mut line = String::new();
     stdin
@@ -610,7 +638,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             ref grace,
             ref reason,
         } => {
-            let grace = time::parse_duration(grace)?;
+            let grace_until = time::after(now, grace)?;
             let mut store = Store::open(&cli.store)?;
             let old = store
                 .token(name)?
@@ -630,7 +658,6 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             let secret =
                 token::generate(&prefix, random_32()?).map_err(|e| anyhow::anyhow!("{e}"))?;
             let hash = secret.hash();
-            let grace_until = now + grace;
             let details = serde_json::json!({"old_token_id": old.token_id, "new_token_id": hash.token_id(), "grace_until": grace_until});
             store.transaction(
                 &actor(cli.actor.clone(), reason.clone()),
@@ -792,27 +819,50 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             Ok(None)
         }
         Command::Push { ref target } => match target {
-            PushTarget::Worker { url } => {
+            PushTarget::Worker { url, bundle } => {
                 let ring = key_source(&cli).load()?;
-                let mut store = Store::open(&cli.store)?;
                 let who = actor(cli.actor.clone(), None);
-                let version = push::worker(&mut store, &ring, url, now, &who)?;
-                eprintln!("pushed bundle version {version} to the Worker at {url}");
+                let version = push::worker(&cli.store, &ring, url, bundle.as_deref(), now, &who)?;
+                eprintln!("pushed bundle version {version}; the Worker at {url} serves it");
                 Ok(None)
             }
-            PushTarget::Envoy { file, wasm, bundle } => {
+            PushTarget::Envoy {
+                file,
+                wasm,
+                admin,
+                bundle,
+            } => {
                 let ring = key_source(&cli).load()?;
                 let mut store = Store::open(&cli.store)?;
                 let who = actor(cli.actor.clone(), None);
-                let version =
-                    push::envoy(&mut store, &ring, file, wasm, bundle.as_deref(), now, &who)?;
-                eprintln!(
-                    "pushed bundle version {version} to Envoy via {}",
-                    file.display()
-                );
+                let version = push::envoy(
+                    &mut store,
+                    &ring,
+                    file,
+                    wasm.as_deref(),
+                    admin.as_deref(),
+                    bundle.as_deref(),
+                    now,
+                    &who,
+                )?;
+                match admin {
+                    Some(admin) => eprintln!(
+                        "pushed bundle version {version} via {}; Envoy ({admin}) serves it",
+                        file.display()
+                    ),
+                    None => eprintln!(
+                        "pushed bundle version {version} via {} (not confirmed: pass --admin URL to wait until Envoy serves it)",
+                        file.display()
+                    ),
+                }
                 Ok(None)
             }
         },
+        Command::Status {
+            ref envoy_admin,
+            ref worker_url,
+            json,
+        } => gate_status(&cli.store, envoy_admin, worker_url, json),
         Command::Key { ref action } => {
             key_command::run(action, &cli.store, &key_source(&cli), &cli.actor, now)
         }
@@ -846,7 +896,10 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 .tokens()?
                 .into_iter()
                 .filter(|t| matches!(t.status(now, cut), "active" | "rotating" | "not-yet-valid"))
-                .filter(|t| t.expires_at.is_some_and(|e| e <= now + window))
+                .filter(|t| {
+                    t.expires_at
+                        .is_some_and(|e| e <= now.saturating_add(window))
+                })
                 .collect();
             if json {
                 let rows: Vec<_> = soon.iter().map(|t| token_json(t, now, cut)).collect();
@@ -902,6 +955,71 @@ fn print_table(rows: &[Vec<String>]) -> Result<()> {
         out!("{}", line.join("  ").trim_end());
     }
     Ok(())
+}
+
+/// `tokengate status`: each gate's answer beside the version last pushed to it.
+fn gate_status(
+    store: &Path,
+    envoy_admin: &[String],
+    worker_url: &[String],
+    json: bool,
+) -> Result<Option<Negative>> {
+    if envoy_admin.is_empty() && worker_url.is_empty() {
+        bail!("name the gates to ask: --envoy-admin URL and/or --worker-url URL");
+    }
+    let store = Store::open(store)?;
+    let mut rows = Vec::new();
+    for admin in envoy_admin {
+        let base = status::base_url(admin, "--envoy-admin")?;
+        let served = status::envoy(&base)?;
+        rows.push((
+            "envoy",
+            base,
+            served.version,
+            store.pushed_version("envoy")?,
+        ));
+    }
+    for url in worker_url {
+        let base = status::base_url(url, "--worker-url")?;
+        let served = status::worker(&base)?;
+        rows.push((
+            "worker",
+            base,
+            served.version,
+            store.pushed_version("worker")?,
+        ));
+    }
+    let behind = rows.iter().any(|(_, _, serves, pushed)| serves != pushed);
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(target, gate, serves, pushed)| {
+                serde_json::json!({"target": target, "gate": gate, "serves": serves,
+                    "last_pushed": pushed, "current": serves == pushed})
+            })
+            .collect();
+        out!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        let mut table = vec![["TARGET", "GATE", "SERVES", "LAST PUSHED", "STATE"]
+            .map(str::to_owned)
+            .to_vec()];
+        for (target, gate, serves, pushed) in &rows {
+            table.push(vec![
+                (*target).to_owned(),
+                gate.clone(),
+                status::served(*serves),
+                status::served(*pushed),
+                if serves == pushed {
+                    "current"
+                } else {
+                    "behind"
+                }
+                .to_owned(),
+            ]);
+        }
+        print_table(&table)?;
+    }
+    Ok(behind.then_some(Negative))
 }
 
 /// The bundle for the store's current state (unsigned).

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tokengate_core::{Expectation, Gate, KeySet, Target};
+use tokengate_core::{Expectation, Gate, Target};
 
 use crate::keys::Keyring;
 use crate::store::{self, Actor, Store};
@@ -31,8 +31,17 @@ pub const PUSH_CONTEXT: &str = "tokengate.push/v2";
 /// The ECDS resource name the gateway's filter chain refers to.
 pub const FILTER_NAME: &str = "tokengate";
 
-/// Writes `bytes` to `path` atomically.
+/// Writes `bytes` to `path` atomically. `path` must be new or a regular file: a rename
+/// would replace a device, a directory entry of another kind, or a symlink itself.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_file() {
+            anyhow::bail!(
+                "{} exists and is not a regular file; refusing to replace it (give a new path or a regular file)",
+                path.display()
+            );
+        }
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -348,21 +357,19 @@ mod proto {
     }
 }
 
-/// A bundle made earlier (`tokengate bundle --out`), checked exactly as the filter will;
-/// its bytes are written as read.
-pub fn prebuilt(store: &Store, trusted: &KeySet, path: &Path) -> Result<Issued> {
+/// A bundle made earlier (`tokengate bundle --out`), checked exactly as the gate will; its
+/// bytes are written or sent as read.
+pub fn prebuilt(store: &Store, path: &Path, target: Target) -> Result<Issued> {
+    let trusted = crate::published_key_set(store)?;
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let environment = store.environment()?;
     let expect = Expectation {
-        target: Target::Envoy,
+        target,
         environment: Some(&environment),
-        newer_than: store.pushed_version("envoy")?,
+        newer_than: store.pushed_version(&target.to_string())?,
     };
-    let gate = Gate::load(&text, trusted, &expect).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: the filter would refuse this bundle: {e}",
-            path.display()
-        )
+    let gate = Gate::load(&text, &trusted, &expect).map_err(|e| {
+        anyhow::anyhow!("{}: the gate would refuse this bundle: {e}", path.display())
     })?;
     let text = String::from_utf8(text)
         .map_err(|_| anyhow::anyhow!("{}: a bundle is UTF-8 text", path.display()))?;
@@ -374,27 +381,64 @@ pub fn prebuilt(store: &Store, trusted: &KeySet, path: &Path) -> Result<Issued> 
     })
 }
 
-/// Signs a new bundle for Envoy (or takes a prebuilt one), checks it as the filter will,
-/// writes the ECDS file with the published keys, and records the push; returns the version.
-pub fn envoy(
-    store: &mut Store,
-    ring: &Keyring,
-    file: &Path,
-    wasm: &Path,
-    prebuilt_bundle: Option<&Path>,
-    now: u64,
-    who: &Actor,
-) -> Result<u64> {
-    // Before anything is signed: a name Envoy would read in another encoding changes nothing.
-    let encoding = EcdsEncoding::of(file)?;
-    let wasm = std::fs::canonicalize(wasm).with_context(|| {
+/// The filter `.wasm` to name in the resource: `--wasm` if given, else the one the ECDS
+/// file already names (a push keeps the filter Envoy loads), else the one built beside this
+/// binary (`target/wasm32-wasip1/release/` from `target/debug/` or `target/release/`).
+fn filter_wasm(given: Option<&Path>, file: &Path) -> Result<std::path::PathBuf> {
+    let in_file = || -> Option<std::path::PathBuf> {
+        let existing: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+        let name = existing["resources"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]
+            ["filename"]
+            .as_str()?;
+        Some(name.into())
+    };
+    let beside_binary = || -> Option<std::path::PathBuf> {
+        let exe = std::env::current_exe().ok()?;
+        let built = exe
+            .parent()?
+            .parent()?
+            .join("wasm32-wasip1/release/tokengate_filter.wasm");
+        built.exists().then_some(built)
+    };
+    let wasm = given
+        .map(Path::to_path_buf)
+        .or_else(in_file)
+        .or_else(beside_binary)
+        .context("which filter should Envoy load? pass --wasm PATH (or TOKENGATE_FILTER_WASM): the tokengate_filter.wasm built with `cargo build -p tokengate-plugin --target wasm32-wasip1 --release`")?;
+    std::fs::canonicalize(&wasm).with_context(|| {
         format!(
             "the filter {} does not exist (build it: cargo build -p tokengate-plugin --target wasm32-wasip1 --release)",
             wasm.display()
         )
-    })?;
+    })
+}
+
+/// Signs a new bundle for Envoy (or takes a prebuilt one), checks it as the filter will,
+/// writes the ECDS file with the published keys and, given Envoy's admin endpoint, waits
+/// until Envoy serves it (restoring the previous file if Envoy refuses it); records the
+/// push; returns the version.
+#[allow(clippy::too_many_arguments)]
+pub fn envoy(
+    store: &mut Store,
+    ring: &Keyring,
+    file: &Path,
+    wasm: Option<&Path>,
+    admin: Option<&str>,
+    prebuilt_bundle: Option<&Path>,
+    now: u64,
+    who: &Actor,
+) -> Result<u64> {
+    // Before anything is signed: a name Envoy would read in another encoding, an unusable
+    // admin URL or a missing filter changes nothing.
+    let encoding = EcdsEncoding::of(file)?;
+    let admin = admin
+        .map(|url| crate::status::base_url(url, "--admin"))
+        .transpose()?;
+    let wasm = filter_wasm(wasm, file)?;
+    let before = admin.as_deref().map(crate::status::envoy).transpose()?;
     let issued = match prebuilt_bundle {
-        Some(path) => prebuilt(store, &crate::published_key_set(store)?, path)?,
+        Some(path) => prebuilt(store, path, Target::Envoy)?,
         None => crate::issue_bundle(store, ring, Target::Envoy, now, who)?,
     };
     let resource = ecds_file(
@@ -404,10 +448,20 @@ pub fn envoy(
         &issued.keys.to_text(),
         encoding,
     )?;
+    let previous = std::fs::read(file).ok();
+    write_atomically(file, &resource)?;
+    if let (Some(admin), Some(before)) = (&admin, &before) {
+        if let Err(refused) = crate::status::confirm_envoy(admin, issued.version, before) {
+            // A restart must not load what Envoy refused now: the file goes back.
+            if let Some(previous) = &previous {
+                write_atomically(file, previous)?;
+            }
+            return Err(refused);
+        }
+    }
     let destination = file.display().to_string();
-    let details = serde_json::json!({"version": issued.version, "file": destination, "tokens": issued.tokens, "keys": issued.keys.ids()});
+    let details = serde_json::json!({"version": issued.version, "file": destination, "tokens": issued.tokens, "keys": issued.keys.ids(), "confirmed": admin.is_some()});
     store.transaction(who, "push.envoy", None, details, now, |tx| {
-        write_atomically(file, &resource)?;
         store::record_push(tx, "envoy", issued.version, now, &destination)
     })?;
     Ok(issued.version)
@@ -433,18 +487,29 @@ struct WorkerReply {
 
 /// Signs a new bundle for the Worker, checks it as the Worker will, sends it (again and
 /// again while the Worker applies it in batches), and records the push; returns the version.
-pub fn worker(store: &mut Store, ring: &Keyring, url: &str, now: u64, who: &Actor) -> Result<u64> {
+///
+/// The store is locked only to take the version and to record the push, never while the
+/// bundle travels: an incident `revoke` never waits for a push.
+pub fn worker(
+    store_path: &Path,
+    ring: &Keyring,
+    url: &str,
+    prebuilt_bundle: Option<&Path>,
+    now: u64,
+    who: &Actor,
+) -> Result<u64> {
     use std::io::IsTerminal;
 
-    let endpoint = format!("{}/.well-known/tokengate/bundle", url.trim_end_matches('/'));
-    if !(endpoint.starts_with("https://")
-        || endpoint.starts_with("http://127.")
-        || endpoint.starts_with("http://localhost"))
-    {
-        anyhow::bail!("--url must be https:// (plain http only to 127.0.0.1 or localhost)");
-    }
-    let bundle = crate::issue_bundle(store, ring, Target::Worker, now, who)?;
-    let published = store.published_keys()?;
+    let base = crate::status::base_url(url, "--url")?;
+    let endpoint = format!("{base}/.well-known/tokengate/bundle");
+    let bundle = {
+        let mut store = Store::open(store_path)?;
+        match prebuilt_bundle {
+            Some(path) => prebuilt(&store, path, Target::Worker)?,
+            None => crate::issue_bundle(&mut store, ring, Target::Worker, now, who)?,
+        }
+    };
+    let published: Vec<String> = bundle.keys.keys().iter().map(|k| k.to_hex()).collect();
     let body = &bundle.text;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -487,8 +552,18 @@ pub fn worker(store: &mut Store, ring: &Keyring, url: &str, now: u64, who: &Acto
                 if tty {
                     eprintln!();
                 }
-                let destination = url.to_owned();
+                // Done only once the Worker says it serves this version.
+                let served = crate::status::worker(&base)?;
+                if served.version != Some(bundle.version) {
+                    anyhow::bail!(
+                        "the Worker accepted version {} but serves {}",
+                        bundle.version,
+                        crate::status::served(served.version)
+                    );
+                }
+                let destination = base.clone();
                 let details = serde_json::json!({"version": bundle.version, "url": destination, "tokens": bundle.tokens, "keys": bundle.keys.ids(), "requests": round});
+                let mut store = Store::open(store_path)?;
                 store.transaction(who, "push.worker", None, details, now, |tx| {
                     store::record_push(tx, "worker", bundle.version, now, &destination)
                 })?;

@@ -7,6 +7,7 @@
 //!   read-modify-write cycles (SQLite's own locking covers single statements only).
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -177,6 +178,7 @@ fn lock(path: &Path) -> Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .with_context(|| format!("opening lock file {}", lock_path.display()))?;
     let started = Instant::now();
@@ -250,6 +252,15 @@ impl Store {
                 path.display()
             );
         }
+        // Created 0600 before SQLite opens it: SQLite gives the WAL and shared-memory files
+        // the database file's mode, and the store holds hashes of imported secrets (guessable
+        // offline when short) and the audit trail.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
         let mut store = Self::open_unchecked(path)?;
         store.transaction(
             actor,

@@ -32,10 +32,32 @@ pub fn parse_duration(text: &str) -> Result<u64> {
         .with_context(|| format!("duration {text:?} is too long"))
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SSZ` or whole Unix seconds.
+/// The last instant a time may name, 9999-12-31T23:59:59Z: the store keeps signed 64-bit
+/// seconds, and an instant beyond them must be an error, never a silent "no expiry".
+pub const MAX_INSTANT: u64 = 253_402_300_799;
+
+/// `now` plus a duration (`24h`, `90d`), within [`MAX_INSTANT`].
+pub fn after(now: u64, duration: &str) -> Result<u64> {
+    let seconds = parse_duration(duration)?;
+    now.checked_add(seconds)
+        .filter(|&at| at <= MAX_INSTANT)
+        .with_context(|| format!("duration {duration:?} reaches past 9999-12-31T23:59:59Z"))
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` or whole Unix seconds, up to [`MAX_INSTANT`].
 pub fn parse_instant(text: &str) -> Result<u64> {
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Ok(seconds);
+    let seconds = parse_instant_unchecked(text)?;
+    if seconds > MAX_INSTANT {
+        bail!("{text:?} is after 9999-12-31T23:59:59Z, the last time tokengate keeps");
+    }
+    Ok(seconds)
+}
+
+fn parse_instant_unchecked(text: &str) -> Result<u64> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u64>()
+            .with_context(|| format!("{text:?} is out of range"));
     }
     let bad = || format!("{text:?} is not a UTC time like 2027-01-31T00:00:00Z or Unix seconds");
     let b = text.as_bytes();

@@ -142,6 +142,35 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (&["rotate", "nobody", "--grace", "1h"], "no token named"),
         (&["revoke-all", "--reason", "r"], "--yes"),
         (&["init", "--environment", "test"], "already exists"),
+        // Past the store's range: an error, never a silent "no expiry" or "valid at once".
+        (
+            &["create", "x", "--expires-at", "10000000000000000000"],
+            "after 9999",
+        ),
+        (
+            &["create", "x", "--not-before", "10000000000000000000"],
+            "after 9999",
+        ),
+        (
+            &["create", "x", "--expires-at", "99999999999999999999"],
+            "out of range",
+        ),
+        (
+            &["create", "x", "--expires-in", "99999999999999999d"],
+            "too long",
+        ),
+        (
+            &["create", "x", "--expires-in", "2562047788015w"],
+            "past 9999",
+        ),
+        (
+            &["rotate", "taken", "--grace", "9999999999999d"],
+            "past 9999",
+        ),
+        (
+            &["create", "x", "--expires-at", "2027-02-30T00:00:60Z"],
+            "UTC time",
+        ),
     ];
     for (args, needle) in cases {
         let error = env.fails(args, "");
@@ -601,4 +630,145 @@ fn keys_come_from_a_command_or_the_environment_never_argv_and_a_shared_key_file_
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("published"));
+}
+
+#[test]
+fn outputs_replace_only_regular_files_and_the_store_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("files");
+    env.ok(&["create", "svc"]);
+    // What a rename would replace: a directory, a socket (a device as root), a symlink.
+    let dir = env.dir.join("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let socket = env.dir.join("a-socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let target = env.dir.join("real.json");
+    std::fs::write(&target, "keep").unwrap();
+    let link = env.dir.join("a-link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    for path in [&dir, &socket, &link] {
+        let error = env.fails(
+            &[
+                "bundle",
+                "--target",
+                "envoy",
+                "--out",
+                path.to_str().unwrap(),
+            ],
+            "",
+        );
+        assert!(
+            error.contains("not a regular file"),
+            "{}: {error}",
+            path.display()
+        );
+        let error = push_envoy_fails(&env, path);
+        assert!(
+            error.contains("not a regular file"),
+            "{}: {error}",
+            path.display()
+        );
+    }
+    assert!(dir.is_dir() && std::fs::read_to_string(&target).unwrap() == "keep");
+    assert!(std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    // A regular file is replaced.
+    let out = env.dir.join("bundle.json");
+    std::fs::write(&out, "old").unwrap();
+    env.ok(&[
+        "bundle",
+        "--target",
+        "envoy",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read_to_string(&out)
+        .unwrap()
+        .starts_with("{\"format\""));
+    // The store, its WAL and shared memory, the lock and the key: the owner's alone.
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&env.dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("tokengate.") {
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name} is {mode:o}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "store, lock and key at least");
+}
+
+use std::os::unix::fs::FileTypeExt;
+
+/// `push envoy --file PATH` with a stand-in filter, expected to fail; its stderr.
+fn push_envoy_fails(env: &Env, path: &Path) -> String {
+    let wasm = env.dir.join("filter.wasm");
+    std::fs::write(&wasm, b"\0asm").unwrap();
+    env.fails(
+        &[
+            "push",
+            "envoy",
+            "--file",
+            path.to_str().unwrap(),
+            "--wasm",
+            wasm.to_str().unwrap(),
+        ],
+        "",
+    )
+}
+
+#[test]
+fn push_envoy_keeps_the_filter_the_ecds_file_names_and_init_adopts_a_key_file() {
+    let env = Env::new("wasm-default");
+    let first = push_envoy(&env, "ecds.json");
+    let named = |bytes: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        v["resources"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // From another directory and without --wasm: the filter the file already names.
+    let ecds = env.dir.join("ecds.json");
+    let out = env
+        .command(&["push", "envoy", "--file", ecds.to_str().unwrap()])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(named(&std::fs::read(&ecds).unwrap()), named(&first));
+    // A new store adopts an existing key file instead of refusing it.
+    let other = env.dir.join("other.db");
+    let key = env.dir.join("tokengate.key");
+    let out = env
+        .command(&[
+            "init",
+            "--environment",
+            "test",
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .env("TOKENGATE_STORE", &other)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = |store: &Path| {
+        let out = env
+            .command(&["key", "public"])
+            .env("TOKENGATE_STORE", store)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(public(&other), public(&env.store()));
 }

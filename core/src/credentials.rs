@@ -160,17 +160,20 @@ pub fn find<'a>(
                 }
             }
             Source::Header(wanted) => {
-                for (_, value) in headers
+                // A proxy joins repeated headers with ','; no credential holds one, so each
+                // part counts on its own and two of them are a conflict.
+                let values = headers
                     .iter()
                     .filter(|(n, _)| n.eq_ignore_ascii_case(wanted))
-                {
+                    .flat_map(|(_, value)| value.split(','));
+                for value in values {
                     note(value.trim_matches([' ', '\t']), source);
                 }
             }
             Source::Query(wanted) => {
                 for pair in query.unwrap_or_default().split('&') {
                     let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                    if name == wanted {
+                    if query_name_is(name, wanted) {
                         note(value, source);
                     }
                 }
@@ -201,6 +204,31 @@ fn bearer_token(value: &str) -> Option<&str> {
     Some(token.trim_start_matches(' '))
 }
 
+/// Whether a query parameter's name, as sent, is `wanted`: upstreams percent-decode names,
+/// so `%61ccess_token` is `access_token` and must be read (and stripped) as such.
+fn query_name_is(raw: &str, wanted: &str) -> bool {
+    let mut raw = raw.bytes();
+    let mut wanted = wanted.bytes();
+    loop {
+        let got = match raw.next() {
+            Some(b'%') => {
+                let high = raw.next().and_then(|c| (c as char).to_digit(16));
+                let low = raw.next().and_then(|c| (c as char).to_digit(16));
+                match (high, low) {
+                    (Some(h), Some(l)) => Some((h * 16 + l) as u8),
+                    _ => return false,
+                }
+            }
+            other => other,
+        };
+        match (got, wanted.next()) {
+            (None, None) => return true,
+            (Some(g), Some(w)) if g == w => {}
+            _ => return false,
+        }
+    }
+}
+
 /// The query string with every configured query credential removed, for the upstream.
 pub fn strip_query_credentials(query: &str, sources: &[Source]) -> String {
     query
@@ -209,7 +237,7 @@ pub fn strip_query_credentials(query: &str, sources: &[Source]) -> String {
             let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
             !sources
                 .iter()
-                .any(|s| matches!(s, Source::Query(q) if q == name))
+                .any(|s| matches!(s, Source::Query(q) if query_name_is(name, q)))
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -273,6 +301,17 @@ mod tests {
             parse_sources(&["cookie:x".into()]),
             Err(SourceError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn query_names_are_compared_percent_decoded() {
+        assert!(query_name_is("access_token", "access_token"));
+        assert!(query_name_is("%61ccess%5Ftoken", "access_token"));
+        assert!(query_name_is("%61ccess%5ftoken", "access_token"));
+        assert!(!query_name_is("%61ccess_toke", "access_token"));
+        assert!(!query_name_is("access_token%", "access_token"));
+        assert!(!query_name_is("%6", "a"));
+        assert!(!query_name_is("Access_token", "access_token"));
     }
 
     #[test]

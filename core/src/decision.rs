@@ -6,6 +6,7 @@
 //! credential unless the bundle says to forward it.
 
 use core::fmt;
+use std::borrow::Cow;
 
 use crate::access::{self, Assertion, KeyCheck};
 use crate::credentials::{self, Found};
@@ -15,6 +16,16 @@ use crate::token::{self, Shape, TokenHash, MAX_TOKEN_LEN};
 
 /// The identity headers the upstream receives; any inbound header with this prefix is removed.
 pub const HEADER_PREFIX: &str = "x-tokengate-";
+
+/// Whether an inbound header is one of ours, or would be read as one: the name, any case,
+/// with `_` read as `-` (CGI, WSGI, PHP and Rack origins turn both into `HTTP_X_TOKENGATE_…`).
+pub fn is_identity_header(name: &str) -> bool {
+    name.len() >= HEADER_PREFIX.len()
+        && name
+            .bytes()
+            .zip(HEADER_PREFIX.bytes())
+            .all(|(got, want)| got.to_ascii_lowercase() == want || (got == b'_' && want == b'-'))
+}
 /// The token name.
 pub const SUBJECT_HEADER: &str = "x-tokengate-subject";
 /// The token's scopes, space separated.
@@ -234,8 +245,28 @@ impl Decision {
 
     /// The status the client sees: the denial's, or 200 when forwarded.
     pub fn status(&self) -> u16 {
-        self.denial.as_ref().map_or(200, |d| d.status)
+        self.refusal().map_or(200, |d| d.status)
     }
+
+    /// What the host answers instead of forwarding. Only an Allow forwards (`None`); any
+    /// other outcome answers its denial, or a 503 should it carry none: fail closed.
+    pub fn refusal(&self) -> Option<Cow<'_, Denial>> {
+        match (self.outcome, &self.denial) {
+            (Outcome::Allow, None) => None,
+            (Outcome::Deny, Some(denial)) => Some(Cow::Borrowed(denial)),
+            _ => Some(Cow::Owned(internal_error())),
+        }
+    }
+}
+
+/// The 503 of a decision that is not what its outcome says (never made by the core).
+fn internal_error() -> Denial {
+    denial(
+        503,
+        None,
+        "temporarily_unavailable",
+        "the gate cannot decide right now; retry later",
+    )
 }
 
 fn error_body(error: &str, description: &str) -> String {
@@ -295,16 +326,7 @@ fn invalid_token() -> Denial {
 
 /// The decision when no bundle is loaded or the gate failed: 503, fail closed.
 pub fn unavailable(reason: Reason) -> Decision {
-    Decision::deny(
-        reason,
-        denial(
-            503,
-            None,
-            "temporarily_unavailable",
-            "the gate cannot decide right now; retry later",
-        ),
-        Vec::new(),
-    )
+    Decision::deny(reason, internal_error(), Vec::new())
 }
 
 /// The first half of a decision: either final already, or waiting for the record of one
@@ -391,10 +413,7 @@ impl Gate {
         let mut remove: Vec<String> = request
             .headers
             .iter()
-            .filter(|(name, _)| {
-                name.get(..HEADER_PREFIX.len())
-                    .is_some_and(|p| p.eq_ignore_ascii_case(HEADER_PREFIX))
-            })
+            .filter(|(name, _)| is_identity_header(name))
             .map(|(name, _)| name.to_ascii_lowercase())
             .collect();
         if !self.forward_credential {
@@ -635,13 +654,19 @@ impl Gate {
     }
 
     fn lifetime_failure(&self, record: &Record, now: u64) -> Option<Reason> {
-        if record.revoked {
-            Some(Reason::Revoked)
-        } else if self
+        // A revoke-all also marks every record revoked at the cut-off: those report the
+        // revoke-all; a token revoked on its own before it keeps its own reason.
+        let cut = self
             .revoke_all_at
-            .is_some_and(|cutoff| record.created_at <= cutoff)
-        {
-            Some(Reason::RevokedAll)
+            .filter(|&cutoff| record.created_at <= cutoff);
+        if let Some(cutoff) = cut {
+            return Some(match record.revoked_at {
+                Some(at) if at < cutoff => Reason::Revoked,
+                _ => Reason::RevokedAll,
+            });
+        }
+        if record.revoked_at.is_some() {
+            Some(Reason::Revoked)
         } else if record.not_before.is_some_and(|nb| now < nb) {
             Some(Reason::NotYetValid)
         } else if record.expires_at.is_some_and(|exp| now >= exp) {

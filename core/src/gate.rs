@@ -47,7 +47,7 @@ pub struct Record {
     pub(crate) created_at: u64,
     pub(crate) not_before: Option<u64>,
     pub(crate) expires_at: Option<u64>,
-    pub(crate) revoked: bool,
+    pub(crate) revoked_at: Option<u64>,
     pub(crate) grace_until: Option<u64>,
 }
 
@@ -492,7 +492,7 @@ fn check_record(
         created_at: token.created_at,
         not_before: token.not_before,
         expires_at: token.expires_at,
-        revoked: token.revoked_at.is_some(),
+        revoked_at: token.revoked_at,
         grace_until,
     })
 }

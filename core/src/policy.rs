@@ -297,6 +297,8 @@ pub fn host_of(authority: &str) -> Cow<'_, str> {
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
             .map_or(authority, |(host, _)| host),
     };
+    // `ops.internal.` is `ops.internal` (a fully qualified name): one trailing dot goes.
+    let host = host.strip_suffix('.').unwrap_or(host);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
@@ -320,6 +322,8 @@ pub enum PathError {
     BadPercentEncoding,
     /// `..` would climb above the root.
     AboveRoot,
+    /// A `;` path parameter, raw or encoded: Tomcat and Jetty read `/a/..;/b` as `/b`.
+    PathParameter,
 }
 
 impl fmt::Display for PathError {
@@ -331,6 +335,7 @@ impl fmt::Display for PathError {
             Self::BadCharacter => "path holds a character that must be percent-encoded",
             Self::BadPercentEncoding => "path holds a malformed percent-encoding",
             Self::AboveRoot => "path climbs above the root with '..'",
+            Self::PathParameter => "path holds a ';' path parameter",
         })
     }
 }
@@ -342,6 +347,9 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     let path = raw.split(['?', '#']).next().unwrap_or_default();
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if path.contains(';') {
+        return Err(PathError::PathParameter);
     }
     if is_normal(path) {
         return Ok(Cow::Borrowed(path));
@@ -413,6 +421,7 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
                     .ok_or(PathError::BadPercentEncoding)?;
                 match value {
                     b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                    b';' => return Err(PathError::PathParameter),
                     0 => return Err(PathError::Nul),
                     v if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => {
                         out.push(char::from(v))

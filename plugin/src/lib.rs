@@ -316,7 +316,9 @@ impl HttpContext for GateStream {
         let decision = self.decide();
         self.metrics.count(decision.reason);
         self.record_for_access_log(&decision);
-        if let Some(denial) = &decision.denial {
+        // Forward only on Allow: any other decision answers (and a deny without its denial
+        // answers 503).
+        if let Some(denial) = decision.refusal() {
             let headers: Vec<(&str, &str)> = denial
                 .headers
                 .iter()

@@ -5,7 +5,7 @@
 //! Anything that keeps the Worker from deciding (no meta yet, KV error or timeout, missing
 //! configuration) is the core's 503 `unavailable`: fail closed, never a pass-through.
 
-use tokengate_core::decision::{self, Decision, Denial, Outcome, Reason, Request as CoreRequest};
+use tokengate_core::decision::{self, Decision, Denial, Reason, Request as CoreRequest};
 use tokengate_core::Step;
 use worker::{console_error, console_log, web_sys, Env, Fetch, Request, Response, Result};
 
@@ -92,22 +92,11 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
         },
     };
     log_decision(&method, &target, &decision, &headers);
-    match (decision.outcome, &decision.denial) {
-        (Outcome::Allow, _) => forward(req, &origin, &decision, &target).await,
-        (Outcome::Deny, Some(denial)) => denial_response(denial),
-        // A deny always carries its denial; should one not, the request still stops here.
-        (Outcome::Deny, None) => denial_response(&internal_denial()),
+    // Forward only on Allow: any other decision answers (the core's own rule).
+    match decision.refusal() {
+        None => forward(req, &origin, &decision, &target).await,
+        Some(denial) => denial_response(&denial),
     }
-}
-
-fn internal_denial() -> Denial {
-    decision::unavailable(Reason::Internal)
-        .denial
-        .unwrap_or_else(|| Denial {
-            status: 503,
-            headers: Vec::new(),
-            body: String::new(),
-        })
 }
 
 fn respond_unavailable(
@@ -122,9 +111,15 @@ fn respond_unavailable(
     }
     let decision = decision::unavailable(reason);
     log_decision(method, target, &decision, headers);
-    match &decision.denial {
-        Some(denial) => denial_response(denial),
-        None => denial_response(&internal_denial()),
+    // An unavailable decision is a deny: it never forwards.
+    match decision.refusal() {
+        Some(denial) => denial_response(&denial),
+        None => json_error(
+            503,
+            "temporarily_unavailable",
+            "the gate cannot decide",
+            &[],
+        ),
     }
 }
 

@@ -1,0 +1,193 @@
+//! What a gate serves, asked of the gate itself: Envoy through its admin endpoint (the
+//! filter's gauges and Envoy's ECDS counters), the Worker through its status endpoint. A
+//! push is only reported done once the gate serves what was pushed.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+/// The filter's gauge of the bundle version it serves, as Envoy names wasm metrics.
+const VERSION_GAUGE: &str = "wasmcustom.tokengate.bundle.version";
+const TOKENS_GAUGE: &str = "wasmcustom.tokengate.bundle.tokens";
+const REFUSED_COUNTER: &str = "wasmcustom.tokengate.bundle.refused";
+/// Envoy's own count of ECDS updates it rejected (a filter that refused the bundle).
+const REJECTED_COUNTER: &str = "extension_config_discovery.http_filter.tokengate.update_rejected";
+/// How long a push waits for the gate to serve it.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// A gate's base URL: `https://`, or plain `http://` only to a loopback host (`localhost`,
+/// `127.0.0.0/8`, `[::1]`), compared on the parsed host, never on the text.
+pub fn base_url(text: &str, what: &str) -> Result<String> {
+    let url = url::Url::parse(text).with_context(|| format!("{what} {text:?} is not a URL"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        bail!("{what} must not carry credentials");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("{what} must not have a query or fragment");
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => bail!(
+            "{what} must be https:// (plain http only to localhost, 127.0.0.0/8 or [::1]); got host {:?}",
+            url.host_str().unwrap_or_default()
+        ),
+        other => bail!("{what} must be https://, not {other}://"),
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// What an Envoy serves, from its admin endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvoyStatus {
+    /// The bundle version the filter serves (`None`: none yet, or no tokengate filter).
+    pub version: Option<u64>,
+    pub tokens: Option<u64>,
+    /// Bundles the filter refused, and ECDS updates Envoy rejected, since it started.
+    pub refused: u64,
+    pub rejected: u64,
+}
+
+/// Reads the filter's gauges and Envoy's ECDS counters.
+pub fn envoy(admin: &str) -> Result<EnvoyStatus> {
+    let url = format!("{admin}/stats?format=json&filter=tokengate");
+    let mut response = agent()
+        .get(&url)
+        .call()
+        .with_context(|| format!("asking Envoy's admin endpoint {admin}"))?;
+    if response.status() != 200 {
+        bail!(
+            "Envoy's admin endpoint {url} answered {}",
+            response.status()
+        );
+    }
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading {url}"))?;
+    let body: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("reading {url}"))?;
+    let stat = |name: &str| {
+        body["stats"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["value"].as_u64())
+    };
+    // A gauge is 0 until the first bundle: no version yet.
+    Ok(EnvoyStatus {
+        version: stat(VERSION_GAUGE).filter(|&v| v > 0),
+        tokens: stat(TOKENS_GAUGE),
+        refused: stat(REFUSED_COUNTER).unwrap_or(0),
+        rejected: stat(REJECTED_COUNTER).unwrap_or(0),
+    })
+}
+
+/// Waits until Envoy serves `version`; fails with what Envoy did instead.
+pub fn confirm_envoy(admin: &str, version: u64, before: &EnvoyStatus) -> Result<EnvoyStatus> {
+    let started = Instant::now();
+    loop {
+        let now = envoy(admin)?;
+        if now.version == Some(version) {
+            return Ok(now);
+        }
+        if now.rejected > before.rejected || now.refused > before.refused {
+            bail!(
+                "Envoy refused bundle version {version} and still serves {}; its log says why (\"tokengate: bundle refused: …\"): another environment, untrusted keys, or an older version are the usual causes",
+                served(now.version)
+            );
+        }
+        if started.elapsed() > CONFIRM_TIMEOUT {
+            bail!(
+                "Envoy did not serve bundle version {version} within {} s (it serves {}): is it watching this file?",
+                CONFIRM_TIMEOUT.as_secs(),
+                served(now.version)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What a Worker serves, from its status endpoint.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct WorkerStatus {
+    pub version: Option<u64>,
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub tokens: u64,
+}
+
+/// Asks a Worker (`base` from [`base_url`]) what it serves.
+pub fn worker(base: &str) -> Result<WorkerStatus> {
+    let url = format!("{base}/.well-known/tokengate/status");
+    let mut response = agent()
+        .get(&url)
+        .call()
+        .with_context(|| format!("asking the Worker at {base}"))?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        bail!("the Worker's status endpoint answered {status}");
+    }
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("reading {url}"))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {url}"))
+}
+
+pub fn served(version: Option<u64>) -> String {
+    version.map_or_else(|| "no bundle".to_owned(), |v| format!("version {v}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_to_a_loopback_host_by_its_parsed_name() {
+        for ok in [
+            "https://gate.example.com",
+            "https://gate.example.com/",
+            "http://127.0.0.1:8787",
+            "http://127.9.9.9",
+            "http://localhost:1",
+            "http://[::1]:80",
+        ] {
+            assert!(base_url(ok, "--url").is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://127.0.0.1.evil.com",
+            "http://localhost.evil.com",
+            "http://evil.com/127.0.0.1",
+            "http://10.0.0.1",
+            "http://user:pw@127.0.0.1",
+            "ftp://127.0.0.1",
+            "https://gate.example.com/?x=1",
+            "127.0.0.1:8787",
+        ] {
+            assert!(base_url(bad, "--url").is_err(), "{bad}");
+        }
+        assert_eq!(
+            base_url("https://gate.example.com/", "--url").unwrap(),
+            "https://gate.example.com"
+        );
+    }
+}
