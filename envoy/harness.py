@@ -8,7 +8,8 @@
         gw.stat("wasmcustom.tokengate.allowed.valid")
 
 `envoy/gateway.yaml` is rendered into a private run directory with free ports and absolute
-paths; the shipped file is never modified. Every process is stopped on `close()`, on leaving
+paths; the shipped file is never modified. `Gateway(underscore_headers="ALLOW")` renders
+`headers_with_underscores_action: ALLOW` (Istio's default) instead of the shipped DROP_HEADER. Every process is stopped on `close()`, on leaving
 the `with` block and at interpreter exit. Envoy runs with `--concurrency 1` unless told.
 
 Envoy holds public keys only: the trusted keys travel in the ECDS resource with the bundle
@@ -52,6 +53,10 @@ _SHIPPED = {
     "watched_dir": "watched_directory: { path: envoy/run }",
     "wasm": f"filename: {WASM_REL}",
 }
+# gateway.yaml's answer to a header whose name holds `_` (Envoy's
+# headers_with_underscores_action); Gateway(underscore_headers="ALLOW") renders Istio's default.
+_UNDERSCORES = "headers_with_underscores_action: DROP_HEADER"
+UNDERSCORE_ACTIONS = ("ALLOW", "REJECT_REQUEST", "DROP_HEADER")
 
 _LIVE = []  # processes to stop at exit
 # The admin's key sources (docs/trust.md): never in a gate's environment, not even inherited.
@@ -279,8 +284,12 @@ class Gateway:
 
     def __init__(self, env=None, concurrency=1, run_dir=None, initial_bundle="",
                  wasm_path=WASM, log_level="info", extra_args=(), transform=None,
-                 ecds_file="tokengate.ecds.json", trusted_keys=None):
+                 ecds_file="tokengate.ecds.json", trusted_keys=None,
+                 underscore_headers="DROP_HEADER"):
         self.env = dict(env or {})
+        if underscore_headers not in UNDERSCORE_ACTIONS:
+            raise ValueError(f"underscore_headers: one of {UNDERSCORE_ACTIONS}")
+        self.underscore_headers = underscore_headers  # as shipped unless told
         if any(k in self.env for k in _PRIVATE_ENV):
             raise ValueError("a gate holds public keys only: the trusted keys go in the ECDS "
                              "resource (trusted_keys=), never a private key in Envoy's env")
@@ -323,6 +332,9 @@ class Gateway:
             if old not in text:
                 raise ValueError(f"gateway.yaml no longer contains {old!r}")
             text = text.replace(old, values[key])
+        if _UNDERSCORES not in text:
+            raise ValueError(f"gateway.yaml no longer contains {_UNDERSCORES!r}")
+        text = text.replace(_UNDERSCORES, f"headers_with_underscores_action: {self.underscore_headers}")
         if self.transform:
             text = self.transform(text)
         with open(self.config_path, "w") as f:

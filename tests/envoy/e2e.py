@@ -10,10 +10,14 @@ import base64
 import hashlib
 import json
 import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import traceback
@@ -270,16 +274,22 @@ class Operator:
     """A tokengate store and its Ed25519 key file in a temporary directory, driven through
     the real CLI. No key source but the key file `init` made (nothing inherited)."""
 
-    def __init__(self, environment="e2e"):
+    def __init__(self, environment="e2e", key_file=None):
         self.dir = tempfile.mkdtemp(prefix="tokengate-e2e-")
-        self.key_file = os.path.join(self.dir, "tokengate.key")  # the store's path with .key
+        # The store's path with .key; or another store's key file, given with --key-file to
+        # every command (so both stores sign with, and publish, the same keys).
+        self.key_file = key_file or os.path.join(self.dir, "tokengate.key")
+        self.global_args = ["--key-file", key_file] if key_file else []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
         self.env.update(TOKENGATE_STORE=os.path.join(self.dir, "tokengate.db"), TOKENGATE_ACTOR="e2e")
         self.run("init", "--environment", environment)
         self.environment = environment
 
+    def command(self, *args):
+        return [CLI, *self.global_args, *args]
+
     def run(self, *args, stdin="", check=True, env=None):
-        proc = subprocess.run([CLI, *args], input=stdin, capture_output=True, text=True,
+        proc = subprocess.run(self.command(*args), input=stdin, capture_output=True, text=True,
                               env=env or self.env, timeout=60)
         if check and proc.returncode != 0:
             raise AssertionError(f"tokengate {' '.join(args)} failed: {proc.stderr}")
@@ -709,6 +719,237 @@ def test_access_log_and_stats_for_allowed_and_denied():
         prometheus = gw.prometheus()
         assert "tokengate_allowed_valid" in prometheus and "tokengate_bundle_version" in prometheus
     return allowed[-1].split('"', 1)[-1].strip()
+
+
+def echoed(response_headers):
+    """What the echo upstream received (its `x-echo` header), or None if nothing passed."""
+    values = header_values(response_headers, "x-echo")
+    return json.loads(base64.b64decode(values[0])) if values else None
+
+
+def reads_as_identity(name):
+    """Whether an upstream would read `name` as one of the gate's identity headers: any case,
+    `_` as `-` (CGI, WSGI, PHP and Rack origins turn both into HTTP_X_TOKENGATE_...)."""
+    return name.lower().replace("_", "-").startswith("x-tokengate-")
+
+
+def test_underscore_identity_headers_never_reach_the_upstream_even_when_envoy_allows_underscores():
+    """Review item "underscore x_tokengate_* headers removed in the core": behind an Envoy
+    set to `headers_with_underscores_action: ALLOW` (Istio's default), a client sending
+    `x_tokengate_subject: root`, `X_Tokengate_Scopes: *` or `x-tokengate_token-id` must not
+    reach the upstream with them, on a public route nor beside the real identity on a token
+    route. An unrelated `x_other` header does reach it: Envoy really forwards underscores,
+    so it is the filter that removed ours."""
+    op = Operator()
+    with op.gateway(underscore_headers="ALLOW") as gw:
+        assert "headers_with_underscores_action: ALLOW" in open(gw.config_path).read()
+        token = op.create("svc", "--scopes", "orders:read")
+        op.push(gw)
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
+        token_id = "tid_" + hashlib.sha256(token.encode()).hexdigest()[:16]
+        spoofed = [("x_tokengate_subject", "root"), ("X_Tokengate_Scopes", "*"),
+                   ("x-tokengate_token-id", "x"), ("x_other", "1")]
+        routes = [("public /healthz", "/healthz", [], []),
+                  ("token /api/orders", "/api/orders", bearer(token),
+                   [("x-tokengate-scopes", "orders:read"), ("x-tokengate-subject", "svc"),
+                    ("x-tokengate-token-id", token_id)])]
+        for route, path, credential, identity in routes:
+            status, headers, body = gw.request("GET", path, spoofed + credential)
+            upstream = echoed(headers)
+            assert status == 200 and upstream is not None, f"{route}: {status} {body[:200]!r}"
+            received = upstream["headers"]
+            assert header_values(received, "x_other") == ["1"], \
+                f"{route}: Envoy did not forward x_other, so ALLOW is not in effect: {received}"
+            leaked = [(n, v) for n, v in received if reads_as_identity(n) and "_" in n]
+            assert not leaked, f"{route}: underscore identity headers reached the upstream: {leaked}"
+            got = sorted((n.lower(), v) for n, v in received if reads_as_identity(n))
+            assert got == identity, f"{route}: identity headers {got} (expected {identity})"
+    return "x_other forwarded; x_tokengate_* removed on public and token routes"
+
+
+def test_comma_joined_credential_is_a_400_through_envoy():
+    """Review item "comma-joined named credentials are a 400": two valid tokens in one
+    `X-Internal-Token` (`A, B` and `A,B`, as a proxy joins repeats) or in two such headers
+    are a 400 invalid_request through Envoy, never one of them let through nor a 401: the
+    conformance vectors cover the core, this pins what Envoy hands the filter."""
+    op = Operator()
+    with op.gateway() as gw:
+        a, b = op.create("svc-a"), op.create("svc-b")
+        op.push(gw)
+        one = lambda t: gw.request("GET", "/api/x", [("X-Internal-Token", t)])[0]  # noqa: E731
+        eventually(lambda: one(a) == 200 and one(b) == 200, 2.0, "each token alone served")
+        counter = "wasmcustom.tokengate.denied.several_credentials"
+        cases = [("comma and space", [("X-Internal-Token", f"{a}, {b}")]),
+                 ("comma", [("X-Internal-Token", f"{a},{b}")]),
+                 ("two headers", [("X-Internal-Token", a), ("X-Internal-Token", b)])]
+        for what, headers in cases:
+            before = gw.stat(counter, 0)
+            status, response_headers, body = gw.request("GET", "/api/x", headers)
+            assert status == 400, f"{what}: {status} {body[:200]!r}"
+            assert json.loads(body).get("error") == "invalid_request", f"{what}: {body[:200]!r}"
+            assert header_values(response_headers, "www-authenticate") == \
+                ['Bearer realm="tokengate", error="invalid_request"'], f"{what}: {response_headers}"
+            assert echoed(response_headers) is None, f"{what}: reached the upstream"
+            assert gw.stat(counter, 0) == before + 1, f"{what}: {counter} did not move by 1"
+    return f"{len(cases)} forms, each 400 several_credentials"
+
+
+def other_environment(op, environment="other", ahead_of=0):
+    """A second store for another environment that signs with `op`'s key file, so a gate
+    trusting `op`'s keys trusts its bundles' signatures and refuses them for the environment
+    alone; its versions are moved past `ahead_of`, so no bundle of it is refused as older."""
+    other = Operator(environment, key_file=op.key_file)
+    assert other.public_keys() == op.public_keys(), "the second store publishes other keys"
+    scratch = os.path.join(other.dir, "scratch.json")
+    for _ in range(ahead_of + 1):
+        other.run("bundle", "--target", "envoy", "--out", scratch)
+    return other
+
+
+def test_push_envoy_admin_confirms_what_envoy_serves():
+    """Review item "push envoy --admin confirms what the gate serves (a refused ECDS file is
+    restored)": with --admin the push exits 0 only once Envoy serves the new version; a
+    bundle Envoy refuses (signed by trusted keys, for another environment) exits 2 naming the
+    refusal, and the ECDS file is put back byte for byte, so a restarted Envoy never loads
+    it; the old bundle keeps serving. Without --admin the push says it is not confirmed."""
+    op = Operator()
+    with op.gateway() as gw:
+        admin = f"http://127.0.0.1:{gw.admin_port}"
+        token = op.create("svc")
+        proc = op.push(gw, "--admin", admin)
+        first = pushed_version(proc)
+        assert "serves it" in proc.stderr and "not confirmed" not in proc.stderr, proc.stderr
+        assert gw.stat(VERSION) == first, "the push returned before Envoy served it"
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
+
+        other = other_environment(op, ahead_of=first)
+        served_bytes = open(gw.ecds_path, "rb").read()
+        refused = other.push(gw, "--admin", admin, check=False)
+        assert refused.returncode == 2, (refused.returncode, refused.stderr)
+        assert "refused" in refused.stderr.lower(), refused.stderr
+        assert "serves it" not in refused.stderr, refused.stderr
+        assert open(gw.ecds_path, "rb").read() == served_bytes, "the refused ECDS file was not restored"
+        log = open(gw.envoy_log, errors="replace").read()
+        assert 'bundle refused: bundle is signed for environment "other"' in log, \
+            "Envoy refused it for another reason than the environment:\n" + gw.tail_log()
+        # Envoy sees the restored file too (and refuses it: not newer); nothing changes.
+        time.sleep(0.5)
+        assert open(gw.ecds_path, "rb").read() == served_bytes
+        assert gw.stat(VERSION) == first and status_of(gw, token) == 200, "the old bundle stopped serving"
+
+        proc = op.push(gw)
+        second = pushed_version(proc)
+        assert proc.returncode == 0 and "not confirmed" in proc.stderr, proc.stderr
+        eventually(lambda: gw.stat(VERSION) == second, 2.0, "the unconfirmed push served")
+    return f"version {first} confirmed; other environment's refused (exit 2, file restored)"
+
+
+def test_status_shows_current_and_behind():
+    """Review item "tokengate status": after a confirmed push, `status --envoy-admin URL`
+    exits 0 and says current; a store whose last push Envoy refused (another environment,
+    pushed without --admin, so recorded) gets exit 1 and "behind"; --json gives the list
+    target/gate/serves/last_pushed/current."""
+    op = Operator()
+    with op.gateway() as gw:
+        admin = f"http://127.0.0.1:{gw.admin_port}"
+        op.create("svc")
+        version = pushed_version(op.push(gw, "--admin", admin))
+        shown = op.run("status", "--envoy-admin", admin, check=False)
+        assert shown.returncode == 0, (shown.returncode, shown.stdout, shown.stderr)
+        assert "current" in shown.stdout and "behind" not in shown.stdout, shown.stdout
+        listed = json.loads(op.run("status", "--envoy-admin", admin, "--json").stdout)
+        assert listed == [{"target": "envoy", "gate": admin, "serves": version,
+                           "last_pushed": version, "current": True}], listed
+
+        other = other_environment(op, ahead_of=version)
+        refused = gw.stat(REFUSED, 0)
+        proc = other.push(gw)  # not confirmed: recorded, though Envoy refuses it
+        pushed = pushed_version(proc)
+        assert "not confirmed" in proc.stderr, proc.stderr
+        eventually(lambda: gw.stat(REFUSED, 0) > refused, 3.0, "Envoy refused the other environment's bundle")
+        assert gw.stat(VERSION) == version
+        shown = other.run("status", "--envoy-admin", admin, check=False)
+        assert shown.returncode == 1, (shown.returncode, shown.stdout, shown.stderr)
+        assert "behind" in shown.stdout and f"version {pushed}" in shown.stdout, shown.stdout
+        listed = other.run("status", "--envoy-admin", admin, "--json", check=False)
+        assert listed.returncode == 1, (listed.returncode, listed.stderr)
+        assert json.loads(listed.stdout) == [{"target": "envoy", "gate": admin, "serves": version,
+                                              "last_pushed": pushed, "current": False}], listed.stdout
+        # The first store's push is the one Envoy serves: still current.
+        assert op.run("status", "--envoy-admin", admin, check=False).returncode == 0
+    return f"serves {version}: current for its store, behind for the store that pushed {pushed}"
+
+
+def in_terminal(argv, env, secret, timeout=20.0):
+    """Runs argv on a new pseudo-terminal (its controlling terminal: stdin, stdout, stderr),
+    waits for the prompt ("not echoed") and for the terminal's echo to be off, types `secret`
+    and a newline, and reads everything the terminal shows until the command exits. Returns
+    (exit code, what the terminal showed). Every wait is bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec, or leave at once
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    shown = bytearray()
+
+    def read_some():
+        """Reads what is there within 50 ms; False at the end of the output."""
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            return False
+        shown.extend(chunk)
+        return bool(chunk)
+
+    def until(done, what):
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} within {timeout}s; the terminal showed {bytes(shown)!r}")
+            if not read_some() and not done():
+                raise AssertionError(f"{what}: the command ended; the terminal showed {bytes(shown)!r}")
+
+    try:
+        until(lambda: b"not echoed" in shown, "no prompt")
+        # The prompt is printed before echo goes off: typing earlier would be echoed.
+        until(lambda: not termios.tcgetattr(fd)[3] & termios.ECHO, "echo never went off")
+        os.write(fd, secret.encode() + b"\n")
+        while read_some():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the command did not end within {timeout}s; "
+                                     f"the terminal showed {bytes(shown)!r}")
+        _, status = os.waitpid(pid, 0)
+        pid = None
+        return os.waitstatus_to_exitcode(status), bytes(shown).decode(errors="replace")
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_import_and_check_read_a_secret_from_a_terminal_with_echo_off():
+    """Review item "secrets read with echo off": `tokengate import` and `tokengate check` run
+    in a terminal prompt for the secret and turn echo off, so the secret typed never shows on
+    screen (or in scrollback); `check` then finds the imported token, so what was read is
+    the secret typed."""
+    op = Operator()
+    secret = "legacy-" + hashlib.sha256(os.urandom(32)).hexdigest()[:57]
+    assert len(secret) == 64
+    code, shown = in_terminal(op.command("import", "legacy-tty", "--scopes", "orders:read"), op.env, secret)
+    assert code == 0, f"import exited {code}: {shown!r}"
+    assert secret not in shown and secret[:16] not in shown, f"the terminal showed the secret: {shown!r}"
+    assert "legacy-tty" in op.run("list").stdout
+
+    code, shown = in_terminal(op.command("check", "--path", "/api/x"), op.env, secret)
+    assert code == 0, f"check exited {code}: {shown!r}"
+    assert secret not in shown and secret[:16] not in shown, f"the terminal showed the secret: {shown!r}"
+    assert "200 allow" in shown and "subject: legacy-tty" in shown, shown
+    return shown.strip().splitlines()[-1]
 
 
 def test_every_shipped_envoy_config_validates():

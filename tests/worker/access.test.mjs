@@ -167,4 +167,32 @@ export default function (suite, { origin }) {
       await cold.dispose();
     }
   });
+
+  suite.test("a failing certs URL is fetched with backoff, not once per request; still 503", async () => {
+    const cold = await startWorker({ origin, keys: [key], environment: ENV });
+    try {
+      const rules = [rule("app", { prefix: "/app" }, "token", { cf_access: true })];
+      const b = bundle({
+        version: 1,
+        environment: ENV,
+        rules,
+        tokens: [],
+        cloudflare_access: { certs_url: `${origin.url}/failing/certs`, audiences: [AUD] },
+      });
+      assert.equal((await cold.push(publish(b, [key]))).status, 200);
+      const before = origin.failingFetches;
+      const requests = 20;
+      for (let i = 0; i < requests; i++) {
+        const res = await cold.gate("GET", "/app", { headers: assertion(jwt(claims())) });
+        assert.equal(res.status, 503, res.body);
+      }
+      const fetches = origin.failingFetches - before;
+      // The first request fetches; the rest fall inside the first backoff (1 s), bar a
+      // slow machine crossing one interval.
+      assert.ok(fetches >= 1 && fetches <= 2, `${fetches} certs fetches for ${requests} requests`);
+      return `${fetches} certs fetches for ${requests} requests`;
+    } finally {
+      await cold.dispose();
+    }
+  });
 }

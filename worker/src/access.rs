@@ -70,9 +70,17 @@ struct KeySet {
     fetched_at: f64,
 }
 
+/// After a failed certs fetch, the next waits this long, doubling per failure up to
+/// [`BACKOFF_MAX_MS`]: a failing certs URL costs a fetch per interval, not one per request.
+const BACKOFF_BASE_MS: f64 = 1_000.0;
+const BACKOFF_MAX_MS: f64 = 60_000.0;
+
 thread_local! {
     static KEYS: RefCell<Option<KeySet>> = const { RefCell::new(None) };
     static LAST_FETCH: Cell<f64> = const { Cell::new(f64::NEG_INFINITY) };
+    /// No fetch starts before this instant: one in flight, or a backoff after failures.
+    static NEXT_FETCH: Cell<f64> = const { Cell::new(f64::NEG_INFINITY) };
+    static FAILURES: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Finds the team key named by the assertion and verifies its RS256 signature.
@@ -106,12 +114,40 @@ async fn key_for(url: &str, kid: &str) -> Result<Option<JsValue>, Failure> {
     if known.is_some() && fresh {
         return Ok(known);
     }
-    let may_fetch = !fresh || now - LAST_FETCH.with(Cell::get) >= REFETCH_INTERVAL_MS;
-    if !may_fetch {
-        return Ok(known);
+    let wanted = !fresh || now - LAST_FETCH.with(Cell::get) >= REFETCH_INTERVAL_MS;
+    let due = now >= NEXT_FETCH.with(Cell::get);
+    if !(wanted && due) {
+        // Stale keys stay genuine; with none at all the request fails closed until the
+        // backoff lets the next fetch through.
+        let have_keys = KEYS.with(|k| k.borrow().as_ref().is_some_and(|set| set.url == url));
+        return match (&known, have_keys) {
+            (None, false) => Err(Failure::Keys(format!(
+                "{url}: unavailable; the next fetch is in {} ms",
+                (NEXT_FETCH.with(Cell::get) - now).max(0.0) as u64
+            ))),
+            _ => Ok(known),
+        };
     }
     LAST_FETCH.with(|t| t.set(now));
-    match fetch_keys(url).await {
+    // Requests arriving while this fetch is in flight do not start their own.
+    NEXT_FETCH.with(|t| t.set(now + FETCH_TIMEOUT_MS as f64));
+    let fetched = fetch_keys(url).await;
+    let after = now_ms();
+    match &fetched {
+        Ok(_) => {
+            FAILURES.with(|f| f.set(0));
+            NEXT_FETCH.with(|t| t.set(after));
+        }
+        Err(_) => {
+            let failures = FAILURES.with(|f| {
+                f.set(f.get().saturating_add(1));
+                f.get()
+            });
+            let backoff = BACKOFF_BASE_MS * 2f64.powi(failures.min(16) as i32 - 1);
+            NEXT_FETCH.with(|t| t.set(after + backoff.min(BACKOFF_MAX_MS)));
+        }
+    }
+    match fetched {
         Ok(keys) => {
             let found = keys.get(kid).cloned();
             KEYS.with(|k| {

@@ -38,14 +38,24 @@ export class Suite {
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // --- the origin ------------------------------------------------------------------------
-/** Echoes what reached it as JSON; serves a JWKS at /cdn-cgi/access/certs. 127.0.0.1 only. */
+/**
+ * Echoes what reached it as JSON; serves a JWKS at /cdn-cgi/access/certs, and answers 500 at
+ * /failing/certs (counted in `failingFetches`). 127.0.0.1 only.
+ */
 export class Origin {
   requests = [];
   jwks = { keys: [] };
   jwksFetches = 0;
+  failingFetches = 0;
 
   async start() {
     this.server = http.createServer((req, res) => {
+      if (req.url === "/failing/certs") {
+        this.failingFetches += 1;
+        res.statusCode = 500;
+        res.end("certs are down");
+        return;
+      }
       if (req.url === "/cdn-cgi/access/certs") {
         this.jwksFetches += 1;
         res.setHeader("content-type", "application/json");
