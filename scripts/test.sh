@@ -27,6 +27,9 @@ say "filter size: $size bytes ($wasm); budget 409600 (400 KiB)"
 say "unit tests, core conformance, and the built filter under the wasmtime host"
 cargo test --workspace --locked
 
+say "fuzzing every parser for a bounded time (bundle, path, credentials, Access JWT)"
+./scripts/fuzz.sh
+
 say "end-to-end: the CLI and a real Envoy (conformance vectors, lifecycle, bad pushes, hot reload)"
 ensure_envoy
 cargo build -p tokengate-admin --locked
