@@ -692,3 +692,60 @@ impl Gate {
         (forwarded != raw).then_some(forwarded)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_allow_without_a_denial_forwards() {
+        let allow = Decision {
+            outcome: Outcome::Allow,
+            reason: Reason::Valid,
+            rule: None,
+            subject: None,
+            token_id: None,
+            denial: None,
+            remove_headers: Vec::new(),
+            add_headers: Vec::new(),
+            rewrite_path: None,
+        };
+        assert!(allow.refusal().is_none());
+        assert_eq!(allow.status(), 200);
+        // Neither a deny that lost its denial nor an allow that carries one forwards: both
+        // answer, the first with the 503 of a gate that cannot decide.
+        let bare_deny = Decision {
+            outcome: Outcome::Deny,
+            ..allow.clone()
+        };
+        assert_eq!(bare_deny.refusal().map(|d| d.status), Some(503));
+        let contradictory = Decision {
+            denial: Some(invalid_token()),
+            ..allow.clone()
+        };
+        assert_eq!(contradictory.refusal().map(|d| d.status), Some(503));
+        let deny = Decision::deny(Reason::Unknown, invalid_token(), Vec::new());
+        assert_eq!(deny.refusal().map(|d| d.status), Some(401));
+    }
+
+    #[test]
+    fn identity_headers_are_recognised_with_underscores_and_any_case() {
+        for ours in [
+            "x-tokengate-subject",
+            "X_Tokengate_Scopes",
+            "x-tokengate_token-id",
+            "x_TOKENGATE_x",
+        ] {
+            assert!(is_identity_header(ours), "{ours}");
+        }
+        for other in [
+            "x-tokengate",
+            "x-tokengatesubject",
+            "x.tokengate.subject",
+            "y-tokengate-x",
+            "authorization",
+        ] {
+            assert!(!is_identity_header(other), "{other}");
+        }
+    }
+}
