@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 # tokengate benchmark, Envoy part: CPU per request of each auth configuration, interleaved
 # over rounds, then reload time and memory of a 100,000-token bundle. Run by bench/run.sh.
-"""Envoy CPU per request, interleaved, plus reload time and memory. Stdlib only.
+"""Envoy CPU per request, interleaved, plus reload time and memory. Stdlib + `cryptography`.
 
-    python3 bench/envoy_bench.py --out target/bench/envoy.json [--rounds 5 --duration 5]
+    target/tools/py-venv/bin/python bench/envoy_bench.py --out target/bench/envoy.json \
+        [--rounds 5 --duration 5]
+
+(The project venv with the pinned `cryptography`, which scripts/tools.sh `ensure_python` makes.)
 
 Every configuration is its own Envoy (`--concurrency 1`, the shipped envoy/gateway.yaml via
 envoy/harness.py, only the auth filter swapped), all running at once, pinned to CPU 0; wrk
@@ -13,12 +16,13 @@ machine hit every configuration alike. Per run: Envoy utime+stime (from /proc/PI
 divided by the requests wrk completed, requests/s and p99 latency from wrk.
 
 Bundles are made here, the way conformance/generate.py makes fixtures (fixed bytes, so every
-run has the same tokens), and signed with a bench key (HMAC-SHA256 over the canonical JSON).
+run has the same tokens): tokengate.bundle/v2 (docs/trust.md), the payload signed with
+Ed25519 by the bench key (the seed of bench/src/lib.rs's fixture, 32 bytes of 0xb3). Envoy
+holds its public key only, in the ECDS resource with the bundle (TOKENGATE_TRUSTED_KEYS).
 """
 
 import argparse
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -32,9 +36,15 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
 import harness  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 
 FLOOR_WASM = os.path.join(ROOT, "target/wasm32-wasip1/release/floor_filter.wasm")
-KEY = hashlib.sha256(b"tokengate bench key").hexdigest()
+# The admin's private key (held by this script alone) and what a gate holds: its public key.
+SIGNING_KEY = Ed25519PrivateKey.from_private_bytes(bytes([0xB3]) * 32)
+PUBLIC_KEY = SIGNING_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+KEY_ID = "kid_" + hashlib.sha256(bytes.fromhex(PUBLIC_KEY)).hexdigest()[:16]
+FORMAT = "tokengate.bundle/v2"
 ENVIRONMENT = "bench"
 NOW = int(time.time())
 DAY = 86_400
@@ -50,7 +60,7 @@ def say(message):
     print(f"  [envoy] {message}", flush=True)
 
 
-# --- tokens and bundles (token format: core/src/token.rs; canonical form: core/src/bundle.rs) ---
+# --- tokens and bundles (token format: core/src/token.rs; bundle v2: docs/trust.md) --------
 
 def base62(data, width):
     n, out = int.from_bytes(data, "big"), []
@@ -104,16 +114,19 @@ class Tokens:
         say(f"made {n} tokens in {time.monotonic() - t0:.1f} s")
 
     def bundle(self, n, version, extra=()):
-        """Signed bundle text of tokens 0..n-1 plus `extra` token numbers."""
+        """Signed bundle text of tokens 0..n-1 plus `extra` token numbers: the v2 envelope
+        around the compact payload, whose exact bytes the bench key signs (the optional
+        payload members are left out, as the admin writes them when unset)."""
         records = self.records[:n] + [record(i, make_token(i)) for i in extra]
-        body = {"format": "tokengate.bundle/v1", "version": version, "issued_at": NOW - 60,
-                "environment": ENVIRONMENT, "target": "envoy", "policy": {"rules": POLICY},
-                "credentials": {"sources": ["bearer", "header:x-internal-token",
-                                            "header:x-internal-api-key"], "forward": False},
-                "tokens": records, "revoke_all_at": None, "cloudflare_access": None}
-        canonical = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        body["signature"] = hmac.new(bytes.fromhex(KEY), canonical, hashlib.sha256).hexdigest()
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        payload = {"version": version, "issued_at": NOW - 60, "environment": ENVIRONMENT,
+                   "target": "envoy", "keys": [PUBLIC_KEY], "policy": {"rules": POLICY},
+                   "credentials": {"sources": ["bearer", "header:x-internal-token",
+                                               "header:x-internal-api-key"], "forward": False},
+                   "tokens": records}
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        signatures = json.dumps([{"key_id": KEY_ID, "signature": SIGNING_KEY.sign(text.encode()).hex()}],
+                                separators=(",", ":"))
+        return f'{{"format":"{FORMAT}","signatures":{signatures},"payload":{text}}}'
 
     def shared_table(self, n, version, extra=()):
         """Configuration of the floor filter's `shared` mode: one line per token,
@@ -230,9 +243,11 @@ class Config:
                  cpus=ENVOY_CPU):
         self.name, self.label, self.token, self.bundle = name, label, token, bundle
         self.cpus = cpus
-        env = {"TOKENGATE_SIGNING_KEY": KEY, "TOKENGATE_ENVIRONMENT": ENVIRONMENT}
+        # Envoy's environment names the environment; the trusted (public) key travels in the
+        # ECDS resource, with every bundle pushed (harness.Gateway's trusted_keys).
+        env = {"TOKENGATE_ENVIRONMENT": ENVIRONMENT}
         gw = harness.Gateway(env=env, concurrency=1, log_level="warning", wasm_path=wasm_path,
-                             ecds_file=ecds_file)
+                             ecds_file=ecds_file, trusted_keys=[PUBLIC_KEY])
 
         def transform(text):
             text = text.replace(f"port_value: {gw.upstream_port}", f"port_value: {upstream_port}")
@@ -349,7 +364,7 @@ def push_until_served(cfg, text, token, wasm_path, what):
     the rename as (monotonic, wall clock), and the seconds from it to served: the clock starts
     at the rename, since encoding and writing the file are not Envoy's work."""
     renamed = []
-    harness.write_ecds(cfg.gw.ecds_path, text, wasm_path=wasm_path,
+    harness.write_ecds(cfg.gw.ecds_path, text, wasm_path=wasm_path, trusted_keys=cfg.gw.trusted_keys,
                        before_rename=lambda: renamed.append((time.monotonic(), time.time())))
     harness.wait_for(lambda: cfg.status(token) == 200, timeout=120, interval=0.005, what=what)
     return renamed[0], time.monotonic() - renamed[0][0]

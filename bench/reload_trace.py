@@ -6,9 +6,10 @@ pushes of a 100,000-token bundle in a binary ECDS file; for each, the rename's t
 VM's `serving bundle version N (…, loaded in X ms)` from Envoy's log, with its time and thread
 id: the canary first, on the main thread, then the main thread's VM and the worker's.
 
-    python3 bench/reload_trace.py [--tokens N] [--cpus 0] [--json] [--wasm PATH]
+    target/tools/py-venv/bin/python bench/reload_trace.py [--tokens N] [--cpus 0] [--json] [--wasm PATH]
 
-Needs what bench/run.sh builds (the filter) and installs (Envoy).
+Needs what bench/run.sh builds (the filter) and installs (Envoy, and the project venv whose
+`cryptography` signs the v2 bundles, as in bench/envoy_bench.py).
 """
 import argparse
 import os

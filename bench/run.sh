@@ -9,12 +9,14 @@
 #   BENCH_CONNECTIONS=32 bench/run.sh                more wrk connections (default 8)
 #   BENCH_WAIT_IDLE=600 bench/run.sh                 first wait (up to 600 s) for load average < 0.5
 #
-# Idempotent; installs wrk (apt) if missing, Envoy and Rust targets via scripts/tools.sh, and
-# matplotlib into target/tools/bench-venv. Servers listen on 127.0.0.1 only; every load run is
-# bounded in time. Run it on a quiet machine: the load average goes into RESULTS.md.
+# Idempotent; installs wrk (apt) if missing, Envoy, the Rust targets and the project Python
+# (target/tools/py-venv, with the `cryptography` that signs the bench's v2 bundles) via
+# scripts/tools.sh, and matplotlib into target/tools/bench-venv. Servers listen on 127.0.0.1
+# only; every load run is bounded in time. Run it on a quiet machine: the load average goes
+# into RESULTS.md.
 set -euo pipefail
 BENCH_DIR="$(cd "$(dirname "$0")" && pwd)"
-source "$BENCH_DIR/../scripts/tools.sh"   # say, ensure_rust_targets, ensure_envoy; sets ROOT
+source "$BENCH_DIR/../scripts/tools.sh"   # say, ensure_rust_targets, ensure_envoy, ensure_python; sets ROOT
 cd "$ROOT"
 
 ROUNDS="${BENCH_ROUNDS:-5}"
@@ -35,6 +37,7 @@ fi
 command -v taskset >/dev/null || { echo "taskset (util-linux) is needed" >&2; exit 1; }
 ensure_rust_targets
 ensure_envoy
+ensure_python   # sets $PYTHON: the Envoy bench signs its bundles with Ed25519 (`cryptography`)
 if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
   say "installing matplotlib into $VENV"
   python3 -m venv "$VENV"
@@ -93,7 +96,7 @@ awk -v l="${LOAD_ENVOY%% *}" 'BEGIN { exit !(l > 0.5) }' \
 # --- measurements --------------------------------------------------------------------------
 rm -f "$OUT/envoy.json" "$OUT/worker.json"
 say "Envoy: CPU per request, interleaved ($ROUNDS rounds), then reload and memory"
-python3 "$BENCH_DIR/envoy_bench.py" --out "$OUT/envoy.json" --rounds "$ROUNDS" --duration "$DURATION" \
+"$PYTHON" "$BENCH_DIR/envoy_bench.py" --out "$OUT/envoy.json" --rounds "$ROUNDS" --duration "$DURATION" \
   --connections "$CONNECTIONS" "${VARIANT_ARGS[@]}"
 
 say "criterion: decide() natively and in wasmtime; bundle load"

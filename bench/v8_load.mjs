@@ -14,7 +14,7 @@ import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const { makeToken, record, bundle, sign, randomKey } = await import(
+const { makeToken, record, bundle, publish, publicKeyHex, randomKey } = await import(
   pathToFileURL(path.join(ROOT, "tests/worker/lib/bundle.mjs"))
 );
 const args = Object.fromEntries(
@@ -28,9 +28,10 @@ const key = randomKey();
 const environment = "bench";
 const records = [];
 for (let i = 0; i < tokens; i++) records.push(record(`svc-${i}`, makeToken(), ["orders:read"]));
-const config = Buffer.from(JSON.stringify(sign(bundle({ version: 1, environment, tokens: records, target: "envoy" }), key)));
+// The published tokengate.bundle/v2 text, signed with `key`; the VM holds its public key only.
+const config = Buffer.from(publish(bundle({ version: 1, environment, tokens: records, target: "envoy" }), [key]));
 const module = new WebAssembly.Module(fs.readFileSync(wasmPath));
-const environ = [`TOKENGATE_SIGNING_KEY=${key}\0`, `TOKENGATE_ENVIRONMENT=${environment}\0`].map((e) => Buffer.from(e));
+const environ = [`TOKENGATE_TRUSTED_KEYS=${publicKeyHex(key)}\0`, `TOKENGATE_ENVIRONMENT=${environment}\0`].map((e) => Buffer.from(e));
 
 function start() {
   let exports;

@@ -22,7 +22,7 @@ import zlib from "node:zlib";
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const TESTS = path.join(ROOT, "tests/worker");
 const { startWorker, DIST } = await import(pathToFileURL(path.join(TESTS, "lib/harness.mjs")));
-const { makeToken, corrupt, record, bundle, sign, randomKey } = await import(
+const { makeToken, corrupt, record, bundle, publish, randomKey } = await import(
   pathToFileURL(path.join(TESTS, "lib/bundle.mjs"))
 );
 const require = createRequire(path.join(TESTS, "package.json"));
@@ -141,6 +141,8 @@ const origin = http.createServer((req, res) => {
 await new Promise((r) => origin.listen(0, "127.0.0.1", r));
 const originUrl = `http://127.0.0.1:${origin.address().port}`;
 
+// The admin's private key stays in this process: the Worker is given its public key only
+// (TOKENGATE_TRUSTED_KEYS), and pushes and the bundle are signed with it (tokengate.bundle/v2).
 const key = randomKey();
 const environment = "bench";
 const valid = makeToken();
@@ -149,9 +151,9 @@ for (let i = 1; i < TOKENS; i++) tokens.push(record(`svc-${i}`, makeToken(), ["o
 const garbage = corrupt(valid);
 
 const before = children();
-const tg = await startWorker({ origin: { url: originUrl }, key, environment });
+const tg = await startWorker({ origin: { url: originUrl }, keys: [key], environment });
 const tgPid = [...children()].find((p) => !before.has(p));
-const pushed = await tg.pushAll(sign(bundle({ version: 1, environment, tokens }), key));
+const pushed = await tg.pushAll(publish(bundle({ version: 1, environment, tokens }), [key]));
 if (pushed.final.status !== 200) throw new Error(`push failed: ${pushed.final.status} ${pushed.final.body}`);
 
 async function startJsWorker(log) {

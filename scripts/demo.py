@@ -65,11 +65,16 @@ def main():
          f"http://127.0.0.1:{gw.upstream_port}", trusted, "demo"],
         stdout=subprocess.PIPE, text=True)
     worker_port = json.loads(worker.stdout.readline())["port"]
-    step("tokengate push envoy: signed bundle + trusted public keys -> ECDS file -> Envoy reloads it, no restart")
-    cli("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM)
-    step("tokengate push worker: signed bundle -> the Worker checks it, writes only token hashes to KV")
-    cli("push", "worker", "--url", f"http://127.0.0.1:{worker_port}")
-    time.sleep(0.3)
+    admin = f"http://127.0.0.1:{gw.admin_port}"
+    worker_url = f"http://127.0.0.1:{worker_port}"
+    step("tokengate push envoy: signed bundle + trusted public keys -> ECDS file -> Envoy reloads it, "
+         "no restart; done once Envoy's admin endpoint shows it served")
+    cli("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM, "--admin", admin)
+    step("tokengate push worker: signed bundle -> the Worker checks it, writes only token hashes to KV; "
+         "done once its status endpoint shows it served")
+    cli("push", "worker", "--url", worker_url)
+    step("tokengate status: what each gate serves, asked of the gate")
+    print(cli("status", "--envoy-admin", admin, "--worker-url", worker_url))
 
     def bearer(t):
         return [("authorization", f"Bearer {t}")]
@@ -128,7 +133,7 @@ Try it yourself (Envoy pid {gw.pid}, admin on 127.0.0.1:{gw.admin_port}):
   curl -i http://127.0.0.1:{worker_port}/api/orders/1 -H 'X-Internal-Token: {legacy}'
   curl -s http://127.0.0.1:{worker_port}/.well-known/tokengate/status
   export TOKENGATE_STORE={os.environ['TOKENGATE_STORE']}
-  {CLI} revoke ci-deploy --reason demo && {CLI} push envoy --file {gw.ecds_path} --wasm {WASM}
+  {CLI} revoke ci-deploy --reason demo && {CLI} push envoy --file {gw.ecds_path} --admin http://127.0.0.1:{gw.admin_port}
   curl -s http://127.0.0.1:{gw.admin_port}/stats/prometheus | grep tokengate_
 """)
     if sys.stdin.isatty() and "--no-wait" not in sys.argv:

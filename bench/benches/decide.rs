@@ -9,9 +9,9 @@
 //!   the host's own bookkeeping, and fuel metering (on in that host). `floor` is the minimal
 //!   filter of bench/floor-filter, the floor of any wasm filter.
 //! - `parts/<step>/100000`: the steps of a valid decision on their own (where the time goes);
-//! - `load/<step>/100000`: what a reload costs, natively: JSON parse, signature check (HMAC
-//!   over the bytes received; the canonical re-serialisation, its fallback), index build; and
-//!   `wasmtime/configure/<tokens>` in the VM.
+//! - `load/<step>/100000`: what a reload costs, natively: the envelope opened and its Ed25519
+//!   signature checked over the payload's bytes as received, the payload read whole with serde,
+//!   the index build, and the whole streamed load; and `wasmtime/configure/<tokens>` in the VM.
 //!
 //! Needs both `.wasm` files built (bench/run.sh builds them).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed setup is the report

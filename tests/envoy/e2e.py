@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 # End-to-end tests of tokengate in a real Envoy: the conformance vectors, the CLI lifecycle,
 # admin key rotation, that no gate holds a private key, bad pushes, hot reload under load,
-# the access log and the stats. Stdlib + `cryptography` (Ed25519, to re-sign fixtures and to
-# forge bundles the way an attacker would).
+# the access log and the stats, underscore and comma-joined headers, push confirmation and
+# `tokengate status`, secrets typed in a terminal. Stdlib + `cryptography` (Ed25519, to
+# re-sign fixtures and to forge bundles the way an attacker would).
 """Run: python3 tests/envoy/e2e.py [NAME...]   (needs: the built filter, target/debug/tokengate,
 Envoy from scripts/tools.sh). Prints one line per test and a closing `N passed, M failed`."""
 

@@ -2,7 +2,7 @@
 // every published Ed25519 key) and sends what the store holds, pages large change sets,
 // reports every refusal clearly, and an admin key rotation reaches the Worker by pushes
 // alone. The Worker is given only what `tokengate key public` prints.
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -12,6 +12,7 @@ import {
   assertRefused,
   CACHE_TTL_MS,
   headerValues,
+  Relay,
   ROOT,
   sleep,
   startWorker,
@@ -26,9 +27,11 @@ const keysIn = (text) => text.split(/[\s,]+/).filter(Boolean);
 
 /**
  * A store in a temporary directory. Its private key is made by `init` into the key file (the
- * store path with ".key" for ".db") unless `signingKey` is given, as TOKENGATE_SIGNING_KEY.
+ * store path with ".key" for ".db") unless `signingKey` is given, as TOKENGATE_SIGNING_KEY,
+ * or `keyFile`, an existing key file (another store's) that `init --key-file` adopts and
+ * every later command is given as TOKENGATE_SIGNING_KEY_FILE.
  */
-function operator({ environment = ENV, signingKey = null } = {}) {
+function operator({ environment = ENV, signingKey = null, keyFile: adopted = null } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-cli-worker-"));
   const store = path.join(dir, "tokengate.db");
   const env = { ...process.env, TOKENGATE_STORE: store, TOKENGATE_ACTOR: "worker-e2e" };
@@ -46,14 +49,43 @@ function operator({ environment = ENV, signingKey = null } = {}) {
     assert.equal(out.status, 0, `tokengate ${args.join(" ")}: ${out.stderr}`);
     return out;
   };
-  ok("init", "--environment", environment);
-  const keyFile = path.join(dir, "tokengate.key");
+  /**
+   * Starts a command without waiting for it: { child, stderr() (so far), exited (a promise of
+   * {status, stdout, stderr, ms}; the command is killed, status null, after `timeoutMs`) }.
+   */
+  const start = (args, { timeoutMs = 120_000 } = {}) => {
+    const began = Date.now();
+    const child = spawn(CLI, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (c) => (stdout += c));
+    child.stderr.setEncoding("utf8").on("data", (c) => (stderr += c));
+    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+    const exited = new Promise((resolve, reject) => {
+      child.on("error", reject);
+      child.on("close", (status) => {
+        clearTimeout(timer);
+        outputs.push(stdout, stderr);
+        resolve({ status, stdout, stderr, ms: Date.now() - began });
+      });
+    });
+    return { child, stderr: () => stderr, exited };
+  };
+  ok("init", "--environment", environment, ...(adopted ? ["--key-file", adopted] : []));
+  if (adopted) env.TOKENGATE_SIGNING_KEY_FILE = adopted;
+  const keyFile = adopted ?? path.join(dir, "tokengate.key");
+  /** `tokengate audit --json`: every event, oldest first. */
+  const audit = () => JSON.parse(ok("audit", "--json", "--limit", "1000000").stdout);
   return {
     dir,
     keyFile,
     outputs,
     run,
     ok,
+    start,
+    audit,
+    /** Bundle versions the store has taken: its `bundle.version` audit events. */
+    versionsTaken: () => audit().filter((e) => e.action === "bundle.version").length,
     create: (...args) => ok("create", ...args).stdout.trim(),
     /** `tokengate key public`: the published public keys, what TOKENGATE_TRUSTED_KEYS takes. */
     publicKeys: () => ok("key", "public").stdout.trim(),
@@ -273,5 +305,167 @@ export default function (suite, { origin }) {
       fs.rmSync(admin.dir, { recursive: true, force: true });
       await w?.dispose();
     }
+  });
+
+  /** A second operator and Worker for one test, removed afterwards whatever happens. */
+  const withGate = async (fn, { vars = {} } = {}) => {
+    const admin = operator();
+    const stores = [admin];
+    let w;
+    try {
+      w = await startWorker({ origin, environment: ENV, vars: { TOKENGATE_TRUSTED_KEYS: admin.publicKeys(), ...vars } });
+      const another = (options) => {
+        const o = operator(options);
+        stores.push(o);
+        return o;
+      };
+      return await fn({ admin, w, url: `http://127.0.0.1:${w.port}`, another });
+    } finally {
+      for (const o of stores) fs.rmSync(o.dir, { recursive: true, force: true });
+      await w?.dispose();
+    }
+  };
+
+  suite.test("status --worker-url: current (exit 0) after this store's push; behind (exit 1) once another store with the same key pushed", async () => {
+    // What an operator checks after a push, and what warns them that the Worker no longer
+    // serves their last push because someone pushed from another store.
+    await withGate(async ({ admin, w, url: u, another }) => {
+      admin.create("status-a", "--scopes", "orders:read");
+      admin.ok("push", "worker", "--url", u);
+      const mine = (await w.status()).version;
+      assert.ok(mine > 0, "the Worker serves no version after the push");
+      const current = admin.run("status", "--worker-url", u);
+      assert.equal(current.status, 0, `status: ${current.stdout}${current.stderr}`);
+      assert.match(current.stdout, new RegExp(`worker\\s+${u}\\s+version ${mine}\\s+version ${mine}\\s+current`));
+      assert.doesNotMatch(current.stdout, /behind/);
+      const currentJson = admin.run("status", "--worker-url", u, "--json");
+      assert.equal(currentJson.status, 0, currentJson.stderr);
+      assert.deepEqual(JSON.parse(currentJson.stdout), [
+        { target: "worker", gate: u, serves: mine, last_pushed: mine, current: true },
+      ]);
+
+      // A second store adopting the first one's key file: the same published key.
+      const other = another({ keyFile: admin.keyFile });
+      assert.equal(other.publicKeys(), admin.publicKeys(), "init --key-file did not adopt the key");
+      assert.ok(!fs.existsSync(path.join(other.dir, "tokengate.key")), "init made a key of its own");
+      // Its versions count from 1: take versions until its next one is newer than the served one.
+      while (other.versionsTaken() < mine) other.ok("bundle", "--target", "worker", "--out", path.join(other.dir, "skipped.json"));
+      other.create("status-b");
+      other.ok("push", "worker", "--url", u);
+      const theirs = (await w.status()).version;
+      assert.ok(theirs > mine, `the second store's push was not served (${theirs})`);
+
+      const behind = admin.run("status", "--worker-url", u);
+      assert.equal(behind.status, 1, `status when behind: exit ${behind.status}: ${behind.stdout}${behind.stderr}`);
+      assert.match(behind.stdout, new RegExp(`worker\\s+${u}\\s+version ${theirs}\\s+version ${mine}\\s+behind`));
+      const behindJson = admin.run("status", "--worker-url", u, "--json");
+      assert.equal(behindJson.status, 1, behindJson.stderr);
+      assert.deepEqual(JSON.parse(behindJson.stdout), [
+        { target: "worker", gate: u, serves: theirs, last_pushed: mine, current: false },
+      ]);
+      // The store that pushed last is current.
+      const theirStatus = other.run("status", "--worker-url", u, "--json");
+      assert.equal(theirStatus.status, 0, theirStatus.stderr);
+      assert.equal(JSON.parse(theirStatus.stdout)[0].current, true);
+    });
+  });
+
+  suite.test("push worker --bundle: a worker bundle made earlier is sent byte for byte; an envoy bundle is refused before anything is sent", async () => {
+    // The two-step release: sign a bundle (reviewed, archived), push exactly that file later.
+    await withGate(async ({ admin, w }) => {
+      const relay = await new Relay(w.port).start();
+      try {
+        const before = admin.create("bundled", "--scopes", "orders:read");
+        const file = path.join(admin.dir, "release.json");
+        admin.ok("bundle", "--target", "worker", "--out", file);
+        const bytes = fs.readFileSync(file);
+        const version = JSON.parse(bytes).payload.version;
+        // Created after the bundle was signed: a push of a fresh bundle would let it pass.
+        const after = admin.create("after-bundle", "--scopes", "orders:read");
+        const taken = admin.versionsTaken();
+
+        const out = admin.ok("push", "worker", "--url", relay.url, "--bundle", file);
+        assert.match(out.stderr, new RegExp(`pushed bundle version ${version}\\b`));
+        const posts = relay.requests.filter((r) => r.method === "POST");
+        assert.ok(posts.length >= 1, "nothing was pushed");
+        for (const p of posts) assert.ok(p.body.equals(bytes), "the pushed body is not the bundle file's bytes");
+        assert.equal((await w.status()).version, version);
+        assert.equal(admin.versionsTaken(), taken, "push --bundle took a new version");
+        const callW = (t) => w.gate("GET", "/api/orders/1", { headers: [["authorization", `Bearer ${t}`]] });
+        assert.equal((await callW(before)).status, 200);
+        assert.equal((await callW(after)).status, 401, "a token not in the bundle passes");
+        const status = admin.run("status", "--worker-url", relay.url, "--json");
+        assert.equal(status.status, 0, `status after push --bundle: ${status.stdout}${status.stderr}`);
+
+        // A bundle for Envoy (newer, same keys and environment): refused by the CLI alone.
+        const envoyFile = path.join(admin.dir, "envoy.json");
+        admin.ok("bundle", "--target", "envoy", "--out", envoyFile);
+        const sent = relay.requests.length;
+        const served = await w.served();
+        const kv = await w.snapshot();
+        const refused = admin.run("push", "worker", "--url", relay.url, "--bundle", envoyFile);
+        assert.equal(refused.status, 2, `push of an envoy bundle: exit ${refused.status}: ${refused.stderr}`);
+        assert.match(refused.stderr, /gate would refuse/);
+        assert.match(refused.stderr, /envoy/);
+        assert.equal(relay.requests.length, sent, "the CLI sent a request for a bundle it should refuse");
+        assert.deepEqual(await w.served(), served, "what the Worker serves changed");
+        assert.deepEqual(await w.snapshot(), kv, "KV changed");
+      } finally {
+        await relay.close();
+      }
+    });
+  });
+
+  suite.test("a revoke during a long push worker exits 0 at once (the store is not locked while the bundle travels); the push finishes", async () => {
+    // Incident response: a leaked token must be revoked now, even while a big push is running.
+    const TOKENS = 150;
+    const BATCH = 25; // so the push takes ceil(151 / 25) = 7 requests, 6 of them 202 + Retry-After 1
+    await withGate(
+      async ({ admin, w, url: u }) => {
+        const leaked = admin.create("leaked", "--scopes", "orders:read");
+        let last;
+        for (let i = 0; i < TOKENS; i++) last = admin.create(`load-${i}`, "--scopes", "orders:read");
+        const pushing = admin.start(["push", "worker", "--url", u], { timeoutMs: 60_000 });
+        let ended = null;
+        pushing.exited.then((r) => (ended = r));
+        // Once a first page is applied, the bundle is signed and on its way.
+        await eventually(async () => ended !== null || pushing.stderr().includes("changes applied"), 20_000, "a first page of the push");
+        assert.equal(ended, null, `the push ended before a revoke could overlap it: ${ended?.stderr}`);
+
+        const revoke = await admin.start(["revoke", "leaked", "--reason", "incident"], { timeoutMs: 5_000 }).exited;
+        assert.equal(revoke.status, 0, `revoke during a push: exit ${revoke.status} after ${revoke.ms} ms: ${revoke.stderr}`);
+        assert.ok(revoke.ms < 5_000, `revoke took ${revoke.ms} ms`);
+        assert.doesNotMatch(revoke.stderr, /waiting for another tokengate command/);
+        assert.equal(ended, null, "the push was over before the revoke returned: nothing overlapped");
+
+        const push = await pushing.exited;
+        assert.equal(push.status, 0, `the push during which a revoke ran: exit ${push.status}: ${push.stderr}`);
+        const pages = push.stderr.split("\n").filter((l) => l.includes("changes applied")).length;
+        assert.ok(pages >= 3, `expected a push of several pages, got: ${push.stderr}`);
+        assert.equal((await w.gate("GET", "/api/orders/1", { headers: [["authorization", `Bearer ${last}`]] })).status, 200);
+
+        // The next push carries the revocation.
+        admin.ok("push", "worker", "--url", u);
+        const callLeaked = () => w.gate("GET", "/api/orders/1", { headers: [["authorization", `Bearer ${leaked}`]] });
+        await eventually(async () => (await callLeaked()).status === 401, CACHE_TTL_MS + 2000, "401 for the revoked token");
+        return `revoke ${revoke.ms} ms during a ${push.ms} ms push of ${pages + 1} requests`;
+      },
+      { vars: { TOKENGATE_PUSH_BATCH: String(BATCH) } },
+    );
+  });
+
+  suite.test("push worker to http://localhost.evil.com or http://127.0.0.1.evil.com: refused (https) before a version is taken", async () => {
+    // A loopback-looking name is not loopback: plain http there would expose the push.
+    const taken = op.versionsTaken();
+    const lastEvent = op.audit().at(-1).id;
+    const served = await worker.served();
+    for (const bad of ["http://localhost.evil.com", "http://127.0.0.1.evil.com"]) {
+      const out = op.run("push", "worker", "--url", bad);
+      assert.equal(out.status, 2, `push worker --url ${bad}: exit ${out.status}: ${out.stderr}`);
+      assert.match(out.stderr, /https/, bad);
+    }
+    assert.equal(op.versionsTaken(), taken, "a refused push took a bundle version");
+    assert.equal(op.audit().at(-1).id, lastEvent, "a refused push left an audit event");
+    assert.deepEqual(await worker.served(), served);
   });
 }

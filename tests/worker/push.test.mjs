@@ -531,4 +531,19 @@ export default function (suite, { origin }) {
       await held.dispose();
     }
   });
+
+  suite.test("a Worker whose TOKENGATE_TRUSTED_KEYS is unusable says so on its status (500), before any push", async () => {
+    for (const value of ["", "not-a-key", "0".repeat(64)]) {
+      const broken = await startWorker({ origin, keys: [], environment: ENV, vars: { TOKENGATE_TRUSTED_KEYS: value } });
+      try {
+        const res = await broken.request("GET", "/.well-known/tokengate/status");
+        const body = JSON.parse(res.body);
+        assert.equal(res.status, 500, `${JSON.stringify(value)}: ${res.body}`);
+        assert.equal(body.error, "server_error", res.body);
+        assert.ok(body.error_description.includes("TOKENGATE_TRUSTED_KEYS"), res.body);
+      } finally {
+        await broken.dispose();
+      }
+    }
+  });
 }

@@ -62,11 +62,6 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
 /// No secrets: no hashes, no token names.
 async fn handle_status(env: &Env) -> Result<Response> {
     let configured = env.var(ENVIRONMENT_VAR).ok().map(|v| v.to_string());
-    let configured_keys = || {
-        push::trusted_keys(env, None)
-            .map(|keys| key_ids(&keys))
-            .unwrap_or_default()
-    };
     let (status, version, environment, tokens, keys) = match served::current(env).await {
         Ok(Some(s)) => (
             200,
@@ -75,7 +70,11 @@ async fn handle_status(env: &Env) -> Result<Response> {
             s.tokens,
             key_ids(s.gate.keys()),
         ),
-        Ok(None) => (200, None, configured, 0, configured_keys()),
+        Ok(None) => match push::trusted_keys(env, None) {
+            Ok(keys) => (200, None, configured, 0, key_ids(&keys)),
+            // No push could ever land: say so here, not only on the first push.
+            Err(problem) => return json_error(500, "server_error", &problem, &[]),
+        },
         Err(failure) => {
             worker::console_error!("tokengate status: {failure}");
             (503, None, configured, 0, Vec::new())

@@ -81,6 +81,50 @@ export class Origin {
   }
 }
 
+/**
+ * A plain HTTP relay on 127.0.0.1 in front of a Worker (`port`): passes every request on
+ * unchanged and records it ({method, path, body: the exact bytes}), so a test sees what a
+ * client sent, byte for byte, or that it sent nothing at all.
+ */
+export class Relay {
+  requests = [];
+
+  constructor(port) {
+    this.port = port;
+  }
+
+  async start() {
+    this.server = http.createServer((req, res) => {
+      const chunks = [];
+      req.on("data", (c) => chunks.push(c));
+      req.on("end", () => {
+        const body = Buffer.concat(chunks);
+        this.requests.push({ method: req.method, path: req.url, body });
+        const upstream = http.request(
+          { host: "127.0.0.1", port: this.port, method: req.method, path: req.url, headers: req.headers, agent: false },
+          (answer) => {
+            res.writeHead(answer.statusCode, answer.headers);
+            answer.pipe(res);
+          },
+        );
+        upstream.on("error", (e) => {
+          res.statusCode = 502;
+          res.end(`relay: ${e.message}`);
+        });
+        upstream.end(body);
+      });
+    });
+    await new Promise((resolve) => this.server.listen(0, "127.0.0.1", resolve));
+    this.url = `http://127.0.0.1:${this.server.address().port}`;
+    return this;
+  }
+
+  close() {
+    this.server.closeAllConnections();
+    return new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
 function pairs(flat) {
   const out = [];
   for (let i = 0; i < flat.length; i += 2) out.push([flat[i], flat[i + 1]]);
