@@ -820,6 +820,8 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
         }
         Command::Push { ref target } => match target {
             PushTarget::Worker { url, bundle } => {
+                // A bad URL is refused before any key is read (a key command never runs).
+                status::base_url(url, "--url")?;
                 let ring = key_source(&cli).load()?;
                 let who = actor(cli.actor.clone(), None);
                 let version = push::worker(&cli.store, &ring, url, bundle.as_deref(), now, &who)?;
@@ -832,6 +834,10 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 admin,
                 bundle,
             } => {
+                push::EcdsEncoding::of(file)?;
+                if let Some(admin) = admin {
+                    status::base_url(admin, "--admin")?;
+                }
                 let ring = key_source(&cli).load()?;
                 let mut store = Store::open(&cli.store)?;
                 let who = actor(cli.actor.clone(), None);
@@ -989,13 +995,17 @@ fn gate_status(
             store.pushed_version("worker")?,
         ));
     }
-    let behind = rows.iter().any(|(_, _, serves, pushed)| serves != pushed);
+    // A gate serving nothing answers 503 to everything: never "current".
+    let current = |serves: &Option<u64>, pushed: &Option<u64>| serves.is_some() && serves == pushed;
+    let behind = rows
+        .iter()
+        .any(|(_, _, serves, pushed)| !current(serves, pushed));
     if json {
         let list: Vec<serde_json::Value> = rows
             .iter()
             .map(|(target, gate, serves, pushed)| {
                 serde_json::json!({"target": target, "gate": gate, "serves": serves,
-                    "last_pushed": pushed, "current": serves == pushed})
+                    "last_pushed": pushed, "current": current(serves, pushed)})
             })
             .collect();
         out!("{}", serde_json::to_string_pretty(&list)?);

@@ -1,7 +1,10 @@
 // The real `tokengate` CLI against the Worker in workerd: `tokengate push worker` signs (with
 // every published Ed25519 key) and sends what the store holds, pages large change sets,
 // reports every refusal clearly, and an admin key rotation reaches the Worker by pushes
-// alone. The Worker is given only what `tokengate key public` prints.
+// alone. The Worker is given only what `tokengate key public` prints. `tokengate status` tells
+// whether the Worker serves this store's last push, `push worker --bundle` sends a bundle file
+// byte for byte, a revoke never waits for a push in flight, and a plain-http URL whose host
+// only looks like loopback is refused before anything is signed.
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
@@ -384,7 +387,9 @@ export default function (suite, { origin }) {
         const after = admin.create("after-bundle", "--scopes", "orders:read");
         const taken = admin.versionsTaken();
 
-        const out = admin.ok("push", "worker", "--url", relay.url, "--bundle", file);
+        // Run asynchronously: the relay lives in this process's event loop.
+        const out = await admin.start(["push", "worker", "--url", relay.url, "--bundle", file], { timeoutMs: 60_000 }).exited;
+        assert.equal(out.status, 0, `push worker --bundle: exit ${out.status}: ${out.stderr}`);
         assert.match(out.stderr, new RegExp(`pushed bundle version ${version}\\b`));
         const posts = relay.requests.filter((r) => r.method === "POST");
         assert.ok(posts.length >= 1, "nothing was pushed");
@@ -394,8 +399,13 @@ export default function (suite, { origin }) {
         const callW = (t) => w.gate("GET", "/api/orders/1", { headers: [["authorization", `Bearer ${t}`]] });
         assert.equal((await callW(before)).status, 200);
         assert.equal((await callW(after)).status, 401, "a token not in the bundle passes");
-        const status = admin.run("status", "--worker-url", relay.url, "--json");
+        const status = admin.run("status", "--worker-url", `http://127.0.0.1:${w.port}`, "--json");
         assert.equal(status.status, 0, `status after push --bundle: ${status.stdout}${status.stderr}`);
+        assert.deepEqual(
+          JSON.parse(status.stdout).map((r) => [r.serves, r.last_pushed, r.current]),
+          [[version, version, true]],
+          "push --bundle is not recorded as this store's last push",
+        );
 
         // A bundle for Envoy (newer, same keys and environment): refused by the CLI alone.
         const envoyFile = path.join(admin.dir, "envoy.json");
@@ -403,7 +413,8 @@ export default function (suite, { origin }) {
         const sent = relay.requests.length;
         const served = await w.served();
         const kv = await w.snapshot();
-        const refused = admin.run("push", "worker", "--url", relay.url, "--bundle", envoyFile);
+        const refused = await admin.start(["push", "worker", "--url", relay.url, "--bundle", envoyFile], { timeoutMs: 60_000 })
+          .exited;
         assert.equal(refused.status, 2, `push of an envoy bundle: exit ${refused.status}: ${refused.stderr}`);
         assert.match(refused.stderr, /gate would refuse/);
         assert.match(refused.stderr, /envoy/);
@@ -420,7 +431,7 @@ export default function (suite, { origin }) {
     // Incident response: a leaked token must be revoked now, even while a big push is running.
     const TOKENS = 150;
     const BATCH = 25; // so the push takes ceil(151 / 25) = 7 requests, 6 of them 202 + Retry-After 1
-    await withGate(
+    return withGate(
       async ({ admin, w, url: u }) => {
         const leaked = admin.create("leaked", "--scopes", "orders:read");
         let last;

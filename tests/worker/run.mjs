@@ -10,7 +10,7 @@ const MODULES = [
   "lifecycle", // create, revoke, rotate with grace, expiry, revoke-all, as an operator does it
   "cache", // KV reads, the staleness bound, fail-closed 503s, what KV holds
   "access", // Cloudflare Access assertions against a JWKS served on 127.0.0.1
-  "cli", // the real tokengate CLI: push worker, paging, refusals, admin key rotation
+  "cli", // the real tokengate CLI: push worker (--bundle), paging, refusals, admin key rotation, status
 ];
 const filter = process.env.TOKENGATE_TEST_FILTER ?? "";
 // A stuck runtime must not hang CI.
