@@ -63,25 +63,27 @@ pub struct EnvoyStatus {
     pub rejected: u64,
 }
 
-/// Reads the filter's gauges and Envoy's ECDS counters.
-pub fn envoy(admin: &str) -> Result<EnvoyStatus> {
-    let url = format!("{admin}/stats?format=json&filter=tokengate");
+/// GETs `url` and reads its JSON body; any status but 200 is an error naming `what`.
+fn get_json<T: serde::de::DeserializeOwned>(url: &str, what: &str) -> Result<T> {
     let mut response = agent()
-        .get(&url)
+        .get(url)
         .call()
-        .with_context(|| format!("asking Envoy's admin endpoint {admin}"))?;
-    if response.status() != 200 {
-        bail!(
-            "Envoy's admin endpoint {url} answered {}",
-            response.status()
-        );
+        .with_context(|| format!("asking {what} ({url})"))?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        bail!("{what} answered {status} ({url})");
     }
     let text = response
         .body_mut()
         .read_to_string()
         .with_context(|| format!("reading {url}"))?;
-    let body: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("reading {url}"))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {url}"))
+}
+
+/// Reads the filter's gauges and Envoy's ECDS counters.
+pub fn envoy(admin: &str) -> Result<EnvoyStatus> {
+    let url = format!("{admin}/stats?format=json&filter=tokengate");
+    let body: serde_json::Value = get_json(&url, "Envoy's admin endpoint")?;
     let stat = |name: &str| {
         body["stats"]
             .as_array()
@@ -138,19 +140,7 @@ pub struct WorkerStatus {
 /// Asks a Worker (`base` from [`base_url`]) what it serves.
 pub fn worker(base: &str) -> Result<WorkerStatus> {
     let url = format!("{base}/.well-known/tokengate/status");
-    let mut response = agent()
-        .get(&url)
-        .call()
-        .with_context(|| format!("asking the Worker at {base}"))?;
-    let status = response.status().as_u16();
-    if status != 200 {
-        bail!("the Worker's status endpoint answered {status}");
-    }
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .with_context(|| format!("reading {url}"))?;
-    serde_json::from_str(&text).with_context(|| format!("reading {url}"))
+    get_json(&url, "the Worker's status endpoint")
 }
 
 pub fn served(version: Option<u64>) -> String {

@@ -146,41 +146,36 @@ export default function (suite, { origin }) {
     assert.equal(origin.jwksFetches, 1, `${origin.jwksFetches} fetches`);
   });
 
-  suite.test("certs endpoint down and no key cached: 503, fail closed", async () => {
+  /** A fresh Worker (no team key cached) serving one Access rule whose certs live at `path`. */
+  async function coldWorker(path) {
     const cold = await startWorker({ origin, keys: [key], environment: ENV });
-    const saved = origin.jwks;
+    const rules = [rule("app", { prefix: "/app" }, "token", { cf_access: true })];
+    const b = bundle({
+      version: 1,
+      environment: ENV,
+      rules,
+      tokens: [],
+      cloudflare_access: { certs_url: `${origin.url}${path}`, audiences: [AUD] },
+    });
+    assert.equal((await cold.push(publish(b, [key]))).status, 200);
+    return cold;
+  }
+
+  suite.test("certs endpoint down and no key cached: 503, fail closed", async () => {
+    const cold = await coldWorker("/missing/certs");
     try {
-      const rules = [rule("app", { prefix: "/app" }, "token", { cf_access: true })];
-      const b = bundle({
-        version: 1,
-        environment: ENV,
-        rules,
-        tokens: [],
-        cloudflare_access: { certs_url: `${origin.url}/missing/certs`, audiences: [AUD] },
-      });
-      assert.equal((await cold.push(publish(b, [key]))).status, 200);
       const res = await cold.gate("GET", "/app", { headers: assertion(jwt(claims())) });
       assert.equal(res.status, 503, res.body);
       assert.deepEqual(headerValues(res.headers, "retry-after"), ["5"]);
     } finally {
-      origin.jwks = saved;
       await cold.dispose();
     }
   });
 
   suite.test("a failing certs URL is fetched with backoff, not once per request; still 503", async () => {
-    const cold = await startWorker({ origin, keys: [key], environment: ENV });
+    const before = origin.failingFetches;
+    const cold = await coldWorker("/failing/certs");
     try {
-      const rules = [rule("app", { prefix: "/app" }, "token", { cf_access: true })];
-      const b = bundle({
-        version: 1,
-        environment: ENV,
-        rules,
-        tokens: [],
-        cloudflare_access: { certs_url: `${origin.url}/failing/certs`, audiences: [AUD] },
-      });
-      assert.equal((await cold.push(publish(b, [key]))).status, 200);
-      const before = origin.failingFetches;
       const requests = 20;
       for (let i = 0; i < requests; i++) {
         const res = await cold.gate("GET", "/app", { headers: assertion(jwt(claims())) });
