@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use ed25519_dalek::{Signer, SigningKey};
 use tokengate_core::bundle::SignatureEntry;
+use tokengate_core::hex;
 use tokengate_core::keys::key_id;
 use zeroize::Zeroizing;
 
@@ -114,7 +115,7 @@ impl Keyring {
             if line.is_empty() {
                 continue;
             }
-            let Some(seed) = decode_seed(line) else {
+            let Some(seed) = hex::decode::<32>(line).map(Zeroizing::new) else {
                 // The line itself is never echoed: it may be most of a key.
                 bail!(
                     "line {} is not a private key (64 lower-case hex characters)",
@@ -129,6 +130,11 @@ impl Keyring {
         Ok(Self(keys))
     }
 
+    /// The keys, for rewriting the key file.
+    pub fn keys(&self) -> impl Iterator<Item = &SigningKey> {
+        self.0.iter()
+    }
+
     /// The public keys (hex), in order.
     pub fn public_keys(&self) -> Vec<String> {
         self.0.iter().map(public_hex).collect()
@@ -141,7 +147,7 @@ impl Keyring {
             .filter_map(|public| self.0.iter().find(|k| public_hex(k) == *public))
             .map(|key| SignatureEntry {
                 key_id: key_id(key.verifying_key().as_bytes()),
-                signature: hex(&key.sign(message).to_bytes()),
+                signature: hex::encode(&key.sign(message).to_bytes()),
             })
             .collect();
         if signatures.is_empty() {
@@ -163,7 +169,7 @@ pub fn generate() -> Result<SigningKey> {
 
 /// The public key of a private key, hex.
 pub fn public_hex(key: &SigningKey) -> String {
-    hex(key.verifying_key().as_bytes())
+    hex::encode(key.verifying_key().as_bytes())
 }
 
 /// The key id of a private key.
@@ -173,16 +179,7 @@ pub fn id_of(key: &SigningKey) -> String {
 
 /// Creates a key file (0600, must not exist) holding `key`.
 pub fn create_file(path: &Path, key: &SigningKey) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    let line = Zeroizing::new(format!("{}\n", hex(key.as_bytes())));
-    file.write_all(line.as_bytes())?;
-    file.sync_all()?;
-    Ok(())
+    write_new_private(path, &key_file_text(&[key]))
 }
 
 /// Rewrites a key file to hold exactly `keys`, atomically (a 0600 temporary file renamed
@@ -191,47 +188,31 @@ pub fn rewrite_file(path: &Path, keys: &[&SigningKey]) -> Result<()> {
     check_private(path)?;
     let temporary = path.with_extension("key.new");
     std::fs::remove_file(&temporary).ok();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("creating {}", temporary.display()))?;
-    let text = Zeroizing::new(
-        keys.iter()
-            .map(|k| format!("{}\n", hex(k.as_bytes())))
-            .collect::<String>(),
-    );
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
+    write_new_private(&temporary, &key_file_text(keys))?;
     std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 
-impl Keyring {
-    /// The keys, for rewriting the key file.
-    pub fn keys(&self) -> impl Iterator<Item = &SigningKey> {
-        self.0.iter()
+/// The key file's text: one hex private key per line, wiped when dropped (sized up front, so
+/// no reallocation leaves a copy behind).
+fn key_file_text(keys: &[&SigningKey]) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(String::with_capacity(keys.len() * 65));
+    for key in keys {
+        text.push_str(&Zeroizing::new(hex::encode(key.as_bytes())));
+        text.push('\n');
     }
+    text
 }
 
-fn decode_seed(text: &str) -> Option<Zeroizing<[u8; 32]>> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut seed = Zeroizing::new([0u8; 32]);
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let nibble = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        seed[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
-    Some(seed)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Writes `text` to a new file (mode 0600; it must not exist) and syncs it.
+fn write_new_private(path: &Path, text: &str) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
 }

@@ -7,7 +7,7 @@
 use ed25519_dalek::{Signer, SigningKey};
 use tokengate_core::bundle::{publish, SignatureEntry};
 use tokengate_core::keys::key_id;
-use tokengate_core::{token, Bundle};
+use tokengate_core::{hex, token, Bundle};
 
 /// The environment the fixture bundles are signed for.
 pub const ENVIRONMENT: &str = "bench";
@@ -21,12 +21,7 @@ fn signing_key() -> SigningKey {
 
 /// The fixture's public key (hex), as the filter reads it from `TOKENGATE_TRUSTED_KEYS`.
 pub fn public_key_hex() -> String {
-    signing_key()
-        .verifying_key()
-        .as_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(signing_key().verifying_key().as_bytes())
 }
 
 /// The plaintext of fixture token `i` (`sk_live_…`, valid checksum).
@@ -143,12 +138,7 @@ pub fn bundle_json(n: u64, version: u64) -> String {
     let key = signing_key();
     let signature = SignatureEntry {
         key_id: key_id(key.verifying_key().as_bytes()),
-        signature: key
-            .sign(payload.as_bytes())
-            .to_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        signature: hex::encode(&key.sign(payload.as_bytes()).to_bytes()),
     };
     publish(&payload, &[signature])
 }

@@ -1,8 +1,10 @@
-//! Lower-case hex, the one text encoding of hashes and signatures in bundles.
+//! Lower-case hex, the one text encoding of hashes, keys and signatures: every crate uses
+//! this one.
 
 const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-pub(crate) fn encode(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`.
+pub fn encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(DIGITS[usize::from(b >> 4)] as char);
@@ -12,7 +14,7 @@ pub(crate) fn encode(bytes: &[u8]) -> String {
 }
 
 /// Decodes exactly `N` bytes of lower-case hex; anything else is `None`.
-pub(crate) fn decode<const N: usize>(text: &str) -> Option<[u8; N]> {
+pub fn decode<const N: usize>(text: &str) -> Option<[u8; N]> {
     let text = text.as_bytes();
     if text.len() != N * 2 {
         return None;

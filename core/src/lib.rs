@@ -20,7 +20,7 @@ pub mod bundle;
 pub mod credentials;
 pub mod decision;
 pub mod gate;
-mod hex;
+pub mod hex;
 pub mod keys;
 pub mod policy;
 pub mod token;

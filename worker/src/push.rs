@@ -141,7 +141,7 @@ fn refuse(status: u16, error: &'static str, description: impl Into<String>) -> R
 /// of one record apart.
 pub fn digest(value: &str) -> String {
     let hash = Sha256::digest(value.as_bytes());
-    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    tokengate_core::hex::encode(&hash[..8])
 }
 
 /// A parsed `Tokengate-Signature` header: the time and each `(key id, signature)`.
@@ -582,12 +582,7 @@ mod tests {
 
     fn key(seed: u8) -> (ed25519_dalek::SigningKey, String, String) {
         let signing = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
-        let public: String = signing
-            .verifying_key()
-            .as_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let public = tokengate_core::hex::encode(signing.verifying_key().as_bytes());
         let id = tokengate_core::keys::key_id(signing.verifying_key().as_bytes());
         (signing, public, id)
     }
@@ -595,12 +590,7 @@ mod tests {
     fn header(signing: &ed25519_dalek::SigningKey, id: &str, t: u64, body: &str) -> String {
         use ed25519_dalek::Signer;
         let message = format!("{PUSH_CONTEXT}\n{t}\n{body}");
-        let signature: String = signing
-            .sign(message.as_bytes())
-            .to_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let signature = tokengate_core::hex::encode(&signing.sign(message.as_bytes()).to_bytes());
         format!("t={t},{id}={signature}")
     }
 
@@ -659,12 +649,7 @@ mod tests {
         assert_eq!(relabelled.error, "invalid_signature");
         // A bundle signature is no push signature: the context differs.
         use ed25519_dalek::Signer;
-        let bare: String = ka
-            .sign(body.as_bytes())
-            .to_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let bare = tokengate_core::hex::encode(&ka.sign(body.as_bytes()).to_bytes());
         let bare = parse_signature_header(&format!("t=1000,{id_a}={bare}")).unwrap();
         assert!(check(&bare, body, 1000).is_err());
     }
