@@ -203,10 +203,15 @@ def bearer(token):
 def allow(name, token_name, scopes, headers, upstream_absent=("authorization",), **kw):
     token_id = "tid_" + sha(T.get(token_name, LEGACY))[:16]
     subject = {"rotated-old": "rotated", "rotated-new": "rotated"}.get(token_name, token_name)
-    case(name, headers=headers, status=200, reason="valid",
-         upstream_headers={"x-tokengate-subject": subject, "x-tokengate-scopes": scopes,
-                           "x-tokengate-token-id": token_id},
-         upstream_absent=list(upstream_absent) + SPOOF_NAMES, **kw)
+    upstream = {"x-tokengate-subject": subject, "x-tokengate-token-id": token_id}
+    absent = list(upstream_absent) + SPOOF_NAMES
+    # A token without scopes gets no x-tokengate-scopes header (never an empty one).
+    if scopes:
+        upstream["x-tokengate-scopes"] = scopes
+    elif "x-tokengate-scopes" not in absent:
+        absent.append("x-tokengate-scopes")
+    case(name, headers=headers, status=200, reason="valid", upstream_headers=upstream,
+         upstream_absent=absent, **kw)
 
 
 def deny401(name, headers, reason, **kw):

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # The demo: the real CLI issues tokens, a real Envoy gates requests with them (stdlib only).
-"""Called by scripts/demo.sh once the filter, the CLI and Envoy are built and installed."""
+"""Called by scripts/demo.sh once the filter (the native dynamic module), the CLI and Envoy
+are built and installed."""
 
 import base64
 import json
@@ -12,7 +13,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
-from harness import WASM, Gateway  # noqa: E402
+from harness import MODULE, Gateway  # noqa: E402
 
 CLI = os.path.join(ROOT, "target", "debug", "tokengate")
 DEMO = os.path.join(ROOT, "target", "demo")
@@ -56,8 +57,9 @@ def main():
     step("tokengate key public: all the gates get (public keys only; the private key stays with the admin)")
     trusted = cli("key", "public")
     print("  " + trusted)
-    step("starting the echo upstream and Envoy 1.40 with the tokengate filter (loopback only)")
-    gw = Gateway(env={"TOKENGATE_ENVIRONMENT": "demo"}, run_dir=os.path.join(DEMO, "envoy"))
+    step("starting the echo upstream and Envoy 1.40 with the tokengate dynamic module (loopback only)")
+    gw = Gateway(env={"TOKENGATE_ENVIRONMENT": "demo"}, run_dir=os.path.join(DEMO, "envoy"),
+                 filter="module")
     gw.start()
     step("starting the Worker in workerd (Miniflare, local KV) in front of the same upstream")
     worker = subprocess.Popen(
@@ -67,9 +69,9 @@ def main():
     worker_port = json.loads(worker.stdout.readline())["port"]
     admin = f"http://127.0.0.1:{gw.admin_port}"
     worker_url = f"http://127.0.0.1:{worker_port}"
-    step("tokengate push envoy: signed bundle + trusted public keys -> ECDS file -> Envoy reloads it, "
-         "no restart; done once Envoy's admin endpoint shows it served")
-    cli("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM, "--admin", admin)
+    step("tokengate push envoy: signed bundle -> bundle file; its path, SHA-256 and the trusted public "
+         "keys -> ECDS file -> Envoy reloads it, no restart; done once Envoy's admin endpoint shows it served")
+    cli("push", "envoy", "--file", gw.ecds_path, "--module", MODULE, "--admin", admin)
     step("tokengate push worker: signed bundle -> the Worker checks it, writes only token hashes to KV; "
          "done once its status endpoint shows it served")
     cli("push", "worker", "--url", worker_url)
@@ -122,9 +124,9 @@ def main():
     time.sleep(0.3)
     for line in gw.access_log_lines()[-4:]:
         print("  " + line)
-    stats = gw.stats()
-    print("  " + ", ".join(f"{k.split('wasmcustom.')[1]}={v}" for k, v in sorted(stats.items())
-                          if k.startswith("wasmcustom.tokengate.") and v))
+    prefix = gw.stat_name("")  # "tokengate."
+    print("  " + ", ".join(f"{k}={v}" for k, v in sorted(gw.stats().items())
+                          if k.startswith(prefix) and v))
 
     print(f"""
 Try it yourself (Envoy pid {gw.pid}, admin on 127.0.0.1:{gw.admin_port}):

@@ -8,8 +8,8 @@ cd "$ROOT"
 ensure_rust_targets
 ensure_python
 ensure_envoy
-say "building the filter (wasm32-wasip1) and the tokengate CLI"
-cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
+say "building the Envoy dynamic module (native) and the tokengate CLI"
+cargo build -p tokengate-dynamic-module --profile native --locked
 cargo build -p tokengate-admin --locked
 say "building the Worker (worker-build, wrangler --dry-run bundle)"
 ./scripts/worker.sh bundle

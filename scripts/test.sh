@@ -24,13 +24,16 @@ size=$(stat -c %s "$wasm")
 say "filter size: $size bytes ($wasm); budget 409600 (400 KiB)"
 [ "$size" -le 409600 ] || echo "warning: the filter is over its 400 KiB budget" >&2
 
+say "building the dynamic module (native, target/native/libtokengate.so)"
+cargo build -p tokengate-dynamic-module --profile native --locked
+
 say "unit tests, core conformance, and the built filter under the wasmtime host"
 cargo test --workspace --locked
 
 say "fuzzing every parser for a bounded time (bundle, path, credentials, Access JWT)"
 ./scripts/fuzz.sh
 
-say "end-to-end: the CLI and a real Envoy (conformance vectors, lifecycle, bad pushes, hot reload)"
+say "end-to-end: the CLI and a real Envoy, with the dynamic module and with the wasm filter (conformance vectors, lifecycle, bad pushes, hot reload)"
 ensure_envoy
 cargo build -p tokengate-admin --locked
 "$PYTHON" tests/envoy/e2e.py

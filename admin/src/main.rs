@@ -4,6 +4,7 @@
 //! `create` and `rotate` print the new token alone on stdout; everything else goes to
 //! stderr, or to stdout as a listing (`--json` on every listing).
 
+mod ecds;
 mod key_command;
 mod keys;
 mod policy_file;
@@ -243,8 +244,13 @@ enum PushTarget {
         /// parses it several times faster than JSON: for large bundles), any other JSON.
         #[arg(long, env = "TOKENGATE_ENVOY_ECDS")]
         file: PathBuf,
-        /// The filter .wasm Envoy loads (its absolute path goes into the resource); default:
-        /// the one the ECDS file names already, else the one built beside this binary.
+        /// Run the native dynamic module at this path (libtokengate.so; its absolute path goes
+        /// into the resource). Default: the filter the ECDS file names already, else the
+        /// module built beside this binary.
+        #[arg(long, env = "TOKENGATE_FILTER_MODULE")]
+        module: Option<PathBuf>,
+        /// Run the proxy-wasm filter at this path instead (tokengate_filter.wasm), for
+        /// platforms that only load wasm.
         #[arg(long, env = "TOKENGATE_FILTER_WASM")]
         wasm: Option<PathBuf>,
         /// Envoy's admin endpoint (e.g. http://127.0.0.1:9901): the push then waits until
@@ -830,11 +836,12 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             }
             PushTarget::Envoy {
                 file,
+                module,
                 wasm,
                 admin,
                 bundle,
             } => {
-                push::EcdsEncoding::of(file)?;
+                ecds::Encoding::of(file)?;
                 if let Some(admin) = admin {
                     status::base_url(admin, "--admin")?;
                 }
@@ -845,7 +852,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                     &mut store,
                     &ring,
                     file,
-                    wasm.as_deref(),
+                    (module.as_deref(), wasm.as_deref()),
                     admin.as_deref(),
                     bundle.as_deref(),
                     now,

@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-/// The filter's gauge of the bundle version it serves, as Envoy names wasm metrics.
-const VERSION_GAUGE: &str = "wasmcustom.tokengate.bundle.version";
-const TOKENS_GAUGE: &str = "wasmcustom.tokengate.bundle.tokens";
-const REFUSED_COUNTER: &str = "wasmcustom.tokengate.bundle.refused";
+/// The filter's gauge of the bundle version it serves: `tokengate.bundle.version` from the
+/// dynamic module, `wasmcustom.tokengate.bundle.version` from the wasm filter.
+const VERSION_GAUGE: &str = "tokengate.bundle.version";
+const TOKENS_GAUGE: &str = "tokengate.bundle.tokens";
+const REFUSED_COUNTER: &str = "tokengate.bundle.refused";
+/// How Envoy prefixes a wasm filter's metrics.
+const WASM_PREFIX: &str = "wasmcustom.";
 /// Envoy's own count of ECDS updates it rejected (a filter that refused the bundle).
 const REJECTED_COUNTER: &str = "extension_config_discovery.http_filter.tokengate.update_rejected";
 /// How long a push waits for the gate to serve it.
@@ -92,11 +95,25 @@ pub fn envoy(admin: &str) -> Result<EnvoyStatus> {
             .find(|s| s["name"] == name)
             .and_then(|s| s["value"].as_u64())
     };
+    // The module's stats, or the wasm filter's; after a switch between the two Envoy keeps
+    // both, and as versions only grow, the one with the larger version is served now.
+    let (version, tokens) = ["", WASM_PREFIX]
+        .map(|prefix| {
+            let version = stat(&format!("{prefix}{VERSION_GAUGE}"));
+            (version, stat(&format!("{prefix}{TOKENS_GAUGE}")))
+        })
+        .into_iter()
+        .max_by_key(|(version, _)| *version)
+        .unwrap_or_default();
+    let refused = ["", WASM_PREFIX]
+        .map(|prefix| stat(&format!("{prefix}{REFUSED_COUNTER}")).unwrap_or(0))
+        .iter()
+        .sum();
     // A gauge is 0 until the first bundle: no version yet.
     Ok(EnvoyStatus {
-        version: stat(VERSION_GAUGE).filter(|&v| v > 0),
-        tokens: stat(TOKENS_GAUGE),
-        refused: stat(REFUSED_COUNTER).unwrap_or(0),
+        version: version.filter(|&v| v > 0),
+        tokens,
+        refused,
         rejected: stat(REJECTED_COUNTER).unwrap_or(0),
     })
 }

@@ -598,12 +598,18 @@ impl Gate {
         let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
         decision.add_headers = vec![
             (SUBJECT_HEADER, decision.subject.clone().unwrap_or_default()),
-            (SCOPES_HEADER, record.scopes.header.clone()),
             (
                 TOKEN_ID_HEADER,
                 decision.token_id.clone().unwrap_or_default(),
             ),
         ];
+        // No scopes, no header (an Envoy dynamic module cannot set an empty value, and every
+        // target must forward the same headers); a client's own copy is removed regardless.
+        if !record.scopes.header.is_empty() {
+            decision
+                .add_headers
+                .push((SCOPES_HEADER, record.scopes.header.clone()));
+        }
         decision
     }
 
@@ -646,7 +652,6 @@ impl Gate {
         let mut decision = base(Outcome::Allow, Reason::Access, None);
         decision.add_headers = vec![
             (SUBJECT_HEADER, identity.subject.clone()),
-            (SCOPES_HEADER, String::new()),
             (ACCESS_HEADER, identity.kind.to_owned()),
         ];
         decision.subject = Some(identity.subject);

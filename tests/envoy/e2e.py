@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
-# End-to-end tests of tokengate in a real Envoy: the conformance vectors, the CLI lifecycle,
-# admin key rotation, that no gate holds a private key, bad pushes, hot reload under load,
-# the access log and the stats, underscore and comma-joined headers, push confirmation and
-# `tokengate status`, secrets typed in a terminal. Stdlib + `cryptography` (Ed25519, to
-# re-sign fixtures and to forge bundles the way an attacker would).
-"""Run: python3 tests/envoy/e2e.py [NAME...]   (needs: the built filter, target/debug/tokengate,
-Envoy from scripts/tools.sh). Prints one line per test and a closing `N passed, M failed`."""
+# End-to-end tests of tokengate in a real Envoy, with each of its two filters (the native
+# dynamic module, the shipped default, then the proxy-wasm filter): the conformance vectors,
+# the CLI lifecycle, admin key rotation, that no gate holds a private key, bad pushes, the
+# module's bundle files, hot reload under load, the access log and the stats, underscore and
+# comma-joined headers, push confirmation and `tokengate status`, secrets typed in a
+# terminal. Stdlib + `cryptography` (Ed25519, to re-sign fixtures and to forge bundles the
+# way an attacker would).
+"""Run: python3 tests/envoy/e2e.py [--filter module|wasm] [NAME...]
 
+Needs the built filters (target/native/libtokengate.so, the .wasm), target/debug/tokengate
+and Envoy from scripts/tools.sh. Every test runs once per filter, module first, unless it
+is about one filter only (`@only`) or runs no filter at all (`@once`). Pick one filter with
+--filter or TOKENGATE_ENVOY_FILTER=module|wasm, tests by any part of their names (NAME).
+Prints one line per test run, `[filter]` first, and a closing `N passed, M failed`."""
+
+import argparse
 import base64
 import hashlib
+import http.client
 import json
 import os
 import pty
@@ -28,15 +37,39 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
-from harness import (GATEWAY_YAML, TRUSTED_KEYS_VARIABLE, WASM, WASM_REL, Gateway,  # noqa: E402
-                     ecds_resource, write_ecds)
+from harness import (FILTERS, GATEWAY_YAMLS, MODULE, MODULE_REL, TRUSTED_KEYS_VARIABLE,  # noqa: E402
+                     WASM, Gateway, ecds_resource, envoy_binary, module_reference, sha256_hex,
+                     write_atomic, write_bundle_file, write_ecds, write_resource)
 
 CLI = os.environ.get("TOKENGATE_BIN", os.path.join(ROOT, "target", "debug", "tokengate"))
 VECTORS = json.load(open(os.path.join(ROOT, "conformance", "vectors.json")))
 SHIPPED_ECDS = os.path.join(ROOT, "envoy", "run", "tokengate.ecds.json")
 ECDS = "extension_config_discovery.http_filter.tokengate."
-VERSION = "wasmcustom.tokengate.bundle.version"  # the filter's gauge: the bundle it serves
-REFUSED = "wasmcustom.tokengate.bundle.refused"
+# The filter's own stats (gw.stat_name() gives each filter's full name).
+VERSION = "bundle.version"  # gauge: the bundle it serves
+REFUSED = "bundle.refused"  # counter: bundles it refused
+# The filter the running test's gateways run and pushes name; main() sets it per pass.
+FILTER = FILTERS[0]
+CODE = {"module": MODULE, "wasm": WASM}  # each filter's code, as pushes name it
+
+
+def only(*filters):
+    """Marks a test that is about these filters alone (it runs in their passes only)."""
+    def mark(test):
+        test.filters = filters
+        return test
+    return mark
+
+
+def once(test):
+    """Marks a test that runs no filter (or checks every filter at once): it runs once."""
+    test.filters = ()
+    return test
+
+
+def gateway(**kw):
+    """A Gateway running this pass's filter."""
+    return Gateway(filter=FILTER, **kw)
 
 
 # --- Ed25519 and bundle v2, as docs/trust.md defines them --------------------------------
@@ -183,13 +216,13 @@ def send(gw, case):
     return status, headers, body.decode(errors="replace"), upstream
 
 
-def counter(case):
+def counter(gw, case):
     outcome = "allowed" if case["expect"]["status"] == 200 else "denied"
-    return f"wasmcustom.tokengate.{outcome}.{case['expect']['reason']}"
+    return gw.stat_name(f"{outcome}.{case['expect']['reason']}")
 
 
 def run_case(gw, case):
-    name = counter(case)
+    name = counter(gw, case)
     before = gw.stat(name, 0)
     status, headers, body, upstream = send(gw, case)
     if case.get("proxy_may_reject") and status == 400 and upstream is None:
@@ -212,7 +245,7 @@ def test_every_conformance_vector_through_envoy():
         assert retime(text, 0, json.loads(text)["payload"]["version"]) == text, f"{name}: published differently"
     env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
     failures, version = [], 1000
-    with Gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
+    with gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
         groups = {}
         for case in VECTORS["cases"]:
             if not case["clock_edge"]:
@@ -250,7 +283,7 @@ def test_every_conformance_refusal_through_envoy():
     failures, serving = [], None
     # Refusals against an empty gate first: a refusal changes nothing, so one Envoy does.
     refusals = sorted(VECTORS["refusals"], key=lambda r: r["serving"] is not None)
-    with Gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
+    with gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
         for refusal in refusals:
             if refusal["serving"] != serving:
                 serving = refusal["serving"]
@@ -264,8 +297,8 @@ def test_every_conformance_refusal_through_envoy():
                 failures.append(f"{refusal['name']}: the ECDS update was {outcome}")
             elif serving is None and health != 503:
                 failures.append(f"{refusal['name']}: /healthz {health} with no bundle (expected 503)")
-            elif serving is not None and (health != 200 or gw.stat(VERSION) != served):
-                failures.append(f"{refusal['name']}: /healthz {health}, version {gw.stat(VERSION)} "
+            elif serving is not None and (health != 200 or gw.gate_stat(VERSION) != served):
+                failures.append(f"{refusal['name']}: /healthz {health}, version {gw.gate_stat(VERSION)} "
                                 f"(expected 200 from {serving}, version {served})")
     assert not failures, f"{len(failures)} of {len(refusals)} refusals failed:\n  " + "\n  ".join(failures)
     return f"{len(refusals)} refusals"
@@ -299,12 +332,21 @@ class Operator:
     def create(self, name, *args):
         return self.run("create", name, *args).stdout.strip()
 
-    def push(self, gw, *args, check=True):
-        return self.run("push", "envoy", "--file", gw.ecds_path, "--wasm", WASM, *args, check=check)
+    def push(self, gw, *args, check=True, name_filter=True):
+        """`push envoy` to gw's ECDS file, naming gw's filter (--module / --wasm) unless
+        told not to (the CLI then keeps the filter the file names)."""
+        code = [f"--{gw.filter}", CODE[gw.filter]] if name_filter else []
+        return self.run("push", "envoy", "--file", gw.ecds_path, *code, *args, check=check)
+
+    def bundle(self):
+        """A new signed bundle for Envoy (`tokengate bundle`), as text: not pushed."""
+        path = os.path.join(self.dir, "bundle.json")
+        self.run("bundle", "--target", "envoy", "--out", path)
+        return open(path).read()
 
     def gateway(self, **kw):
         # Envoy gets the environment's name only; its keys come with each push.
-        return Gateway(env={"TOKENGATE_ENVIRONMENT": self.environment}, **kw)
+        return gateway(env={"TOKENGATE_ENVIRONMENT": self.environment}, **kw)
 
     def seeds(self):
         """The private keys in the key file: one 64-hex seed per line."""
@@ -351,10 +393,27 @@ def pushed_version(proc):
 
 
 def served_resource(gw):
-    """The bundle text and TOKENGATE_TRUSTED_KEYS in the (JSON) ECDS file on disk."""
-    config = json.load(open(gw.ecds_path))["resources"][0]["typed_config"]["config"]
+    """The bundle text and the trusted keys the (JSON) ECDS file on disk gives the filter:
+    for the module, the bundle file its reference names and the reference's keys (the file
+    checked against the reference's SHA-256); for the wasm filter, the inline bundle and
+    TOKENGATE_TRUSTED_KEYS."""
+    typed = json.load(open(gw.ecds_path))["resources"][0]["typed_config"]
+    if gw.filter == "module":
+        reference = json.loads(typed["filter_config"]["value"])
+        text = open(reference["bundle"]).read()
+        assert sha256_hex(text) == reference["sha256"], "the bundle file is not the one referenced"
+        return text, reference["trusted_keys"]
+    config = typed["config"]
     variables = config["vm_config"]["environment_variables"].get("key_values", {})
     return config["configuration"]["value"], variables.get(TRUSTED_KEYS_VARIABLE)
+
+
+def bundle_files(gw):
+    """The module's bundle files (name -> bytes) in gw's bundle directory."""
+    if not os.path.isdir(gw.bundle_dir):
+        return {}
+    return {name: open(os.path.join(gw.bundle_dir, name), "rb").read()
+            for name in sorted(os.listdir(gw.bundle_dir))}
 
 
 def bearer(token):
@@ -448,7 +507,7 @@ def test_admin_key_rotation_end_to_end():
         assert op.key_states() == {old_kid: "active", new_kid: "active"}, op.key_states()
         both = pushed_version(op.push(gw))
         assert both > first
-        eventually(lambda: gw.stat(VERSION) == both, 2.0, "the bundle signed by both keys served")
+        eventually(lambda: gw.gate_stat(VERSION) == both, 2.0, "the bundle signed by both keys served")
         text, trusted = served_resource(gw)
         assert signers(text) == {old_kid, new_kid}, signers(text)
         assert set(split_keys(trusted)) == {old_public, new_public}, trusted
@@ -459,7 +518,7 @@ def test_admin_key_rotation_end_to_end():
         assert split_keys(current) == [new_public], current
         assert op.key_states() == {old_kid: "retired", new_kid: "active"}, op.key_states()
         last = pushed_version(op.push(gw))
-        eventually(lambda: gw.stat(VERSION) == last, 2.0, "the bundle signed by the new key served")
+        eventually(lambda: gw.gate_stat(VERSION) == last, 2.0, "the bundle signed by the new key served")
         text, trusted = served_resource(gw)
         assert signers(text) == {new_kid}, signers(text)
         assert split_keys(trusted) == [new_public], trusted
@@ -467,32 +526,33 @@ def test_admin_key_rotation_end_to_end():
 
         # The retired key, leaked: a newer bundle granting a token that was never pushed.
         intruder = op.create("intruder", "--scopes", "*")
-        refused = gw.stat(REFUSED, 0)
+        refused = gw.gate_stat(REFUSED, 0)
         forged = forged_bundle(text, old_seed, intruder, last + 1)
         assert gw.push(forged, trusted_keys=current) == "rejected", "Envoy took a bundle signed by a retired key"
-        eventually(lambda: gw.stat(REFUSED, 0) > refused, 2.0, "the filter counted the refusal")
-        assert gw.stat(VERSION) == last, "the served version changed"
+        eventually(lambda: gw.gate_stat(REFUSED, 0) > refused, 2.0, "the filter counted the refusal")
+        assert gw.gate_stat(VERSION) == last, "the served version changed"
         assert status_of(gw, token) == 200 and status_of(gw, intruder) == 401
         # Control: the same bundle signed by the active key is taken, so the retired key's
         # was refused for its key alone.
         genuine = forged_bundle(text, next(s for s in seeds if s != old_seed), intruder, last + 1)
         assert gw.push(genuine, trusted_keys=current) == "accepted", gw.tail_log()
-        assert status_of(gw, intruder) == 200 and gw.stat(VERSION) == last + 1
+        assert status_of(gw, intruder) == 200 and gw.gate_stat(VERSION) == last + 1
         assert gw.pid == pid and gw.envoy.poll() is None, "Envoy restarted"
     return f"versions {first} -> {both} -> {last}; retired key's version {last + 1} refused"
 
 
 def test_no_gate_holds_a_private_key():
     """Everything Envoy is given or holds (its bootstrap as shipped and as deployed, the ECDS
-    file, its /config_dump, environment, command line and log) contains no private key of
-    the admin, and no 64-hex string in it, used as a private key, makes a bundle Envoy takes."""
+    file, the module's bundle files, its /config_dump, environment, command line and log)
+    contains no private key of the admin, and no 64-hex string in it, used as a private key,
+    makes a bundle Envoy takes."""
     op = Operator()
     op.run("key", "rotate", "--reason", "e2e")  # two private keys, both published
     seeds = op.seeds()
     with op.gateway() as gw:
         token = op.create("svc")
         version = pushed_version(op.push(gw))
-        eventually(lambda: gw.stat(VERSION) == version and status_of(gw, token) == 200, 2.0, "served")
+        eventually(lambda: gw.gate_stat(VERSION) == version and status_of(gw, token) == 200, 2.0, "served")
         served_text, trusted = served_resource(gw)
         assert set(split_keys(trusted)) == set(op.public_keys()) and len(split_keys(trusted)) == 2, trusted
 
@@ -501,9 +561,10 @@ def test_no_gate_holds_a_private_key():
                 data = f.read()
             return data.decode(errors="replace").replace("\0", "\n") if mode == "rb" else data
 
+        shipped = os.path.basename(gw.gateway_yaml)
         material = {
-            "gateway.yaml as shipped": read(GATEWAY_YAML),
-            "gateway.yaml as deployed": read(gw.config_path),
+            f"{shipped} as shipped": read(gw.gateway_yaml),
+            f"{shipped} as deployed": read(gw.config_path),
             "the ECDS file as shipped": read(SHIPPED_ECDS),
             "the ECDS file as deployed": read(gw.ecds_path),
             "Envoy's /config_dump": gw.admin("/config_dump?include_eds")[1],
@@ -511,6 +572,10 @@ def test_no_gate_holds_a_private_key():
             "Envoy's command line": read(f"/proc/{gw.pid}/cmdline", "rb"),
             "Envoy's log": read(gw.envoy_log),
         }
+        files = bundle_files(gw)
+        assert bool(files) == (gw.filter == "module"), f"bundle files: {sorted(files)}"
+        material.update({f"the bundle file {name}": data.decode(errors="replace")
+                         for name, data in files.items()})
         # The dump shows what Envoy holds, keys included: else the search below proves nothing.
         for public in split_keys(trusted):
             assert public in material["Envoy's /config_dump"], "the trusted keys are not in /config_dump"
@@ -524,7 +589,7 @@ def test_no_gate_holds_a_private_key():
         for candidate in candidates:
             outcome = gw.push(forged_bundle(served_text, candidate, intruder, version + 1),
                               trusted_keys=trusted)
-            status, now_serving = status_of(gw, intruder), gw.stat(VERSION)
+            status, now_serving = status_of(gw, intruder), gw.gate_stat(VERSION)
             if outcome != "rejected" or status != 401 or now_serving != version:
                 failures.append(f"{candidate}: update {outcome}, intruder {status}, version {now_serving}")
         assert not failures, "bundles signed with what Envoy holds were taken:\n  " + "\n  ".join(failures)
@@ -534,7 +599,7 @@ def test_no_gate_holds_a_private_key():
         genuine = forged_bundle(served_text, seeds[0], intruder, version + 1)
         genuine = publish({**json.loads(genuine)["payload"], "keys": split_keys(trusted)}, seeds)
         assert gw.push(genuine, trusted_keys=trusted) == "accepted", gw.tail_log()
-        assert status_of(gw, intruder) == 200 and gw.stat(VERSION) == version + 1
+        assert status_of(gw, intruder) == 200 and gw.gate_stat(VERSION) == version + 1
     return f"{len(candidates)} hex strings tried as private keys, every bundle refused"
 
 
@@ -549,7 +614,7 @@ def test_restarted_envoy_takes_its_keys_from_the_ecds_file():
         gw.stop_envoy()
         gw.start_envoy()
         took = eventually(lambda: status_of(gw, token) == 200, 5.0, "served after the restart")
-        assert gw.stat(VERSION) == version
+        assert gw.gate_stat(VERSION) == version
     return f"served {took * 1000:.0f} ms after /ready"
 
 
@@ -565,6 +630,7 @@ def test_bad_pushes_are_refused_by_the_cli_and_by_envoy():
         op.push(gw)
         eventually(lambda: status_of(gw, token) == 401, 2.0, "revoked")
         served = open(gw.ecds_path).read()
+        served_files = bundle_files(gw)
         trusted = op.trusted_text()
         good_text = open(old_bundle).read()
         good_version = json.loads(good_text)["payload"]["version"]
@@ -591,31 +657,35 @@ def test_bad_pushes_are_refused_by_the_cli_and_by_envoy():
             proc = op.push(gw, "--bundle", path, check=False)
             assert proc.returncode == 2 and any(w in proc.stderr.lower() for w in why), (path, proc.stderr)
             assert open(gw.ecds_path).read() == served, "a refused push changed the ECDS file"
+            assert bundle_files(gw) == served_files, "a refused push changed the bundle files"
 
-        # Forced onto disk anyway, with the admin's keys: Envoy (the filter's canary VM)
-        # refuses; v-current serves.
+        # Forced onto disk anyway, with the admin's keys (for the module: each in its bundle
+        # file, named by a correct reference): the filter refuses (the module when Envoy
+        # creates the configuration, the wasm filter in its canary VM), Envoy rejects the
+        # update; v-current serves.
         s = gw.stats()
-        rejected, refused = s.get(ECDS + "update_rejected", 0), s.get(REFUSED, 0)
+        rejected, refused = s.get(ECDS + "update_rejected", 0), s.get(gw.stat_name(REFUSED), 0)
         for text in [tampered_text, open(other_key).read(), good_text, "{not json"]:
             before = gw.stat(ECDS + "update_rejected", 0) + gw.stat(ECDS + "update_success", 0)
-            write_ecds(gw.ecds_path, text, wasm_path=WASM, trusted_keys=trusted)
+            gw.write(text, trusted)
             eventually(lambda: gw.stat(ECDS + "update_rejected", 0) + gw.stat(ECDS + "update_success", 0) > before,
                        3.0, "Envoy saw the file")
             assert status_of(gw, token) == 401, "the revoked token passed after a bad forced push"
             assert gw.request("GET", "/healthz")[0] == 200, "the previous bundle stopped serving"
         s = gw.stats()
         assert s[ECDS + "update_rejected"] >= rejected + 4, s
-        assert s[REFUSED] >= refused + 4, s
+        assert s[gw.stat_name(REFUSED)] >= refused + 4, s
         assert "tokengate_bundle_refused" in gw.prometheus()
 
 
 def test_binary_ecds_file_reloads_like_json():
     """`push envoy --file X.pb` writes binary protobuf (Envoy skips its JSON parser); Envoy's
-    own config dump must show exactly the resource the JSON file would hold, trusted keys
-    (a map on the wire) included. The harness's encoder (the bench's) must write what Envoy
-    reads too."""
+    own config dump must show exactly the resource the JSON file would hold, the trusted keys
+    included (the module: in its reference, byte for byte as module_reference() writes it;
+    the wasm filter: a map on the wire). The harness's encoder (the bench's) must write what
+    Envoy reads too."""
     op = Operator()
-    wasm = os.path.realpath(WASM)  # the CLI writes the canonical path
+    code = os.path.realpath(CODE[FILTER])  # the CLI writes the canonical path
     with op.gateway(ecds_file="tokengate.ecds.pb") as gw:
         assert status_of(gw, "anything") == 503, "the harness's empty .pb: fail closed"
         token = op.create("svc")
@@ -624,32 +694,166 @@ def test_binary_ecds_file_reloads_like_json():
         assert open(gw.ecds_path, "rb").read(1) != b"{", "the CLI wrote JSON into a .pb"
         dumped = json.loads(gw.admin("/config_dump?resource=ecds_filters")[1])["configs"]
         assert len(dumped) == 1, dumped
-        config = dumped[0]["ecds_filter"]["typed_config"]["config"]
-        served = config["configuration"]["value"]
-        trusted = config["vm_config"]["environment_variables"]["key_values"][TRUSTED_KEYS_VARIABLE]
+        typed = dumped[0]["ecds_filter"]["typed_config"]
+        if gw.filter == "module":
+            reference = json.loads(typed["filter_config"]["value"])
+            trusted = reference["trusted_keys"]
+            [name] = bundle_files(gw)  # the one bundle file, named for its version and digest
+            bundle_file = os.path.join(gw.bundle_dir, name)
+            digest = sha256_hex(open(bundle_file, "rb").read())
+            assert name == f"v{version}-{digest}.json", name
+            expected = ecds_resource(module_reference(bundle_file, digest, trusted),
+                                     filter="module", module_path=code)
+        else:
+            served = typed["config"]["configuration"]["value"]
+            trusted = typed["config"]["vm_config"]["environment_variables"]["key_values"][TRUSTED_KEYS_VARIABLE]
+            expected = ecds_resource(served, wasm_path=code, trusted_keys=trusted)
         assert set(split_keys(trusted)) == set(op.public_keys()), trusted
-        expected = ecds_resource(served, wasm_path=wasm, trusted_keys=trusted)
-        assert dumped[0]["ecds_filter"] == expected["resources"][0]
+        assert dumped[0]["ecds_filter"] == expected["resources"][0], dumped[0]["ecds_filter"]
         assert dumped[0]["version_info"] == expected["version_info"] == str(version)
 
         # A newer bundle through the harness's encoder: the token revoked, another one issued.
         op.run("revoke", "svc", "--reason", "e2e")
         fresh = op.create("svc-2")
-        signed = os.path.join(op.dir, "next.json")
-        op.run("bundle", "--target", "envoy", "--out", signed)
-        signed_text = open(signed).read()
-        write_ecds(gw.ecds_path, signed_text, wasm_path=wasm, trusted_keys=trusted)
+        signed_text = op.bundle()
+        gw.write(signed_text, trusted)
         eventually(lambda: status_of(gw, fresh) == 200, 2.0, "served from the harness's .pb")
         assert status_of(gw, token) == 401, "revoked through a .pb"
 
         # Tampered, in a well-formed .pb: the filter (not Envoy's parser) refuses it.
-        refused = gw.stat(REFUSED, 0)
+        refused = gw.gate_stat(REFUSED, 0)
         v = json.loads(signed_text)["payload"]["version"]
         tampered = signed_text.replace(f'"version":{v},', f'"version":{v + 100},', 1)
         assert tampered != signed_text
-        write_ecds(gw.ecds_path, tampered, wasm_path=wasm, trusted_keys=trusted)
-        eventually(lambda: gw.stat(REFUSED, 0) > refused, 3.0, "the filter refused the tampered bundle")
+        gw.write(tampered, trusted)
+        eventually(lambda: gw.gate_stat(REFUSED, 0) > refused, 3.0, "the filter refused the tampered bundle")
         assert status_of(gw, token) == 401 and status_of(gw, fresh) == 200, "the previous bundle stopped serving"
+
+
+def refusal_lines(gw):
+    """The filter's "bundle refused: ..." log lines so far."""
+    return [l for l in open(gw.envoy_log, errors="replace").read().splitlines() if "tokengate: bundle refused:" in l]
+
+
+def push_reference(gw, bundle_path, sha256, trusted_keys):
+    """Writes a module reference as given (no check that the file is there or matches) and
+    waits as gw.push() does: "accepted" or "rejected"."""
+    resource = ecds_resource(module_reference(bundle_path, sha256, trusted_keys), filter="module",
+                             module_path=gw.module_path)
+    return gw.push_written(lambda: write_resource(gw.ecds_path, resource))
+
+
+@only("module")
+def test_module_refuses_a_bundle_file_changed_after_its_reference_was_written():
+    """The module's reference names its bundle file's SHA-256, so the file cannot change under
+    it: a bundle file rewritten after its reference was made (here with another well-signed,
+    newer bundle) is refused, Envoy rejects the update, the previous bundle keeps serving
+    and the token only the new file grants is refused. Control: the same file under a
+    reference with its true SHA-256 is taken."""
+    op = Operator()
+    with op.gateway() as gw:
+        token = op.create("svc")
+        served = pushed_version(op.push(gw))
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
+        trusted = op.trusted_text()
+        meant = op.bundle()
+        newcomer = op.create("newcomer")
+        swapped = op.bundle()
+        path, digest = write_bundle_file(gw.ecds_path, meant)
+        write_atomic(path, swapped)  # the file changes; the digest taken before does not
+        refused, lines = gw.gate_stat(REFUSED, 0), len(refusal_lines(gw))
+        assert push_reference(gw, path, digest, trusted) == "rejected", gw.tail_log()
+        assert gw.gate_stat(REFUSED, 0) == refused + 1
+        [line] = refusal_lines(gw)[lines:]
+        assert "SHA-256" in line and path in line and f"still serving version {served}" in line, line
+        assert gw.gate_stat(VERSION) == served and status_of(gw, token) == 200, "the previous bundle stopped serving"
+        assert status_of(gw, newcomer) == 401, "the changed file's token passed"
+
+        assert push_reference(gw, path, sha256_hex(swapped), trusted) == "accepted", gw.tail_log()
+        assert status_of(gw, newcomer) == 200
+        assert gw.gate_stat(VERSION) == json.loads(swapped)["payload"]["version"]
+    return f"version {served} kept serving; the changed file refused, then taken with its own SHA-256"
+
+
+@only("module")
+def test_module_refuses_a_reference_to_a_missing_bundle_file():
+    """An ECDS update naming a bundle file that is not there (e.g. the reference copied without
+    its file) is refused; the previous bundle keeps serving. Control: once the file is
+    written, an Envoy started on the same ECDS file serves it. (Not the same running Envoy:
+    it skips a resource equal to the last one it tried, refused or not, so the cure for a
+    refused update is a new push, never the same file again.)"""
+    op = Operator()
+    with op.gateway() as gw:
+        token = op.create("svc")
+        served = pushed_version(op.push(gw))
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
+        newcomer = op.create("newcomer")
+        text = op.bundle()
+        version, digest = json.loads(text)["payload"]["version"], sha256_hex(text)
+        missing = os.path.join(gw.bundle_dir, f"v{version}-{digest}.json")  # as a push names it
+        assert not os.path.exists(missing)
+        refused, lines = gw.gate_stat(REFUSED, 0), len(refusal_lines(gw))
+        assert push_reference(gw, missing, digest, op.trusted_text()) == "rejected", gw.tail_log()
+        assert gw.gate_stat(REFUSED, 0) == refused + 1
+        [line] = refusal_lines(gw)[lines:]
+        assert missing in line and f"still serving version {served}" in line, line
+        assert gw.gate_stat(VERSION) == served and status_of(gw, token) == 200, "the previous bundle stopped serving"
+        assert status_of(gw, newcomer) == 401
+
+        write_atomic(missing, text)
+        gw.stop_envoy()
+        gw.start_envoy()
+        eventually(lambda: gw.gate_stat(VERSION) == version and status_of(gw, newcomer) == 200, 5.0,
+                   "the new bundle served by an Envoy started on the same reference")
+    return f"version {served} kept serving; version {version} served once its file was there"
+
+
+class Load:
+    """GET /api/load with `token` from `threads` threads until stop(), each on a connection it
+    replaces every `per_connection` requests (None: keeps it, unless it fails). Bounded: 60 s
+    and 50,000 requests. Counts the statuses (a failed request by its error's name)."""
+
+    def __init__(self, gw, token, threads=4, per_connection=None):
+        self.gw, self.token, self.per_connection = gw, token, per_connection
+        self.stopping, self.results, self.lock = threading.Event(), {}, threading.Lock()
+        self.deadline = time.monotonic() + 60
+        self.max_requests = 50_000
+        self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def connect(self):
+        return http.client.HTTPConnection("127.0.0.1", self.gw.listen_port, timeout=5)
+
+    def run(self):
+        conn, sent = self.connect(), 0
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            with self.lock:
+                if sum(self.results.values()) >= self.max_requests:
+                    break
+            if self.per_connection and sent == self.per_connection:
+                conn.close()
+                conn, sent = self.connect(), 0
+            try:
+                conn.request("GET", "/api/load", headers={"authorization": f"Bearer {self.token}"})
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+                sent += 1
+            except (OSError, http.client.HTTPException) as e:
+                status = f"error {type(e).__name__}"
+                conn.close()
+                conn, sent = self.connect(), 0
+            with self.lock:
+                self.results[status] = self.results.get(status, 0) + 1
+        conn.close()
+
+    def stop(self):
+        """Stops every thread; returns {status: count}."""
+        self.stopping.set()
+        for t in self.threads:
+            t.join()
+        return dict(self.results)
 
 
 def test_hot_reload_under_load_drops_nothing():
@@ -658,45 +862,54 @@ def test_hot_reload_under_load_drops_nothing():
         token = op.create("load")
         op.push(gw)
         eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
-        stop, results, lock = threading.Event(), {}, threading.Lock()
-        deadline = time.monotonic() + 60  # bounded in time ...
-        max_requests = 50_000  # ... and in count
-
-        def load():
-            import http.client
-            conn = http.client.HTTPConnection("127.0.0.1", gw.listen_port, timeout=5)
-            while not stop.is_set() and time.monotonic() < deadline:
-                with lock:
-                    if sum(results.values()) >= max_requests:
-                        return
-                try:
-                    conn.request("GET", "/api/load", headers={"authorization": f"Bearer {token}"})
-                    resp = conn.getresponse()
-                    resp.read()
-                    status = resp.status
-                except OSError as e:
-                    status = f"error {type(e).__name__}"
-                    conn = http.client.HTTPConnection("127.0.0.1", gw.listen_port, timeout=5)
-                with lock:
-                    results[status] = results.get(status, 0) + 1
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
+        load = Load(gw, token, threads=4)
         pid = gw.pid
         for i in range(20):
             op.create(f"extra-{i}")
             last_version = pushed_version(op.push(gw))
             time.sleep(0.05)
         time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join()
+        results = load.stop()
         assert gw.pid == pid
         total = sum(results.values())
         assert results.get(200, 0) == total and total > 100, f"statuses during 20 pushes: {results}"
-        assert gw.stat(VERSION) == last_version
+        assert gw.gate_stat(VERSION) == last_version
     return f"{total} requests, all 200, over 20 pushes"
+
+
+@only("module")
+def test_module_loads_one_gate_per_process_with_four_workers():
+    """The module keeps one gate per Envoy process, shared by every worker thread: with
+    `--concurrency 4` each push logs exactly one "serving bundle version N" line (the wasm
+    filter logs one per VM: its canary, the main thread and each worker), while requests on
+    many connections, which Envoy spreads over all four workers, all pass."""
+    op = Operator()
+    with op.gateway(concurrency=4) as gw:
+        admin = f"http://127.0.0.1:{gw.admin_port}"
+        token = op.create("load")
+        first = pushed_version(op.push(gw, "--admin", admin))
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
+        # 16 threads, a new connection every 5 requests: hundreds of connections.
+        load = Load(gw, token, threads=16, per_connection=5)
+        versions = [first]
+        for i in range(5):
+            op.create(f"extra-{i}")
+            versions.append(pushed_version(op.push(gw, "--admin", admin)))  # served when it returns
+            time.sleep(0.1)
+        time.sleep(0.5)
+        results = load.stop()
+        total = sum(results.values())
+        assert results.get(200, 0) == total and total > 100, f"statuses during {len(versions) - 1} pushes: {results}"
+        connections = {k: v for k, v in gw.stats().items()
+                       if re.fullmatch(rf"listener\.127\.0\.0\.1_{gw.listen_port}\.worker_\d+\.downstream_cx_total", k)}
+        assert len(connections) == 4 and all(connections.values()), f"connections per worker: {connections}"
+        log = open(gw.envoy_log, errors="replace").read()
+        for version in versions:
+            lines = re.findall(rf"tokengate: serving bundle version {version} for ", log)
+            assert len(lines) == 1, f"version {version} logged {len(lines)} times:\n{gw.tail_log()}"
+        assert gw.gate_stat(VERSION) == versions[-1]
+    return (f"{len(versions)} pushes, one log line each; {total} requests, all 200, on "
+            f"{sum(connections.values())} connections over 4 workers")
 
 
 def test_access_log_and_stats_for_allowed_and_denied():
@@ -709,7 +922,7 @@ def test_access_log_and_stats_for_allowed_and_denied():
         assert gw.request("GET", "/api/orders", bearer(token))[0] == 200
         assert gw.request("GET", f"/api/orders?access_token={token}", bearer(token[:-1] + "x"))[0] == 401
         after = gw.stats()
-        for name in ("wasmcustom.tokengate.allowed.valid", "wasmcustom.tokengate.denied.checksum"):
+        for name in (gw.stat_name("allowed.valid"), gw.stat_name("denied.checksum")):
             assert after.get(name, 0) == before.get(name, 0) + 1, name
         eventually(lambda: len(gw.access_log_lines()) >= 3, 3.0, "access log lines")
         lines = gw.access_log_lines()
@@ -717,8 +930,13 @@ def test_access_log_and_stats_for_allowed_and_denied():
         denied = [l for l in lines if "reason=checksum" in l and " 401 " in l]
         assert allowed and denied, lines
         assert not any(token in l or token[:-1] in l for l in lines), "a token reached the access log"
-        prometheus = gw.prometheus()
-        assert "tokengate_allowed_valid" in prometheus and "tokengate_bundle_version" in prometheus
+        # The decision reached the log through the filter's own filter state key.
+        assert f"%FILTER_STATE({gw.filter_state_key}:PLAIN)%" in open(gw.config_path).read()
+        prometheus = gw.prometheus().splitlines()
+        for name in ("allowed.valid", "bundle.version"):
+            assert any(l.startswith(gw.prometheus_name(name)) for l in prometheus), gw.prometheus_name(name)
+        # The guard read the same key: it let the allowed request through, stopped nothing.
+        assert gw.stat("http.gateway.rbac.tokengate_guard.denied", 0) == 0
     return allowed[-1].split('"', 1)[-1].strip()
 
 
@@ -779,7 +997,7 @@ def test_comma_joined_credential_is_a_400_through_envoy():
         op.push(gw)
         one = lambda t: gw.request("GET", "/api/x", [("X-Internal-Token", t)])[0]  # noqa: E731
         eventually(lambda: one(a) == 200 and one(b) == 200, 2.0, "each token alone served")
-        counter = "wasmcustom.tokengate.denied.several_credentials"
+        counter = gw.stat_name("denied.several_credentials")
         cases = [("comma and space", [("X-Internal-Token", f"{a}, {b}")]),
                  ("comma", [("X-Internal-Token", f"{a},{b}")]),
                  ("two headers", [("X-Internal-Token", a), ("X-Internal-Token", b)])]
@@ -812,7 +1030,9 @@ def test_push_envoy_admin_confirms_what_envoy_serves():
     restored)": with --admin the push exits 0 only once Envoy serves the new version; a
     bundle Envoy refuses (signed by trusted keys, for another environment) exits 2 naming the
     refusal, and the ECDS file is put back byte for byte, so a restarted Envoy never loads
-    it; the old bundle keeps serving. Without --admin the push says it is not confirmed."""
+    it (restarted here: it serves the old bundle, whose file, for the module, is still
+    there); the old bundle keeps serving. Without --admin the push says it is not confirmed;
+    without --module / --wasm it keeps the filter the ECDS file names."""
     op = Operator()
     with op.gateway() as gw:
         admin = f"http://127.0.0.1:{gw.admin_port}"
@@ -820,7 +1040,7 @@ def test_push_envoy_admin_confirms_what_envoy_serves():
         proc = op.push(gw, "--admin", admin)
         first = pushed_version(proc)
         assert "serves it" in proc.stderr and "not confirmed" not in proc.stderr, proc.stderr
-        assert gw.stat(VERSION) == first, "the push returned before Envoy served it"
+        assert gw.gate_stat(VERSION) == first, "the push returned before Envoy served it"
         eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
 
         other = other_environment(op, ahead_of=first)
@@ -833,15 +1053,22 @@ def test_push_envoy_admin_confirms_what_envoy_serves():
         log = open(gw.envoy_log, errors="replace").read()
         assert 'bundle refused: bundle is signed for environment "other"' in log, \
             "Envoy refused it for another reason than the environment:\n" + gw.tail_log()
-        # Envoy sees the restored file too (and refuses it: not newer); nothing changes.
+        # Envoy sees the restored file too (it names the bundle served); nothing changes.
         time.sleep(0.5)
         assert open(gw.ecds_path, "rb").read() == served_bytes
-        assert gw.stat(VERSION) == first and status_of(gw, token) == 200, "the old bundle stopped serving"
+        assert gw.gate_stat(VERSION) == first and status_of(gw, token) == 200, "the old bundle stopped serving"
+        gw.stop_envoy()
+        gw.start_envoy()
+        eventually(lambda: gw.gate_stat(VERSION) == first and status_of(gw, token) == 200, 5.0,
+                   "the restarted Envoy serving the restored file")
 
-        proc = op.push(gw)
+        filter_type = json.load(open(gw.ecds_path))["resources"][0]["typed_config"]["@type"]
+        proc = op.push(gw, name_filter=False)
         second = pushed_version(proc)
         assert proc.returncode == 0 and "not confirmed" in proc.stderr, proc.stderr
-        eventually(lambda: gw.stat(VERSION) == second, 2.0, "the unconfirmed push served")
+        eventually(lambda: gw.gate_stat(VERSION) == second, 2.0, "the unconfirmed push served")
+        assert json.load(open(gw.ecds_path))["resources"][0]["typed_config"]["@type"] == filter_type, \
+            "a push without --module / --wasm changed the filter"
     return f"version {first} confirmed; other environment's refused (exit 2, file restored)"
 
 
@@ -863,12 +1090,12 @@ def test_status_shows_current_and_behind():
                            "last_pushed": version, "current": True}], listed
 
         other = other_environment(op, ahead_of=version)
-        refused = gw.stat(REFUSED, 0)
+        refused = gw.gate_stat(REFUSED, 0)
         proc = other.push(gw)  # not confirmed: recorded, though Envoy refuses it
         pushed = pushed_version(proc)
         assert "not confirmed" in proc.stderr, proc.stderr
-        eventually(lambda: gw.stat(REFUSED, 0) > refused, 3.0, "Envoy refused the other environment's bundle")
-        assert gw.stat(VERSION) == version
+        eventually(lambda: gw.gate_stat(REFUSED, 0) > refused, 3.0, "Envoy refused the other environment's bundle")
+        assert gw.gate_stat(VERSION) == version
         shown = other.run("status", "--envoy-admin", admin, check=False)
         assert shown.returncode == 1, (shown.returncode, shown.stdout, shown.stderr)
         assert "behind" in shown.stdout and f"version {pushed}" in shown.stdout, shown.stdout
@@ -933,6 +1160,7 @@ def in_terminal(argv, env, secret, timeout=20.0):
         os.close(fd)
 
 
+@once  # the CLI alone: no Envoy
 def test_import_and_check_read_a_secret_from_a_terminal_with_echo_off():
     """Review item "secrets read with echo off": `tokengate import` and `tokengate check` run
     in a terminal prompt for the secret and turn echo off, so the secret typed never shows on
@@ -953,40 +1181,74 @@ def test_import_and_check_read_a_secret_from_a_terminal_with_echo_off():
     return shown.strip().splitlines()[-1]
 
 
+@once  # both gateways at once
 def test_every_shipped_envoy_config_validates():
-    from harness import envoy_binary
+    """Both shipped gateways (the module's gateway.yaml, gateway-wasm.yaml) pass Envoy's own
+    validation as shipped; the shipped pre-push ECDS file is the harness's "no bundle yet"
+    resource for the module (the twin of gateway.yaml's default_config); no shipped file
+    asks Envoy for a signing key."""
     # Envoy as deployed: the environment's name and nothing else of tokengate's.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENGATE_")}
     env["TOKENGATE_ENVIRONMENT"] = "demo"
-    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", "envoy/gateway.yaml"],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    # The shipped pre-push resource is the harness's (and so the default_config's twin), and
-    # no shipped file asks Envoy for a signing key.
+    for filter in FILTERS:
+        relative = os.path.relpath(GATEWAY_YAMLS[filter], ROOT)
+        proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", relative],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, f"{relative}:\n" + proc.stdout + proc.stderr
     with tempfile.TemporaryDirectory() as d:
         fresh = os.path.join(d, "tokengate.ecds.json")
-        write_ecds(fresh, wasm_path=WASM_REL)
+        write_ecds(fresh, module_path=MODULE_REL)
         assert open(fresh).read() == open(SHIPPED_ECDS).read(), \
             "stale: python3 envoy/harness.py empty-ecds envoy/run/tokengate.ecds.json"
-    for path in (GATEWAY_YAML, SHIPPED_ECDS):
+    for path in (*GATEWAY_YAMLS.values(), SHIPPED_ECDS):
         assert "TOKENGATE_SIGNING_KEY" not in open(path).read(), path
+    return ", ".join(os.path.basename(p) for p in GATEWAY_YAMLS.values()) + " valid"
 
 
 TESTS = [v for k, v in list(globals().items()) if k.startswith("test_")]
 
+
+def run(test, label):
+    """Runs one test, prints its line; True if it passed."""
+    started = time.monotonic()
+    try:
+        note = test()
+        print(f"ok    [{label}] {test.__name__} ({time.monotonic() - started:.1f}s){': ' + note if note else ''}",
+              flush=True)
+        return True
+    except Exception:  # noqa: BLE001 - every failure is reported, then the next test runs
+        print(f"FAIL  [{label}] {test.__name__}\n{traceback.format_exc()}", flush=True)
+        return False
+
+
+def main(argv):
+    global FILTER
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filter", choices=FILTERS, default=os.environ.get("TOKENGATE_ENVOY_FILTER") or None,
+                        help="run one filter's pass only (default: TOKENGATE_ENVOY_FILTER, else both)")
+    parser.add_argument("names", nargs="*", metavar="NAME", help="run the tests whose names contain one")
+    args = parser.parse_args(argv[1:])
+    if args.filter not in (None, *FILTERS):
+        parser.error(f"TOKENGATE_ENVOY_FILTER: one of {', '.join(FILTERS)}")
+    chosen = [t for t in TESTS if not args.names or any(n in t.__name__ for n in args.names)]
+    started, tally = time.monotonic(), {}
+    # Tests that run no filter first, once; then a pass per filter, the shipped default first.
+    passes = [("once", [t for t in chosen if getattr(t, "filters", None) == ()])]
+    passes += [(f, [t for t in chosen if f in getattr(t, "filters", FILTERS)])
+               for f in FILTERS if args.filter in (None, f)]
+    for label, tests in passes:
+        if label != "once":
+            FILTER = label
+        for test in tests:
+            passed, failed = tally.get(label, (0, 0))
+            tally[label] = (passed + 1, failed) if run(test, label) else (passed, failed + 1)
+    passed = sum(p for p, _ in tally.values())
+    failed = sum(f for _, f in tally.values())
+    minutes, seconds = divmod(time.monotonic() - started, 60)
+    per_pass = ", ".join(f"{label} {p}/{p + f}" for label, (p, f) in tally.items())
+    print(f"envoy e2e: {passed} passed, {failed} failed ({per_pass}) in {int(minutes)}m{seconds:02.0f}s")
+    return 1 if failed or not passed else 0
+
+
 if __name__ == "__main__":
-    wanted = sys.argv[1:]
-    passed = failed = 0
-    for test in TESTS:
-        if wanted and not any(w in test.__name__ for w in wanted):
-            continue
-        started = time.monotonic()
-        try:
-            note = test()
-            passed += 1
-            print(f"ok    {test.__name__} ({time.monotonic() - started:.1f}s){': ' + note if note else ''}", flush=True)
-        except Exception:  # noqa: BLE001 - every failure is reported, then the next test runs
-            failed += 1
-            print(f"FAIL  {test.__name__}\n{traceback.format_exc()}", flush=True)
-    print(f"envoy e2e: {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(main(sys.argv))

@@ -1,0 +1,19 @@
+//! tokengate as an Envoy dynamic module: a native HTTP filter over `tokengate-core`.
+//!
+//! A thin adapter, like the proxy-wasm filter: the core decides, this crate moves headers,
+//! time, metrics and the configuration between Envoy and the core.
+//!
+//! - [`config`]: the filter configuration (a reference to a bundle file: path, SHA-256 and
+//!   the admin's public keys) and the one gate per process every worker thread shares.
+//! - [`stream`]: one request, from Envoy's headers to the decision's effects.
+//! - `ffi`: the C ABI of Envoy 1.40's dynamic modules; the only `unsafe` code.
+//!
+//! Fail closed: no bundle yet → 503; a refused configuration is rejected (Envoy keeps the
+//! previous one); a panic in any hook is caught and answered 503.
+
+pub mod config;
+pub mod stream;
+
+#[cfg(not(test))]
+#[allow(unsafe_code)]
+mod ffi;
