@@ -389,8 +389,7 @@ impl Gate {
 
     /// The record for a hash, O(1).
     pub fn record(&self, hash: &TokenHash) -> Option<&Record> {
-        let index = *self.index.get(&hash.0)?;
-        self.records.get(index as usize)
+        self.index.get(&self.records, &hash.0)
     }
 
     /// Everything up to the lookup: path, rule, credential, shape and checksum.

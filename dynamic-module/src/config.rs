@@ -168,3 +168,70 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod configure_tests {
+    use super::*;
+    use tokengate_conformance as conformance;
+
+    /// One test, in order: the served gate is process-wide state.
+    #[test]
+    fn configurations_load_share_and_refuse_like_a_gate() {
+        let suite = conformance::load().unwrap();
+        std::env::set_var(ENVIRONMENT_VARIABLE, &suite.environment);
+        let dir = std::env::temp_dir().join(format!("tokengate-module-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = suite.trusted_keys.join(",");
+        let write = |name: &str| {
+            let text = suite.bundle_text(name, "envoy").unwrap();
+            let path = dir.join(format!("{name}.json"));
+            std::fs::write(&path, &text).unwrap();
+            (
+                path,
+                tokengate_core::hex::encode(&Sha256::digest(text.as_bytes())),
+            )
+        };
+        let reference = |path: &std::path::Path, sha256: &str, keys: &str| {
+            serde_json::json!({"bundle": path, "sha256": sha256, "trusted_keys": keys})
+                .to_string()
+                .into_bytes()
+        };
+        let served = |c: Result<Configured, String>| match c {
+            Ok(Configured::Serving(gate)) => gate,
+            other => panic!("not serving: {other:?}"),
+        };
+
+        assert!(matches!(configure(b""), Ok(Configured::NoBundle)));
+        let (main, main_sha) = write("main"); // version 10
+        let (rotation, rotation_sha) = write("rotation"); // version 14
+
+        // Refused, and nothing changes: another file's digest, a missing file, unknown keys,
+        // an inline bundle instead of a reference.
+        let refusals = [
+            reference(&main, &rotation_sha, &keys),
+            reference(&dir.join("absent.json"), &main_sha, &keys),
+            reference(&main, &main_sha, &"ab".repeat(32)),
+            suite.bundle_text("main", "envoy").unwrap().into_bytes(),
+        ];
+        for config in &refusals {
+            assert!(configure(config).is_err());
+            assert_eq!(serving_version(), None);
+        }
+
+        let first = served(configure(&reference(&main, &main_sha, &keys)));
+        assert_eq!(first.version(), 10);
+        // The same file and keys again (another filter chain, a listener update): one gate.
+        let again = served(configure(&reference(&main, &main_sha, &keys)));
+        assert!(Arc::ptr_eq(&first, &again));
+        // Once a bundle is served, no configuration goes back to "no bundle".
+        assert!(configure(b"").is_err());
+
+        let newer = served(configure(&reference(&rotation, &rotation_sha, &keys)));
+        assert_eq!(newer.version(), 14);
+        // No rollback: the older bundle, valid as it is, is refused now.
+        let rollback = configure(&reference(&main, &main_sha, &keys)).unwrap_err();
+        assert!(rollback.contains("not newer"), "{rollback}");
+        assert_eq!(serving_version(), Some(14));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

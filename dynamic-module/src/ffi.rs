@@ -360,7 +360,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *const c_v
 struct EnvoyStream<'a> {
     envoy: *mut c_void,
     config: &'a FilterConfig,
-    answered: bool,
 }
 
 impl Host for EnvoyStream<'_> {
@@ -433,7 +432,6 @@ impl Host for EnvoyStream<'_> {
                 ModuleBuffer::of(b"tokengate"),
             )
         };
-        self.answered = true;
     }
 
     fn count(&mut self, reason: Reason) {
@@ -477,31 +475,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     let mut stream = EnvoyStream {
         envoy,
         config: &filter.config,
-        answered: false,
     };
-    let verdict = catch_unwind(AssertUnwindSafe(|| {
-        stream::on_request_headers(filter.config.gate.as_deref(), &mut stream)
-    }));
-    match verdict {
-        Ok(Verdict::Forward) => HEADERS_CONTINUE,
-        Ok(Verdict::Answered) => HEADERS_STOP_ITERATION,
-        Err(_) => {
-            // Fail closed: whatever the hook did before it panicked, the request is answered.
-            if !stream.answered {
-                let decision = stream::internal_error();
-                if let Some(denial) = decision.refusal() {
-                    let headers: Vec<(&str, &str)> = denial
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (*n, v.as_str()))
-                        .collect();
-                    let _ = catch_unwind(AssertUnwindSafe(|| {
-                        stream.send_response(denial.status, &headers, &denial.body)
-                    }));
-                }
-            }
-            HEADERS_STOP_ITERATION
-        }
+    // Panics are caught inside: a request whose decision panicked is answered 503.
+    let now = stream::now();
+    match stream::on_request_headers(filter.config.gate.as_deref(), &mut stream, now) {
+        Verdict::Forward => HEADERS_CONTINUE,
+        Verdict::Answered => HEADERS_STOP_ITERATION,
     }
 }
 

@@ -1,5 +1,6 @@
 //! One request: Envoy's headers in, the decision's effects out. Nothing is decided here.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokengate_core::decision::{self, Reason};
@@ -33,18 +34,73 @@ pub enum Verdict {
 }
 
 /// Decides the request on `gate` (503 without one) and applies the decision through `host`.
-pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host) -> Verdict {
-    let decision = decide(gate, host);
+/// A panic on the way is caught here: the request is answered 503 (unless it was answered
+/// already) and never unwinds into Envoy.
+pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host, now: u64) -> Verdict {
+    let mut answering = Answering {
+        host,
+        answered: false,
+    };
+    match catch_unwind(AssertUnwindSafe(|| apply(gate, &mut answering, now))) {
+        Ok(verdict) => verdict,
+        Err(_) => {
+            if !answering.answered {
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    let decision = decision::unavailable(Reason::Internal);
+                    answering.count(decision.reason);
+                    send(&mut answering, &decision);
+                }));
+            }
+            Verdict::Answered
+        }
+    }
+}
+
+/// A host that remembers whether the request was answered.
+struct Answering<'h, H> {
+    host: &'h mut H,
+    answered: bool,
+}
+
+impl<H: Host> Host for Answering<'_, H> {
+    fn request_headers(&self) -> Vec<(String, String)> {
+        self.host.request_headers()
+    }
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        self.host.set_request_header(name, value)
+    }
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
+        self.answered = true;
+        self.host.send_response(status, headers, body)
+    }
+    fn count(&mut self, reason: Reason) {
+        self.host.count(reason)
+    }
+    fn record(&mut self, fields: &str) {
+        self.host.record(fields)
+    }
+}
+
+/// Sends the decision's refusal; `false` if it forwards.
+fn send(host: &mut impl Host, decision: &Decision) -> bool {
+    let Some(denial) = decision.refusal() else {
+        return false;
+    };
+    let headers: Vec<(&str, &str)> = denial
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    host.send_response(denial.status, &headers, &denial.body);
+    true
+}
+
+fn apply(gate: Option<&Gate>, host: &mut impl Host, now: u64) -> Verdict {
+    let decision = decide(gate, host, now);
     host.count(decision.reason);
     host.record(&decision.log_fields());
     // Forward only on Allow: any other decision answers (a deny without its denial, 503).
-    if let Some(denial) = decision.refusal() {
-        let headers: Vec<(&str, &str)> = denial
-            .headers
-            .iter()
-            .map(|(n, v)| (*n, v.as_str()))
-            .collect();
-        host.send_response(denial.status, &headers, &denial.body);
+    if send(host, &decision) {
         return Verdict::Answered;
     }
     for name in &decision.remove_headers {
@@ -59,7 +115,7 @@ pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host) -> Verdict 
     Verdict::Forward
 }
 
-fn decide(gate: Option<&Gate>, host: &impl Host) -> Decision {
+fn decide(gate: Option<&Gate>, host: &impl Host, now: u64) -> Decision {
     let Some(gate) = gate else {
         return decision::unavailable(Reason::NoBundle);
     };
@@ -76,17 +132,160 @@ fn decide(gate: Option<&Gate>, host: &impl Host) -> Decision {
         authority: pseudo(":authority"),
         headers: &headers,
     };
-    gate.decide(&request, now())
+    gate.decide(&request, now)
 }
 
 /// Unix seconds. (Envoy offers a module no clock; the OS clock is what its own time reads.)
-fn now() -> u64 {
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-/// The 503 a hook answers when it could not run (a panic caught at the boundary).
-pub fn internal_error() -> Decision {
-    decision::unavailable(Reason::Internal)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokengate_conformance::{self as conformance, Observed};
+    use tokengate_core::{Expectation, KeySet, Target};
+
+    /// A local reply: status, headers, body.
+    type Response = (u16, Vec<(String, String)>, String);
+
+    /// Envoy as the module sees it: the request's headers (changed as the filter asks), the
+    /// response it sent, the counters and the filter state.
+    #[derive(Default)]
+    struct FakeEnvoy {
+        headers: Vec<(String, String)>,
+        response: Option<Response>,
+        counted: Vec<Reason>,
+        recorded: Option<String>,
+        panic_on_read: bool,
+    }
+
+    impl Host for FakeEnvoy {
+        fn request_headers(&self) -> Vec<(String, String)> {
+            assert!(!self.panic_on_read, "a host failure");
+            self.headers.clone()
+        }
+        fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+            self.headers.retain(|(n, _)| n != name);
+            if let Some(value) = value {
+                self.headers.push((name.to_owned(), value.to_owned()));
+            }
+        }
+        fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
+            assert!(self.response.is_none(), "answered twice");
+            let headers = headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect();
+            self.response = Some((status, headers, body.to_owned()));
+        }
+        fn count(&mut self, reason: Reason) {
+            self.counted.push(reason);
+        }
+        fn record(&mut self, fields: &str) {
+            self.recorded = Some(fields.to_owned());
+        }
+    }
+
+    fn fixture(suite: &conformance::Suite, name: &str) -> Gate {
+        let trusted = KeySet::from_hex(&suite.trusted_keys).unwrap();
+        let text = suite.bundle_text(name, "envoy").unwrap();
+        let expect = Expectation {
+            target: Target::Envoy,
+            environment: Some(&suite.environment),
+            newer_than: None,
+        };
+        Gate::load(text.as_bytes(), &trusted, &expect).unwrap()
+    }
+
+    #[test]
+    fn every_conformance_vector_through_the_module_adapter() {
+        let suite = conformance::load().unwrap();
+        let count = conformance::run_all(&suite, |case| {
+            let gate = fixture(&suite, &case.bundle);
+            let r = &case.request;
+            let mut envoy = FakeEnvoy {
+                headers: [
+                    (":method", &r.method),
+                    (":path", &r.path),
+                    (":authority", &r.authority),
+                ]
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v.clone()))
+                .chain(
+                    r.headers
+                        .iter()
+                        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
+                )
+                .collect(),
+                ..FakeEnvoy::default()
+            };
+            let verdict = on_request_headers(Some(&gate), &mut envoy, case.now);
+            let reason = envoy.counted.first().map(|r| r.as_str().to_owned());
+            assert_eq!(envoy.counted.len(), 1, "{}: counted once", case.name);
+            let recorded = envoy.recorded.clone().unwrap_or_default();
+            assert!(
+                recorded.starts_with(&format!("reason={} ", reason.clone().unwrap_or_default()))
+            );
+            Ok(match (verdict, envoy.response) {
+                (Verdict::Answered, Some((status, response_headers, body))) => Observed {
+                    status,
+                    reason,
+                    response_headers,
+                    body,
+                    ..Observed::default()
+                },
+                (Verdict::Forward, None) => {
+                    let path = envoy.headers.iter().find(|(n, _)| n == ":path");
+                    Observed {
+                        status: 200,
+                        reason,
+                        upstream_path: path.map(|(_, v)| v.clone()),
+                        upstream_headers: Some(
+                            envoy
+                                .headers
+                                .into_iter()
+                                .filter(|(n, _)| !n.starts_with(':'))
+                                .collect(),
+                        ),
+                        ..Observed::default()
+                    }
+                }
+                (verdict, response) => {
+                    return Err(format!("{verdict:?} with a response: {response:?}"))
+                }
+            })
+        })
+        .unwrap_or_else(|report| panic!("{report}"));
+        assert_eq!(count, suite.cases.len());
+    }
+
+    #[test]
+    fn no_gate_answers_503() {
+        let mut envoy = FakeEnvoy::default();
+        assert_eq!(on_request_headers(None, &mut envoy, 0), Verdict::Answered);
+        assert_eq!(envoy.response.map(|r| r.0), Some(503));
+        assert_eq!(envoy.counted, [Reason::NoBundle]);
+    }
+
+    #[test]
+    fn a_panic_in_the_hook_is_answered_503_and_never_unwinds() {
+        let suite = conformance::load().unwrap();
+        let gate = fixture(&suite, "main");
+        let mut envoy = FakeEnvoy {
+            panic_on_read: true,
+            ..FakeEnvoy::default()
+        };
+        assert_eq!(
+            on_request_headers(Some(&gate), &mut envoy, suite.now),
+            Verdict::Answered
+        );
+        let (status, headers, body) = envoy.response.unwrap();
+        assert_eq!(status, 503);
+        assert!(headers.iter().any(|(n, v)| n == "retry-after" && v == "5"));
+        assert!(body.contains("temporarily_unavailable"));
+        assert_eq!(envoy.counted, [Reason::Internal]);
+    }
 }
