@@ -730,11 +730,15 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 now,
             )?;
             let gate = Gate::from_bundle(bundle).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut headers = Vec::new();
-            if !no_token {
-                let secret = read_secret(token_env.as_deref())?;
-                headers.push(("authorization".to_owned(), format!("Bearer {secret}")));
-            }
+            let authorization = match no_token {
+                true => None,
+                false => Some(format!("Bearer {}", read_secret(token_env.as_deref())?)),
+            };
+            let headers: Vec<(&str, &str)> = authorization
+                .as_deref()
+                .map(|value| ("authorization", value))
+                .into_iter()
+                .collect();
             let request = Request {
                 method,
                 path,

@@ -26,6 +26,7 @@ use tokengate_bench::{
     ENVIRONMENT, NOW,
 };
 use tokengate_core::bundle::Envelope;
+use tokengate_core::decision::header_refs;
 use tokengate_core::token::{shape, TokenHash};
 use tokengate_core::{
     credentials, policy, Bundle, Expectation, Gate, KeySet, Request, Step, Target,
@@ -57,7 +58,7 @@ fn gate(json: &str) -> Gate {
 }
 
 /// The benchmarked request: `GET /api/orders/1` on `api.internal` with these headers.
-fn orders_request(headers: &[(String, String)]) -> Request<'_> {
+fn orders_request<'a>(headers: &'a [(&'a str, &'a str)]) -> Request<'a> {
     Request {
         method: "GET",
         path: "/api/orders/1",
@@ -72,6 +73,7 @@ fn native(c: &mut Criterion) {
         let gate = gate(&bundle_json(n, 1));
         for (case, credential) in cases() {
             let headers = envoy_headers(&credential);
+            let headers = header_refs(&headers);
             let request = orders_request(&headers);
             // Sanity: the case is what its name says.
             let reason = gate.decide(&request, NOW).reason.as_str();
@@ -90,6 +92,7 @@ fn parts(c: &mut Criterion) {
     let gate = gate(&bundle_json(n, 1));
     let valid = token(7);
     let headers = envoy_headers(&valid);
+    let headers = header_refs(&headers);
     let request = orders_request(&headers);
     let hash = TokenHash::of(valid.as_bytes());
     let mut group = c.benchmark_group("parts");

@@ -669,17 +669,14 @@ mod tests {
         let mut c = claims();
         c["aud"] = "aud-1".into();
         let assertion = jwt(RS256(), c);
-        let headers = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs
-                .iter()
-                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-                .collect()
-        };
+        fn headers<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+            pairs.to_vec()
+        }
         let with_jwt = headers(&[
             ("Cf-Access-Jwt-Assertion", &assertion),
             ("x-tokengate-subject", "x"),
         ]);
-        fn request<'a>(path: &'a str, headers: &'a [(String, String)]) -> Request<'a> {
+        fn request<'a>(path: &'a str, headers: &'a [(&'a str, &'a str)]) -> Request<'a> {
             Request {
                 method: "GET",
                 path,

@@ -135,7 +135,7 @@ pub enum Found<'a> {
 /// Reads every configured source. A non-Bearer `Authorization` header is not a credential.
 pub fn find<'a>(
     sources: &'a [Source],
-    headers: &'a [(String, String)],
+    headers: &'a [(&'a str, &'a str)],
     query: Option<&'a str>,
 ) -> Found<'a> {
     let mut found = Found::None;
@@ -247,11 +247,8 @@ pub fn strip_query_credentials(query: &str, sources: &[Source]) -> String {
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-            .collect()
+    fn h<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        pairs.to_vec()
     }
 
     #[test]

@@ -51,7 +51,15 @@ pub struct Request<'a> {
     /// The `:authority` / `Host`.
     pub authority: &'a str,
     /// Every header pair, repeats included.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+/// Borrows owned header pairs as a [`Request`] takes them.
+pub fn header_refs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect()
 }
 
 /// Pass or not.

@@ -6,11 +6,16 @@ const DIGITS: &[u8; 16] = b"0123456789abcdef";
 /// Lower-case hex of `bytes`.
 pub fn encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
+    encode_into(bytes, &mut out);
+    out
+}
+
+/// Appends the lower-case hex of `bytes` to `out`.
+pub fn encode_into(bytes: &[u8], out: &mut String) {
     for b in bytes {
         out.push(DIGITS[usize::from(b >> 4)] as char);
         out.push(DIGITS[usize::from(b & 0x0f)] as char);
     }
-    out
 }
 
 /// Decodes exactly `N` bytes of lower-case hex; anything else is `None`.

@@ -117,7 +117,10 @@ impl TokenHash {
 
     /// The short public identifier derived from the hash (safe to log and show).
     pub fn token_id(&self) -> String {
-        format!("tid_{}", crate::hex::encode(&self.0[..8]))
+        let mut id = String::with_capacity(4 + 16);
+        id.push_str("tid_");
+        crate::hex::encode_into(&self.0[..8], &mut id);
+        id
     }
 
     /// Whether `text` is [`TokenHash::token_id`] of this hash (checked without building it).
@@ -141,9 +144,13 @@ pub fn token_id(hash: &TokenHash) -> String {
 
 /// Checks a prefix: one to three `[a-z][a-z0-9]{0,15}` segments joined by `_`.
 pub fn validate_prefix(prefix: &str) -> Result<(), TokenError> {
-    let segments: Vec<&str> = prefix.split('_').collect();
-    if segments.len() > MAX_SEGMENTS || !segments.iter().all(|s| valid_segment(s)) {
-        return Err(TokenError::BadPrefix);
+    // Every request with a token-shaped credential comes here: no allocation.
+    let mut segments = 0;
+    for segment in prefix.split('_') {
+        segments += 1;
+        if segments > MAX_SEGMENTS || !valid_segment(segment) {
+            return Err(TokenError::BadPrefix);
+        }
     }
     Ok(())
 }

@@ -48,7 +48,7 @@ fn every_vector_passes_in_the_core() {
                 method: &r.method,
                 path: &r.path,
                 authority: &r.authority,
-                headers: &r.headers,
+                headers: &tokengate_core::decision::header_refs(&r.headers),
             },
             case.now,
         );
@@ -115,7 +115,7 @@ fn a_401_never_says_why() {
                 method: &r.method,
                 path: &r.path,
                 authority: &r.authority,
-                headers: &r.headers,
+                headers: &tokengate_core::decision::header_refs(&r.headers),
             };
             gate.decide(&request, case.now).denial.unwrap().body
         })
@@ -151,7 +151,7 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
             method: &r.method,
             path: &r.path,
             authority: &r.authority,
-            headers: &r.headers,
+            headers: &tokengate_core::decision::header_refs(&r.headers),
         };
         let split = match meta.begin(&request) {
             Step::Done(decision) => decision,

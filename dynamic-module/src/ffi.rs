@@ -7,6 +7,7 @@
 //! Each exported hook catches panics: a panic never unwinds into Envoy; a request whose hook
 //! panicked is answered 503, a configuration whose hook panicked is rejected.
 
+use std::borrow::Cow;
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
@@ -363,7 +364,7 @@ struct EnvoyStream<'a> {
 }
 
 impl Host for EnvoyStream<'_> {
-    fn request_headers(&self) -> Vec<(String, String)> {
+    fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
         // SAFETY: `envoy` is the stream pointer of the running hook.
         let count = unsafe {
             envoy_dynamic_module_callback_http_get_headers_size(self.envoy, REQUEST_HEADERS)
@@ -390,10 +391,9 @@ impl Host for EnvoyStream<'_> {
         if !read {
             return Vec::new();
         }
-        let text = |buffer| {
-            // SAFETY: Envoy's header buffers are valid during this hook; copied at once.
-            String::from_utf8_lossy(unsafe { bytes(buffer) }).into_owned()
-        };
+        // SAFETY: Envoy's header buffers stay valid until the hook returns, and the borrows
+        // cannot outlive it: they are tied to `&self`, which lives only as long as the hook.
+        let text = |buffer| String::from_utf8_lossy(unsafe { bytes(buffer) });
         headers
             .iter()
             .map(|h| (text(h.key), text(h.value)))

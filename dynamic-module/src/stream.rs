@@ -1,5 +1,6 @@
 //! One request: Envoy's headers in, the decision's effects out. Nothing is decided here.
 
+use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,8 +13,10 @@ pub const FILTER_STATE_KEY: &str = "tokengate";
 
 /// What a request's filter can ask of Envoy.
 pub trait Host {
-    /// Every request header pair, pseudo-headers included, repeats in order.
-    fn request_headers(&self) -> Vec<(String, String)>;
+    /// Every request header pair, pseudo-headers included, repeats in order: borrowed from
+    /// the host (valid UTF-8, as every well-formed request is) or converted (lossy: a
+    /// replaced byte can only make a token invalid).
+    fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)>;
     /// Sets (`Some`) or removes (`None`) a request header.
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     /// Answers the request instead of forwarding it.
@@ -63,7 +66,7 @@ struct Answering<'h, H> {
 }
 
 impl<H: Host> Host for Answering<'_, H> {
-    fn request_headers(&self) -> Vec<(String, String)> {
+    fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
         self.host.request_headers()
     }
     fn set_request_header(&mut self, name: &str, value: Option<&str>) {
@@ -119,12 +122,13 @@ fn decide(gate: Option<&Gate>, host: &impl Host, now: u64) -> Decision {
     let Some(gate) = gate else {
         return decision::unavailable(Reason::NoBundle);
     };
-    let headers = host.request_headers();
+    let owned = host.request_headers();
+    let headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (&**n, &**v)).collect();
     let pseudo = |name: &str| {
         headers
             .iter()
-            .find(|(n, _)| n == name)
-            .map_or("", |(_, v)| v.as_str())
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, v)| v)
     };
     let request = Request {
         method: pseudo(":method"),
@@ -163,9 +167,12 @@ mod tests {
     }
 
     impl Host for FakeEnvoy {
-        fn request_headers(&self) -> Vec<(String, String)> {
+        fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
             assert!(!self.panic_on_read, "a host failure");
-            self.headers.clone()
+            self.headers
+                .iter()
+                .map(|(n, v)| (Cow::Borrowed(n.as_str()), Cow::Borrowed(v.as_str())))
+                .collect()
         }
         fn set_request_header(&mut self, name: &str, value: Option<&str>) {
             self.headers.retain(|(n, _)| n != name);

@@ -25,9 +25,9 @@ fuzz_target!(|data: &[u8]| {
     else {
         return;
     };
-    let headers: Vec<(String, String)> = lines
+    let headers: Vec<(&str, &str)> = lines
         .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.to_owned(), v.trim_start().to_owned()))
+        .map(|(n, v)| (n, v.trim_start()))
         .collect();
     let request = Request {
         method,
@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     // Far enough from every fixture lifetime edge not to matter.
     let decision = gate().decide(&request, 1_767_225_600);
     if decision.outcome == Outcome::Allow {
-        for (name, _) in &headers {
+        for &(name, _) in &headers {
             let removed = decision.remove_headers.contains(&name.to_ascii_lowercase());
             let replaced = decision.add_headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
             if is_identity_header(name) {

@@ -284,11 +284,12 @@ impl GateStream {
                 (name, value)
             })
             .collect();
+        let headers = decision::header_refs(&headers);
         let pseudo = |name: &str| {
             headers
                 .iter()
-                .find(|(n, _)| n == name)
-                .map_or("", |(_, v)| v.as_str())
+                .find(|(n, _)| *n == name)
+                .map_or("", |(_, v)| v)
         };
         let now = self
             .get_current_time()

@@ -67,11 +67,12 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
         Ok(None) => return unavailable(Reason::NoBundle, None),
         Err(failure) => return unavailable(Reason::Internal, Some(failure)),
     };
+    let header_refs = tokengate_core::decision::header_refs(&headers);
     let request = CoreRequest {
         method: &method,
         path: &target.path,
         authority: &target.authority,
-        headers: &headers,
+        headers: &header_refs,
     };
     let decision = match served
         .gate
