@@ -1,19 +1,33 @@
 #!/usr/bin/env python3
-# tokengate benchmark, Envoy part: CPU per request of each auth configuration, interleaved
-# over rounds, then reload time and memory of a 100,000-token bundle. Run by bench/run.sh.
+# tokengate benchmark, Envoy part: CPU per request of each auth configuration (both tokengate
+# filters: the native dynamic module and the wasm filter), interleaved over rounds, then reload
+# time and memory of a 100,000-token bundle. Run by bench/run.sh.
 """Envoy CPU per request, interleaved, plus reload time and memory. Stdlib + `cryptography`.
 
     target/tools/py-venv/bin/python bench/envoy_bench.py --out target/bench/envoy.json \
-        [--rounds 5 --duration 5]
+        [--rounds 5 --duration 5] [--only module]
 
 (The project venv with the pinned `cryptography`, which scripts/tools.sh `ensure_python` makes.)
 
-Every configuration is its own Envoy (`--concurrency 1`, the shipped envoy/gateway.yaml via
-envoy/harness.py, only the auth filter swapped), all running at once, pinned to CPU 0; wrk
-(`-t1 -c8`) and a direct-response upstream Envoy share CPU 1. Each round runs every
+Every configuration is its own Envoy (`--concurrency 1`, rendered by envoy/harness.py: the
+dynamic module's rows (`module-*`) from the shipped envoy/gateway.yaml, every other row from
+envoy/gateway-wasm.yaml, with only the auth filter swapped or, in `*-noguard`, the RBAC guard
+removed), all running at once, pinned to CPU 0; wrk (`-t1 -c8`) and a direct-response
+upstream Envoy share CPU 1. Each round runs every
 configuration once for `--duration` seconds, in a rotated order, so slow drifts of the
 machine hit every configuration alike. Per run: Envoy utime+stime (from /proc/PID/stat)
 divided by the requests wrk completed, requests/s and p99 latency from wrk.
+
+Then the reload and memory tests, each a fresh Envoy: the wasm filter's (`reload*`, RSS per
+VM), and the footprint tests of both filters at `--concurrency 1` and `4`
+(`reload-module-c1`, `reload-module-c4`, `reload-wasm-c1`, `reload-wasm-c4`): RSS with no
+bundle yet, then pushes of 100,000-token bundles, each timed from the rename of the ECDS file
+to the filter's `bundle.version` gauge showing it (polled on the admin endpoint) and to the
+first 200 for a token only that bundle holds, and RSS once Envoy is idle and has given freed
+memory back (gateway yaml: `memory_allocator_manager`, once a second).
+
+`--only NAME,…` measures only the configurations and reload tests named (`module`: the
+dynamic module's rows, with `none` and `api_key_auth-10` for its ratios).
 
 Bundles are made here, the way conformance/generate.py makes fixtures (fixed bytes, so every
 run has the same tokens): tokengate.bundle/v2 (docs/trust.md), the payload signed with
@@ -31,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,18 +251,21 @@ static_resources:
 
 
 class Config:
-    """One Envoy configuration under test."""
+    """One Envoy configuration under test: the wasm gateway (envoy/gateway-wasm.yaml, whose
+    filters `filters` may replace) unless `filter="module"` (envoy/gateway.yaml, the module)."""
 
     def __init__(self, name, label, upstream_port, filters=None, start=TOKENGATE_START,
                  bundle=None, token=None, wasm_path=harness.WASM, ecds_file="tokengate.ecds.json",
-                 cpus=ENVOY_CPU):
+                 cpus=ENVOY_CPU, filter="wasm", module_path=harness.MODULE, concurrency=1):
         self.name, self.label, self.token, self.bundle = name, label, token, bundle
         self.cpus = cpus
         # Envoy's environment names the environment; the trusted (public) key travels in the
-        # ECDS resource, with every bundle pushed (harness.Gateway's trusted_keys).
+        # ECDS resource, with every bundle pushed (harness.Gateway's trusted_keys): the
+        # module's in its bundle reference, the wasm filter's in the VM's key_values.
         env = {"TOKENGATE_ENVIRONMENT": ENVIRONMENT}
-        gw = harness.Gateway(env=env, concurrency=1, log_level="warning", wasm_path=wasm_path,
-                             ecds_file=ecds_file, trusted_keys=[PUBLIC_KEY])
+        code = {"module_path": module_path} if filter == "module" else {"wasm_path": wasm_path}
+        gw = harness.Gateway(env=env, concurrency=concurrency, log_level="warning", filter=filter,
+                             ecds_file=ecds_file, trusted_keys=[PUBLIC_KEY], **code)
 
         def transform(text):
             text = text.replace(f"port_value: {gw.upstream_port}", f"port_value: {upstream_port}")
@@ -290,6 +308,18 @@ def rss_kib(pid):
     return 0
 
 
+def rss_parts_kib(pid):
+    """VmRSS and its parts (RssAnon: heap; RssFile: mapped files, Envoy's binary and the
+    .so / .wasm; RssShmem), KiB, from /proc/PID/status."""
+    parts = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                parts[key] = int(line.split()[1])
+    return parts
+
+
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -326,7 +356,8 @@ def measure(config, duration, connections):
 def profile(config, duration, connections, path):
     """perf samples of Envoy during one wrk run, summed by binary. Envoy's binary is stripped
     and V8 writes no perf map, so the split is: `[JIT]` = the filter's compiled wasm code,
-    `envoy` = Envoy's own code (HTTP, V8 runtime, the proxy-wasm host calls), kernel, libc."""
+    `envoy` = Envoy's own code (HTTP, V8 runtime, the proxy-wasm host calls and the dynamic
+    module's callbacks), `libtokengate.so` = the dynamic module's own code, kernel, libc."""
     rec = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-p", str(config.gw.pid), "-o", path,
                             "--", "sleep", str(duration)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -341,6 +372,7 @@ def profile(config, duration, connections, path):
         if m and not line.startswith("#"):
             dso = m.group(2)
             key = ("wasm JIT code" if dso.startswith("[JIT]") else "Envoy native" if dso == "envoy"
+                   else "tokengate module (.so)" if dso.startswith("libtokengate")
                    else "kernel" if dso.startswith("[kernel") else "libc and other")
             shares[key] = shares.get(key, 0.0) + float(m.group(1))
     os.unlink(path)
@@ -359,15 +391,51 @@ def wait_idle(pid, timeout=60.0):
     return time.monotonic() - 0.5
 
 
-def push_until_served(cfg, text, token, wasm_path, what):
-    """Writes `text` as cfg's ECDS file and waits until `token` is served. Returns the time of
-    the rename as (monotonic, wall clock), and the seconds from it to served: the clock starts
-    at the rename, since encoding and writing the file are not Envoy's work."""
+def push_until_served(cfg, text, token, what, gauge_version=None):
+    """Writes `text` as cfg's ECDS file (for the module: the bundle file, then the ECDS file
+    naming it) and waits until `token` is served. Returns the time of the rename as
+    (monotonic, wall clock), and the seconds from it to served: the clock starts at the
+    ECDS file's rename, since encoding and writing the files are not Envoy's work. With
+    `gauge_version`, first waits until the filter's `bundle.version` gauge shows it and
+    returns a third value, the seconds from the rename to that."""
     renamed = []
-    harness.write_ecds(cfg.gw.ecds_path, text, wasm_path=wasm_path, trusted_keys=cfg.gw.trusted_keys,
-                       before_rename=lambda: renamed.append((time.monotonic(), time.time())))
+    cfg.gw.write(text, cfg.gw.trusted_keys,
+                 before_rename=lambda: renamed.append((time.monotonic(), time.time())))
+    shown = None
+    if gauge_version is not None:
+        name = cfg.gw.stat_name("bundle.version")
+        harness.wait_for(lambda: stat_value(cfg.gw, name) == gauge_version, timeout=120,
+                         interval=0.005, what=f"{what}: {name} = {gauge_version}")
+        shown = time.monotonic() - renamed[0][0]
     harness.wait_for(lambda: cfg.status(token) == 200, timeout=120, interval=0.005, what=what)
-    return renamed[0], time.monotonic() - renamed[0][0]
+    served = time.monotonic() - renamed[0][0]
+    return (renamed[0], served) if gauge_version is None else (renamed[0], served, shown)
+
+
+def stat_value(gw, name):
+    """One stat's value from Envoy's admin, asking for that stat alone: polled every 5 ms,
+    a whole /stats dump would cost Envoy's main thread (the one loading the bundle) more."""
+    query = urllib.parse.quote("^" + re.escape(name) + "$")
+    _, body = gw.admin(f"/stats?format=json&filter={query}")
+    found = [s["value"] for s in json.loads(body)["stats"] if s.get("name") == name]
+    return found[0] if found else None
+
+
+def settled_rss(pid, since, settle):
+    """Envoy's RSS parts once memory has settled: Envoy idle (wait_idle), at least `settle`
+    seconds after `since` (monotonic), then read every second until VmRSS stops falling (by
+    ≤ 1 MiB in a second; at most 8 more seconds): the gateway yaml's
+    memory_allocator_manager gives freed memory back once a second, up to 64 MiB at a time."""
+    wait_idle(pid)
+    time.sleep(max(0.0, since + settle - time.monotonic()))
+    last = rss_parts_kib(pid)
+    for _ in range(8):
+        time.sleep(1.0)
+        now = rss_parts_kib(pid)
+        if last["VmRSS"] - now["VmRSS"] <= 1024:
+            return now
+        last = now
+    return last
 
 
 def reload_test(name, upstream_port, n, pushes, make, first, wasm_path=harness.WASM, filters=None,
@@ -390,7 +458,7 @@ def reload_test(name, upstream_port, n, pushes, make, first, wasm_path=harness.W
         version, fresh = 2 + k, 10_000_000 + k  # token `fresh` is only in this bundle
         text = make(version, [fresh])
         new = make_token(fresh)
-        (t0, _), took = push_until_served(cfg, text, new, wasm_path, f"{name} v{version} served")
+        (t0, _), took = push_until_served(cfg, text, new, f"{name} v{version} served")
         settled = wait_idle(pid) - t0  # every VM configured, the canary gone
         push = {"version": version, "served_s": took, "settled_s": settled, "rss_kib": rss_kib(pid),
                 "vms_active": vms(), "vms_created": gw.stat("wasm.envoy.wasm.runtime.v8.created", 0),
@@ -404,7 +472,67 @@ def reload_test(name, upstream_port, n, pushes, make, first, wasm_path=harness.W
     return out
 
 
+def footprint_test(name, upstream_port, filter, concurrency, n, bundles, ecds_file, cpus=ENVOY_CPU,
+                   settle=2.0):
+    """Reload time and memory of one filter (`filter`: "module" | "wasm") at `concurrency`, a
+    fresh gateway pinned to `cpus`: RSS with no bundle yet, then one push per element of
+    `bundles`: (version, bundle text of `n` tokens plus a fresh one, the fresh token's number),
+    versions rising. Per push: from the rename of the ECDS file to the filter's
+    `bundle.version` gauge showing the version (`shown_s`; admin polled every 5 ms) and to
+    the first 200 for the fresh token (`served_s`), then RSS once settled (settled_rss)."""
+    label = {"module": "dynamic module", "wasm": "wasm filter"}[filter]
+    cfg = Config(name, name, upstream_port, filter=filter, ecds_file=ecds_file, cpus=cpus,
+                 concurrency=concurrency)
+    cfg.start()
+    gw, pid = cfg.gw, cfg.gw.pid
+    vms = lambda: gw.stat("wasm.envoy.wasm.runtime.v8.active")  # noqa: E731 (None: the module)
+    empty = settled_rss(pid, time.monotonic(), settle)
+    out = {"filter": filter, "concurrency": concurrency, "cpus": cpus, "ecds_file": ecds_file, "tokens": n,
+           "settle_s": settle, "rss_empty_kib": empty["VmRSS"], "rss_empty": empty,
+           "vms_empty": vms(), "pushes": []}
+    say(f"{name}: {label}, --concurrency {concurrency}, CPU {cpus}: RSS "
+        f"{empty['VmRSS'] / 1024:.0f} MiB with no bundle yet")
+    for version, text, fresh in bundles:
+        (t0, _), served, shown = push_until_served(
+            cfg, text, make_token(fresh), f"{name} v{version} served", gauge_version=version)
+        idle = wait_idle(pid) - t0
+        rss = settled_rss(pid, t0 + served, settle)
+        size = len(text.encode())
+        push = {"version": version, "bundle_bytes": size, "shown_s": shown, "served_s": served,
+                "settled_s": idle, "rss_kib": rss["VmRSS"], "rss": rss,
+                "rss_read_s": time.monotonic() - t0, "vms_active": vms(),
+                "growth_kib": rss["VmRSS"] - empty["VmRSS"]}
+        push["growth_per_bundle"] = push["growth_kib"] * 1024 / size
+        out["pushes"].append(push)
+        say(f"{name} v{version} ({size / 1e6:.1f} MB bundle): gauge after {shown * 1000:.0f} ms, "
+            f"served after {served * 1000:.0f} ms, idle after {idle * 1000:.0f} ms; RSS "
+            f"{rss['VmRSS'] / 1024:.0f} MiB, growth {push['growth_kib'] / 1024:.1f} MiB = "
+            f"{push['growth_per_bundle']:.2f} × the bundle")
+    with open(f"/proc/{pid}/status") as f:
+        out["vm_hwm_kib"] = int(next(l for l in f if l.startswith("VmHWM:")).split()[1])
+    cfg.gw.close()
+    return out
+
+
 # --- main ------------------------------------------------------------------------------
+
+# The footprint tests' Envoy --concurrency (each a test of both filters).
+FOOTPRINT_CONCURRENCY = (1, 4)
+
+
+def only_names(only, sizes):
+    """The names `--only` selects, its groups expanded (an empty set: everything)."""
+    groups = {
+        # The dynamic module's rows, with what its ratios are taken against.
+        "module": ["none", "api_key_auth-10"] + [f"module-{n}" for n in sizes]
+                  + ["module-10-noguard"] + [f"reload-module-c{c}" for c in FOOTPRINT_CONCURRENCY],
+    }
+    names = set()
+    for item in (i.strip() for i in only.split(",")):
+        if item:
+            names.update(groups.get(item, [item]))
+    return names
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -413,7 +541,9 @@ def main():
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load per config")
-    ap.add_argument("--reload-pushes", type=int, default=3, help="0: no reload test")
+    ap.add_argument("--reload-pushes", type=int, default=3, help="0: no reload or footprint test")
+    ap.add_argument("--footprint-pushes", type=int, default=5,
+                    help="pushes per footprint test (reload-module-c1 …; 0: none)")
     ap.add_argument("--sizes", default="10,10000,100000")
     ap.add_argument("--null-mb", default="7", metavar="MB,…",
                     help="also measure the reload floor with configurations of these sizes "
@@ -421,12 +551,17 @@ def main():
     ap.add_argument("--perf", type=int, default=1, help="1: profile some configs with perf")
     ap.add_argument("--skip-load", action="store_true", help="only the reload and memory tests")
     ap.add_argument("--only", default="", metavar="NAME,…",
-                    help="measure only these configurations (e.g. floor-wasm,tokengate-10)")
+                    help="measure only these configurations and reload tests (e.g. "
+                         "floor-wasm,tokengate-10,reload-wasm-c1); `module` = the dynamic "
+                         "module's rows: none, api_key_auth-10, module-<size>, module-10-noguard, "
+                         "reload-module-c1/c4")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=WASM",
                     help="also measure this build of the tokengate filter (10 tokens)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     largest = max(sizes)
+    only = only_names(args.only, sizes)
+    wanted = lambda name: not only or name in only  # noqa: E731
 
     tokens = Tokens(largest)
     valid = tokens.tokens[7]
@@ -448,22 +583,115 @@ def main():
                bundle=tokens.shared_table(largest, 1)),
     ]
     for n in sizes:
-        configs.append(Config(f"tokengate-{n}", f"tokengate, {n:,} tokens", up,
+        configs.append(Config(f"tokengate-{n}", f"tokengate wasm filter, {n:,} tokens", up,
                               bundle=tokens.bundle(n, 1)))
-    configs.append(Config("tokengate-10-noguard", "tokengate, 10 tokens, no RBAC guard", up,
-                          filters="", start=GUARD_START, bundle=tokens.bundle(10, 1)))
+    # The dynamic module (envoy/gateway.yaml as shipped, the RBAC guard included).
+    for n in sizes:
+        configs.append(Config(f"module-{n}", f"tokengate dynamic module, {n:,} tokens", up,
+                              bundle=tokens.bundle(n, 1), filter="module"))
+    configs.append(Config("tokengate-10-noguard", "tokengate wasm filter, 10 tokens, no RBAC guard",
+                          up, filters="", start=GUARD_START, bundle=tokens.bundle(10, 1)))
+    # The module's rows carry the shipped RBAC guard; api_key_auth's have none.
+    configs.append(Config("module-10-noguard", "tokengate dynamic module, 10 tokens, no RBAC guard",
+                          up, filters="", start=GUARD_START, bundle=tokens.bundle(10, 1),
+                          filter="module"))
     for variant in args.variant:  # other builds of the same filter (bench/run.sh makes them)
         label, path = variant.split("=", 1)
-        configs.append(Config(f"tokengate-10-{label}", f"tokengate, 10 tokens, built {label}", up,
-                              bundle=tokens.bundle(10, 1), wasm_path=path))
+        configs.append(Config(f"tokengate-10-{label}", f"tokengate wasm filter, 10 tokens, built {label}",
+                              up, bundle=tokens.bundle(10, 1), wasm_path=path))
     for c in configs:
         c.token = valid
+
     results = {"configs": [], "rounds": args.rounds, "duration_s": args.duration,
                "connections": args.connections, "wrk": f"wrk -t1 -c{args.connections} -d{args.duration}s --latency"}
-    if args.only:
-        configs = [c for c in configs if c.name in args.only.split(",")]
+    # The reload and memory tests, in the order run: (name, where its result goes, test).
+    reload_tests = []
+    pushes = args.reload_pushes
+
+    def keep(key):
+        return lambda result: results.__setitem__(key, result)
+
+    # Footprint, both filters at --concurrency 1 and 4, Envoy on one core: the module's ECDS
+    # file in JSON (a small reference), the wasm filter's in binary protobuf (the bundle is
+    # inline; `push envoy --file *.pb`, as recommended for large bundles). The same bundles,
+    # made once, for every test (each a fresh Envoy).
+    footprint_bundles = []
+
+    def bundles():
+        if not footprint_bundles:
+            say(f"making {args.footprint_pushes} signed {largest:,}-token bundles for the footprint tests")
+            footprint_bundles.extend((1 + k, tokens.bundle(largest, 1 + k, [20_000_000 + k]), 20_000_000 + k)
+                                     for k in range(args.footprint_pushes))
+        return footprint_bundles
+
+    if args.footprint_pushes > 0:
+        for filter, ecds in (("module", "tokengate.ecds.json"), ("wasm", "tokengate.ecds.pb")):
+            for c in FOOTPRINT_CONCURRENCY:
+                name = f"reload-{filter}-c{c}"
+                reload_tests.append((name, lambda r, name=name: results.setdefault("footprint", {}).__setitem__(name, r),
+                                     lambda name=name, filter=filter, c=c, ecds=ecds:
+                                     footprint_test(name, up, filter, c, largest, bundles(), ecds)))
+    # The wasm filter, as before: pushes of the largest bundle. The floor of any design that
+    # ships tokens in the plugin configuration: a configuration as large as the bundle,
+    # which the minimal filter copies in and ignores.
+    big = tokens.bundle(largest, 1)
+    gate = dict(make=lambda v, extra: tokens.bundle(largest, v, extra),
+                first=tokens.bundle(10, 1))
+    floor = dict(make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
+                 wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+    binary = dict(ecds_file="tokengate.ecds.pb")  # `push envoy --file *.pb`
+    reload_tests += [
+        ("reload", keep("reload"), lambda: reload_test("reload", up, largest, pushes, **gate)),
+        ("reload-null", keep("reload_null"),
+         lambda: reload_test("reload-null", up, largest, pushes, **floor)),
+        # The same two with the ECDS file in binary protobuf: Envoy skips its JSON parser.
+        ("reload-pb", keep("reload_pb"),
+         lambda: reload_test("reload-pb", up, largest, pushes, **gate, **binary)),
+        # The same, with Envoy's threads free to use both cores (nothing else runs during a
+        # reload test): the main thread's VM and the worker's then configure side by side.
+        ("reload-pb-2cpu", keep("reload_pb_2cpu"),
+         lambda: reload_test("reload-pb-2cpu", up, largest, pushes, **gate, **binary,
+                             cpus=f"{ENVOY_CPU},{LOAD_CPU}")),
+    ]
+    # Other builds of the filter (bench/run.sh makes them), same reload.
+    results["reload_pb_variants"] = {}
+    for variant in args.variant:
+        label, path = variant.split("=", 1)
+        reload_tests.append((
+            f"reload-pb-{label}",
+            lambda r, label=label: results["reload_pb_variants"].__setitem__(label, r),
+            lambda label=label, path=path: reload_test(f"reload-pb-{label}", up, largest, pushes,
+                                                       **gate, **binary, wasm_path=path)))
+    reload_tests.append(("reload-null-pb", keep("reload_null_pb"),
+                         lambda: reload_test("reload-null-pb", up, largest, pushes, **floor, **binary)))
+    # The same floor at the sizes a more compact encoding of the same tokens would have:
+    # does any JSON encoding of them fit the targets?
+    results["reload_null_sizes"] = []
+    for mb in [float(m) for m in args.null_mb.split(",") if m]:
+        filler = big[: int(mb * 1e6)]
+        reload_tests.append((
+            f"reload-null-{mb:g}mb", results["reload_null_sizes"].append,
+            lambda mb=mb, filler=filler: reload_test(
+                f"reload-null-{mb:g}mb", up, largest, pushes,
+                make=lambda v, extra: make_token(extra[0]) + "\n" + filler,
+                first=valid, wasm_path=FLOOR_WASM, filters="", start=GUARD_START)))
+    reload_tests.append(("reload-shared", keep("reload_shared"), lambda: reload_test(
+        "reload-shared", up, largest, pushes,
+        make=lambda v, extra: tokens.shared_table(largest, v, extra),
+        first=tokens.shared_table(10, 1), wasm_path=FLOOR_WASM, filters="", start=GUARD_START)))
+    if pushes <= 0:
+        reload_tests = []
+
+    unknown = only - {c.name for c in configs} - {name for name, _, _ in reload_tests}
+    if unknown:
+        upstream.close()
+        sys.exit(f"--only: no configuration or reload test named {', '.join(sorted(unknown))} "
+                 f"(with these --sizes, --variant, --reload-pushes and --footprint-pushes)")
+    configs = [c for c in configs if wanted(c.name)]
+    reload_tests = [t for t in reload_tests if wanted(t[0])]
     if args.skip_load:
         configs = []
+    say("measuring: " + ", ".join([c.name for c in configs] + [t[0] for t in reload_tests]))
     try:
         for c in configs:
             c.start()
@@ -487,7 +715,7 @@ def main():
         if shutil.which("perf") and args.perf:
             for c in configs:
                 if c.name in ("none", "floor-wasm", "floor-abi", f"shared-{largest}",
-                              "tokengate-10", f"tokengate-{largest}"):
+                              "tokengate-10", f"tokengate-{largest}", "module-10", f"module-{largest}"):
                     shares = profile(c, args.duration, args.connections,
                                      os.path.join(tempfile.gettempdir(), f"bench-{c.name}.perf"))
                     results.setdefault("perf", {})[c.name] = shares
@@ -504,50 +732,10 @@ def main():
         for c in configs:
             c.gw.close()
     try:
-        if args.reload_pushes > 0:
+        if reload_tests:
             say("reload and memory")
-            # tokengate: pushes of the largest bundle. The floor of any design that ships
-            # tokens in the plugin configuration: a configuration as large as the bundle,
-            # which the minimal filter copies in and ignores.
-            big = tokens.bundle(largest, 1)
-            gate = dict(make=lambda v, extra: tokens.bundle(largest, v, extra),
-                        first=tokens.bundle(10, 1))
-            floor = dict(make=lambda v, extra: make_token(extra[0]) + "\n" + big, first=valid,
-                         wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
-            binary = dict(ecds_file="tokengate.ecds.pb")  # `push envoy --file *.pb`
-            results["reload"] = reload_test("reload", up, largest, args.reload_pushes, **gate)
-            results["reload_null"] = reload_test("reload-null", up, largest, args.reload_pushes,
-                                                 **floor)
-            # The same two with the ECDS file in binary protobuf: Envoy skips its JSON parser.
-            results["reload_pb"] = reload_test("reload-pb", up, largest, args.reload_pushes,
-                                               **gate, **binary)
-            # The same, with Envoy's threads free to use both cores (nothing else runs during
-            # a reload test): the main thread's VM and the worker's then configure side by side.
-            results["reload_pb_2cpu"] = reload_test(
-                "reload-pb-2cpu", up, largest, args.reload_pushes, **gate, **binary,
-                cpus=f"{ENVOY_CPU},{LOAD_CPU}")
-            # Other builds of the filter (bench/run.sh makes them), same reload.
-            results["reload_pb_variants"] = {}
-            for variant in args.variant:
-                label, path = variant.split("=", 1)
-                results["reload_pb_variants"][label] = reload_test(
-                    f"reload-pb-{label}", up, largest, args.reload_pushes, **gate, **binary,
-                    wasm_path=path)
-            results["reload_null_pb"] = reload_test(
-                "reload-null-pb", up, largest, args.reload_pushes, **floor, **binary)
-            # The same floor at the sizes a more compact encoding of the same tokens would
-            # have: does any JSON encoding of them fit the targets?
-            results["reload_null_sizes"] = []
-            for mb in [float(m) for m in args.null_mb.split(",") if m]:
-                filler = big[: int(mb * 1e6)]
-                results["reload_null_sizes"].append(reload_test(
-                    f"reload-null-{mb:g}mb", up, largest, args.reload_pushes,
-                    make=lambda v, extra, filler=filler: make_token(extra[0]) + "\n" + filler,
-                    first=valid, wasm_path=FLOOR_WASM, filters="", start=GUARD_START))
-            results["reload_shared"] = reload_test(
-                "reload-shared", up, largest, args.reload_pushes,
-                make=lambda v, extra: tokens.shared_table(largest, v, extra),
-                first=tokens.shared_table(10, 1), wasm_path=FLOOR_WASM, filters="", start=GUARD_START)
+        for name, store, test in reload_tests:
+            store(test())
     finally:
         upstream.close()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

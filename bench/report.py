@@ -22,6 +22,11 @@ TARGET_RELOAD_S = 1.0      # 100,000-token bundle served after the push
 TARGET_MIB_PER_VM = 30.0   # memory growth per wasm VM
 TARGET_GZIP_MIB = 1.0      # Worker bundle, gzip
 TARGET_WASM_KIB = 300.0    # filter .wasm
+# The dynamic module's targets.
+TARGET_MODULE_RATIO = 1.05         # module CPU/request ÷ native api_key_auth (10 keys)
+TARGET_MODULE_RELOAD_S = 0.3       # 100,000 tokens: bundle.version shows it, after the rename
+TARGET_GROWTH_PER_BUNDLE = 1.5     # RSS growth ÷ the bundle's size on disk, at --concurrency 1 and 4
+FOOTPRINT_LABELS = {"module": "dynamic module", "wasm": "wasm filter"}
 
 
 def summary(values):
@@ -91,8 +96,10 @@ def main():
     rows = {}
     if envoy:
         w("## Envoy: CPU per request\n")
-        w(f"Each configuration is its own Envoy 1.40 (`--concurrency 1`, the shipped "
-          f"`envoy/gateway.yaml` with only the auth filter swapped), all started up front and "
+        w(f"Each configuration is its own Envoy 1.40 (`--concurrency 1`; the dynamic module's "
+          f"rows (`module-*`) the shipped `envoy/gateway.yaml`, every other row "
+          f"`envoy/gateway-wasm.yaml`, with only the auth filter swapped or, in `*-noguard`, the "
+          f"RBAC guard removed), all started up front and "
           f"pinned to CPU 0 (`taskset`); `{envoy['wrk']}` and a direct-response upstream Envoy "
           f"run on CPU 1. {envoy['rounds']} rounds, each running every configuration once in a "
           f"rotated order, after an unmeasured warm-up. `GET /api/orders/1` with "
@@ -118,26 +125,38 @@ def main():
         return summary([a[k] / b[k] for k in a if k in b and b[k]])
 
     names = [c["name"] for c in envoy["configs"]] if envoy else []
-    big = max((int(n.split("-")[1]) for n in names if n.startswith("tokengate-") and n.split("-")[1].isdigit()),
+    big = max((int(n.split("-")[1]) for n in names
+               if n.split("-")[0] in ("tokengate", "module") and n.split("-")[1:2] and n.split("-")[1].isdigit()),
               default=100000)
     ratios = [
-        ("tokengate (10 tokens) ÷ minimal wasm filter", "tokengate-10", "floor-wasm"),
-        (f"tokengate ({big:,} tokens) ÷ minimal wasm filter", f"tokengate-{big}", "floor-wasm"),
-        ("tokengate (10,000 tokens) ÷ minimal wasm filter", "tokengate-10000", "floor-wasm"),
-        (f"tokengate {big:,} tokens ÷ tokengate 10 tokens", f"tokengate-{big}", "tokengate-10"),
+        ("dynamic module (10 tokens) ÷ native api_key_auth (10 keys)", "module-10", "api_key_auth-10"),
+        (f"dynamic module ({big:,} tokens) ÷ native api_key_auth (10 keys)", f"module-{big}", "api_key_auth-10"),
+        ("dynamic module (10,000 tokens) ÷ native api_key_auth (10 keys)", "module-10000", "api_key_auth-10"),
+        (f"dynamic module ({big:,} tokens) ÷ native api_key_auth ({big:,} keys)", f"module-{big}", f"api_key_auth-{big}"),
+        (f"dynamic module {big:,} tokens ÷ dynamic module 10 tokens", f"module-{big}", "module-10"),
+        ("dynamic module (10 tokens) ÷ no auth", "module-10", "none"),
+        ("dynamic module (10 tokens) with RBAC guard ÷ without", "module-10", "module-10-noguard"),
+        ("diagnostic: dynamic module (10 tokens) without the RBAC guard ÷ native api_key_auth (10 keys)",
+         "module-10-noguard", "api_key_auth-10"),
+        ("wasm filter (10 tokens) ÷ dynamic module (10 tokens)", "tokengate-10", "module-10"),
+        (f"wasm filter ({big:,} tokens) ÷ dynamic module ({big:,} tokens)", f"tokengate-{big}", f"module-{big}"),
+        ("wasm filter (10 tokens) ÷ minimal wasm filter", "tokengate-10", "floor-wasm"),
+        (f"wasm filter ({big:,} tokens) ÷ minimal wasm filter", f"tokengate-{big}", "floor-wasm"),
+        ("wasm filter (10,000 tokens) ÷ minimal wasm filter", "tokengate-10000", "floor-wasm"),
+        (f"wasm filter {big:,} tokens ÷ wasm filter 10 tokens", f"tokengate-{big}", "tokengate-10"),
         ("minimal wasm filter ÷ no auth", "floor-wasm", "none"),
         ("native api_key_auth (10 keys) ÷ no auth", "api_key_auth-10", "none"),
         (f"native api_key_auth ({big:,} keys) ÷ no auth", f"api_key_auth-{big}", "none"),
-        ("tokengate (10 tokens) ÷ no auth", "tokengate-10", "none"),
-        ("tokengate (10 tokens) ÷ native api_key_auth (10 keys)", "tokengate-10", "api_key_auth-10"),
-        ("tokengate (10 tokens) with RBAC guard ÷ without", "tokengate-10", "tokengate-10-noguard"),
-        ("tokengate (10 tokens) as shipped ÷ every crate at opt-level z", "tokengate-10", "tokengate-10-all-z"),
-        ("tokengate (10 tokens) as shipped ÷ every crate at z + wasm-opt -Oz", "tokengate-10", "tokengate-10-all-z-wasm-opt"),
+        ("wasm filter (10 tokens) ÷ no auth", "tokengate-10", "none"),
+        ("wasm filter (10 tokens) ÷ native api_key_auth (10 keys)", "tokengate-10", "api_key_auth-10"),
+        ("wasm filter (10 tokens) with RBAC guard ÷ without", "tokengate-10", "tokengate-10-noguard"),
+        ("wasm filter (10 tokens) as shipped ÷ every crate at opt-level z", "tokengate-10", "tokengate-10-all-z"),
+        ("wasm filter (10 tokens) as shipped ÷ every crate at z + wasm-opt -Oz", "tokengate-10", "tokengate-10-all-z-wasm-opt"),
         ("diagnostic: minimal + tokengate's host calls ÷ minimal", "floor-abi", "floor-wasm"),
-        ("tokengate (10 tokens) ÷ (minimal + tokengate's host calls)", "tokengate-10", "floor-abi"),
+        ("wasm filter (10 tokens) ÷ (minimal + tokengate's host calls)", "tokengate-10", "floor-abi"),
         (f"diagnostic: shared-data table ({big:,} tokens, SHA-256 + 1 lookup) ÷ minimal",
          f"shared-{big}", "floor-wasm"),
-        (f"tokengate ({big:,} tokens) ÷ shared-data table ({big:,} tokens)", f"tokengate-{big}", f"shared-{big}"),
+        (f"wasm filter ({big:,} tokens) ÷ shared-data table ({big:,} tokens)", f"tokengate-{big}", f"shared-{big}"),
     ]
     computed = {}
     if envoy:
@@ -155,10 +174,11 @@ def main():
             w("### Where Envoy's CPU goes (perf, by binary)\n")
             w("`perf record -F 999 -p <envoy>` over one extra wrk run per configuration, samples "
               "summed by binary, times the median CPU/request above. Envoy's binary is stripped and "
-              "V8 writes no perf map, so `wasm JIT code` is the filter's own compiled code and "
-              "`Envoy native` is everything else in Envoy: HTTP, the V8 runtime, and the host side "
-              "of every proxy-wasm call.\n")
-            kinds = ["Envoy native", "wasm JIT code", "kernel", "libc and other"]
+              "V8 writes no perf map, so `wasm JIT code` is the wasm filter's own compiled code, "
+              "`tokengate module` the dynamic module's (`libtokengate.so`), and "
+              "`Envoy native` is everything else in Envoy: HTTP, the V8 runtime, the host side "
+              "of every proxy-wasm call and the dynamic module's callbacks.\n")
+            kinds = ["Envoy native", "wasm JIT code", "tokengate module (.so)", "kernel", "libc and other"]
             w("| configuration | " + " | ".join(f"{k} µs/req (%)" for k in kinds) + " |")
             w("| --- |" + " --- |" * len(kinds))
             for name, shares in perf.items():
@@ -170,18 +190,73 @@ def main():
                 w(f"| `{name}` | " + " | ".join(cells) + " |")
             w("")
 
+    footprint = {}
+    tests = (envoy or {}).get("footprint") or {}
+    if tests:
+        w("## Envoy: reload and memory, dynamic module and wasm filter\n")
+        first = next(iter(tests.values()))
+        size = first["pushes"][0]["bundle_bytes"] if first["pushes"] else 0
+        w(f"Each filter at `--concurrency 1` and `4`, each a fresh Envoy pinned to one core (CPU "
+          f"{first['cpus']}; `taskset`), the shipped gateway yaml (the dynamic module: "
+          f"`envoy/gateway.yaml`, its ECDS file in JSON, a reference to the bundle file; the wasm "
+          f"filter: `envoy/gateway-wasm.yaml`, the bundle inline in a binary ECDS file, as "
+          f"`push envoy --file *.pb` writes it). Its RSS (`VmRSS` of the real envoy process) with no "
+          f"bundle yet, then {len(first['pushes'])} pushes of signed bundles of the same "
+          f"{first.get('tokens', 0):,} tokens ({size:,} bytes on disk), "
+          f"versions rising, each holding a token no other has. Per push: *gauge* = from the atomic "
+          f"rename of the ECDS file (the module's bundle file is written before it) to the filter's "
+          f"`bundle.version` gauge showing the new version (the admin's `/stats` polled every 5 ms; "
+          f"the admin answers on Envoy's main thread, which loads the bundle, so a poll sent during "
+          f"a load is answered after it; the wasm filter's gauge moves with its canary VM, on that "
+          f"thread too); *first 200* = to the "
+          f"first 200 for the new token, asked right after; RSS once Envoy is idle again, at least "
+          f"{first.get('settle_s', 2):g} s after that and when it no longer falls (the gateway "
+          f"yamls' `memory_allocator_manager` gives freed memory back once a second). Growth = RSS "
+          f"then − RSS with no bundle yet, also as a multiple of the bundle's size on disk.\n")
+        w("| filter | `--concurrency` | wasm VMs | RSS, no bundle yet (MiB) | RSS after each push (MiB) "
+          "| growth ÷ bundle size, each push | gauge shows the new version after, each push (ms) "
+          "| gauge, median (ms) | first 200, median (ms) | peak RSS (MiB) |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, t in tests.items():
+            p = t["pushes"]
+            if not p:
+                continue
+            growth = summary([x["growth_per_bundle"] for x in p])
+            shown = summary([x["shown_s"] * 1000 for x in p])
+            served = summary([x["served_s"] * 1000 for x in p])
+            vms = p[-1].get("vms_active")
+            w(f"| {FOOTPRINT_LABELS[t['filter']]} (`{name}`) | {t['concurrency']} | "
+              f"{vms if vms is not None else '–'} | {t['rss_empty_kib'] / 1024:.0f} | "
+              + " / ".join(f"{x['rss_kib'] / 1024:.0f}" for x in p) + " | "
+              + " / ".join(f"{x['growth_per_bundle']:.2f}" for x in p) + " | "
+              + " / ".join(f"{x['shown_s'] * 1000:.0f}" for x in p)
+              + f" | {shown['median']:.0f} | {served['median']:.0f} | {t['vm_hwm_kib'] / 1024:.0f} |")
+            footprint[name] = {"filter": t["filter"], "concurrency": t["concurrency"],
+                               "growth": growth, "shown": shown, "served": served,
+                               "growth_mib": summary([x["growth_kib"] / 1024 for x in p]),
+                               "bundle_bytes": p[0]["bundle_bytes"],
+                               "each_ms": [x["shown_s"] * 1000 for x in p]}
+        w("")
+        pairs = [(f, footprint.get(f"reload-{f}-c1"), footprint.get(f"reload-{f}-c4")) for f in ("module", "wasm")]
+        for f, one, four in pairs:
+            if one and four:
+                w(f"- {FOOTPRINT_LABELS[f]}: growth {one['growth_mib']['median']:.1f} MiB at "
+                  f"`--concurrency 1`, {four['growth_mib']['median']:.1f} MiB at `4` (median over "
+                  f"pushes; 4 ÷ 1 = {four['growth_mib']['median'] / one['growth_mib']['median']:.2f}).")
+        w("")
+
     reloads = {}
-    for key, title in [("reload", "tokengate (one token table per VM)"),
+    for key, title in [("reload", "wasm filter (one token table per VM)"),
                        ("reload_null", "floor: a configuration as large, which the minimal filter ignores"),
-                       ("reload_pb", "tokengate, ECDS file in binary protobuf (`push envoy --file *.pb`)"),
-                       ("reload_pb_2cpu", "tokengate, binary ECDS file, Envoy on both cores"),
+                       ("reload_pb", "wasm filter, ECDS file in binary protobuf (`push envoy --file *.pb`)"),
+                       ("reload_pb_2cpu", "wasm filter, binary ECDS file, Envoy on both cores"),
                        ("reload_null_pb", "floor, ECDS file in binary protobuf"),
                        ("reload_shared", "diagnostic: the shared-data table (one per Envoy process)")]:
         reload = envoy.get(key) if envoy else None
         if not reload:
             continue
         if not reloads:
-            w("## Envoy: reload and memory\n")
+            w("## Envoy: the wasm filter's reload and memory per VM\n")
             w("A fresh gateway (same pinning, unless the title says otherwise): RSS with no configuration, then with a small one (10 tokens), then "
               "ECDS pushes of a large configuration, each holding one token that no earlier one had. "
               "*Served* = from the atomic rename of the ECDS file to the first 200 for that token "
@@ -321,7 +396,8 @@ def main():
 
     w("## Sizes\n")
     w("| artefact | bytes | KiB |\n| --- | --- | --- |")
-    for key, label in [("filter_wasm", "tokengate filter `.wasm` (the workspace release profile, as shipped)"),
+    for key, label in [("module_so", "tokengate dynamic module `libtokengate.so` (profile `native`)"),
+                       ("filter_wasm", "tokengate filter `.wasm` (the workspace release profile, as shipped)"),
                        ("variant_all-z", "tokengate filter with every crate at opt-level z (sha2 and tokengate-core too)"),
                        ("variant_all-z-wasm-opt", "… that build after `wasm-opt -Oz`"),
                        ("floor_wasm", "minimal wasm filter `.wasm` (the workspace release profile)"),
@@ -349,24 +425,54 @@ def main():
             "todo", "bench/worker_bench did not produce results.") + "\n")
 
     # Targets.
-    w("## Targets (issue 5)\n")
+    w("## Targets\n")
+    w("The wasm filter's and the Worker's from issue 5; the dynamic module's from its own issue.\n")
     w("| target | figure | verdict |\n| --- | --- | --- |")
     r10 = computed.get(("tokengate-10", "floor-wasm"))
     rbig = computed.get((f"tokengate-{big}", "floor-wasm"))
+    m10 = computed.get(("module-10", "api_key_auth-10"))
+    mbig = computed.get((f"module-{big}", "api_key_auth-10"))
+    if m10 or mbig:
+        for r, what in ((m10, "at 10 tokens"), (mbig, f"at {big:,} tokens")):
+            if r:
+                w(f"| dynamic module CPU/request ≤ {TARGET_MODULE_RATIO} × native api_key_auth "
+                  f"(10 keys), {what} | {fmt(r, 3)} | {verdict(r['median'] <= TARGET_MODULE_RATIO)} |")
+        scale = computed.get((f"module-{big}", "module-10"))
+        if scale:
+            w(f"| (dynamic module flat in the token count: {big:,} ÷ 10 tokens ≤ {TARGET_MODULE_RATIO}) "
+              f"| {fmt(scale, 3)} | {verdict(scale['median'] <= TARGET_MODULE_RATIO)} |")
     if r10 and rbig:
-        w(f"| tokengate CPU/request ≤ {TARGET_RATIO} × minimal wasm filter, at 10 tokens | "
+        w(f"| wasm filter CPU/request ≤ {TARGET_RATIO} × minimal wasm filter, at 10 tokens | "
           f"{fmt(r10, 3)} | {verdict(r10['median'] <= TARGET_RATIO)} |")
         w(f"| … and at {big:,} tokens | {fmt(rbig, 3)} | {verdict(rbig['median'] <= TARGET_RATIO)} |")
         scale = computed.get((f"tokengate-{big}", "tokengate-10"))
         if scale:
-            w(f"| (flat in the token count: {big:,} ÷ 10 tokens ≤ {TARGET_RATIO}) | {fmt(scale, 3)} | "
+            w(f"| (wasm filter flat in the token count: {big:,} ÷ 10 tokens ≤ {TARGET_RATIO}) | {fmt(scale, 3)} | "
               f"{verdict(scale['median'] <= TARGET_RATIO)} |")
+    for f in ("module", "wasm"):
+        one = footprint.get(f"reload-{f}-c1")
+        if one:
+            each = " / ".join(f"{ms:.0f}" for ms in one["each_ms"])
+            what = "dynamic module" if f == "module" else "(wasm filter, for comparison)"
+            w(f"| {what}: {one['bundle_bytes']:,}-byte bundle shown by `bundle.version` ≤ "
+              f"{TARGET_MODULE_RELOAD_S * 1000:.0f} ms after the ECDS file's rename, one core, "
+              f"`--concurrency 1` (verdict on the median) | median {one['shown']['median']:.0f} ms "
+              f"(each push: {each}) | {verdict(one['shown']['median'] <= TARGET_MODULE_RELOAD_S * 1000)} |")
+        for c in (1, 4):
+            t = footprint.get(f"reload-{f}-c{c}")
+            if not t:
+                continue
+            what = "dynamic module" if f == "module" else "(wasm filter, for comparison)"
+            w(f"| {what}: RSS growth ≤ {TARGET_GROWTH_PER_BUNDLE} × the bundle's size on disk, "
+              f"`--concurrency {c}` (verdict on the worst push) | {t['growth']['max']:.2f} × worst, "
+              f"{t['growth']['median']:.2f} × median ({t['growth_mib']['median']:.1f} MiB) | "
+              f"{verdict(t['growth']['max'] <= TARGET_GROWTH_PER_BUNDLE)} |")
     rl = reloads.get("reload")
     if rl:
-        w(f"| {rl['n']:,}-token bundle served ≤ {TARGET_RELOAD_S:.0f} s after the push | "
+        w(f"| wasm filter: {rl['n']:,}-token bundle served ≤ {TARGET_RELOAD_S:.0f} s after the push | "
           f"{fmt(rl['served'], 0, ' ms')} (worst {rl['worst_s'] * 1000:.0f} ms) | "
           f"{verdict(rl['worst_s'] <= TARGET_RELOAD_S)} |")
-        w(f"| memory growth ≤ {TARGET_MIB_PER_VM:.0f} MB per VM | {rl['per_vm'] * 1.048576:.1f} MB per VM "
+        w(f"| wasm filter: memory growth ≤ {TARGET_MIB_PER_VM:.0f} MB per VM | {rl['per_vm'] * 1.048576:.1f} MB per VM "
           f"({rl['growth']:.0f} MiB / {rl['vms']} VMs) | "
           f"{verdict(rl['per_vm'] * 1.048576 <= TARGET_MIB_PER_VM)} |")
     for key, what, with_memory in [("reload_pb", "binary ECDS file, `*.pb`", True),
@@ -426,6 +532,7 @@ def main():
             hi.append(s["max"] - s["median"])
         colours = ["#888888" if c["name"] == "none" else "#4c72b0" if c["name"].startswith("api_key")
                    else "#55a868" if c["name"] == "floor-wasm"
+                   else "#dd8452" if c["name"].startswith("module-")
                    else "#c7c7c7" if c["label"].startswith("diagnostic") else "#c44e52"
                    for c in envoy["configs"]]
         fig, ax = plt.subplots(figsize=(9, 0.55 * len(labels) + 1.5))

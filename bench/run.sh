@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # tokengate benchmark, one command: builds what it needs, measures Envoy (no auth, native
-# api_key_auth, a minimal wasm filter, tokengate at 10 / 10,000 / 100,000 tokens) interleaved
-# over rounds, reload time and memory, core decide() with criterion (native and in wasmtime),
-# the Worker if its tooling is there, and writes bench/RESULTS.md + bench/cpu_per_request.png.
+# api_key_auth, a minimal wasm filter, tokengate's dynamic module and wasm filter at 10 /
+# 10,000 / 100,000 tokens) interleaved over rounds, reload time and memory (both filters, at
+# --concurrency 1 and 4), core decide() with criterion (native and in wasmtime), the Worker if
+# its tooling is there, and writes bench/RESULTS.md + bench/cpu_per_request.png.
 #
-#   bench/run.sh                  the full run (~14 minutes on 2 cores)
+#   bench/run.sh                  the full run (~18 minutes on 2 cores)
 #   BENCH_ROUNDS=1 BENCH_DURATION=2 bench/run.sh     a quick smoke run (figures not meaningful)
 #   BENCH_CONNECTIONS=32 bench/run.sh                more wrk connections (default 8)
 #   BENCH_WAIT_IDLE=600 bench/run.sh                 first wait (up to 600 s) for load average < 0.5
@@ -45,11 +46,14 @@ if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
 fi
 
 # --- builds (all before any measurement) ---------------------------------------------------
+say "building the dynamic module (target/native/libtokengate.so, profile native)"
+cargo build -p tokengate-dynamic-module --profile native
+MODULE="$ROOT/target/native/libtokengate.so"
 say "building the tokengate filter and the minimal filter (wasm32-wasip1, release)"
 cargo build -p tokengate-plugin -p tokengate-bench-floor --target wasm32-wasip1 --release
 FILTER="$ROOT/target/wasm32-wasip1/release/tokengate_filter.wasm"
 FLOOR="$ROOT/target/wasm32-wasip1/release/floor_filter.wasm"
-say "filter: $(stat -c %s "$FILTER") bytes; minimal filter: $(stat -c %s "$FLOOR") bytes"
+say "module: $(stat -c %s "$MODULE") bytes; filter: $(stat -c %s "$FILTER") bytes; minimal filter: $(stat -c %s "$FLOOR") bytes"
 # The shipped profile is opt-level z (size) but for sha2 and tokengate-core (speed, for the
 # reload): measure what those two exceptions do per request against the filter built with
 # every crate at z, alone and shrunk by binaryen's wasm-opt -Oz (pinned in tests/worker).
@@ -121,15 +125,16 @@ EOF
 fi
 
 # --- report --------------------------------------------------------------------------------
-python3 - "$OUT/machine.json" "$FILTER" "$FLOOR" "$LOAD_START" "$LOAD_ENVOY" "$(loadavg)" <<'EOF'
+python3 - "$OUT/machine.json" "$FILTER" "$FLOOR" "$MODULE" "$LOAD_START" "$LOAD_ENVOY" "$(loadavg)" <<'EOF'
 import json, os, platform, subprocess, sys, time
-out, filt, floor, l0, l1, l2 = sys.argv[1:]
+out, filt, floor, module, l0, l1, l2 = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
 env = os.environ.get("ENVOY_BIN", "envoy")
 envoy = subprocess.run([env, "--version"], capture_output=True, text=True).stdout.strip().split("version: ")[-1]
 git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-sizes = {"filter_wasm": os.path.getsize(filt), "floor_wasm": os.path.getsize(floor)}
+sizes = {"module_so": os.path.getsize(module), "filter_wasm": os.path.getsize(filt),
+         "floor_wasm": os.path.getsize(floor)}
 for name in ("all-z", "all-z-wasm-opt"):
     path = os.path.join(os.path.dirname(out), "variants", name + ".wasm")
     if os.path.exists(path):
