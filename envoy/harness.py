@@ -193,8 +193,11 @@ def sha256_hex(data):
 
 
 def bundle_directory(ecds_path):
-    """Where the module's bundle files for `ecds_path` go (canonical, as the CLI writes it)."""
-    return os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(ecds_path)), BUNDLE_DIRECTORY))
+    """Where the module's bundle files for `ecds_path` go (canonical, as the CLI writes it):
+    `tokengate-bundles/<ECDS file name>/` beside it."""
+    ecds_path = os.path.abspath(ecds_path)
+    return os.path.realpath(os.path.join(os.path.dirname(ecds_path), BUNDLE_DIRECTORY,
+                                         os.path.basename(ecds_path)))
 
 
 def write_bundle_file(ecds_path, bundle_text):

@@ -68,11 +68,31 @@ impl Filter {
                 path.display()
             )
         })?;
+        utf8(&path)?;
         Ok(match self {
             Filter::Module(_) => Filter::Module(path),
             Filter::Wasm(_) => Filter::Wasm(path),
         })
     }
+}
+
+impl Filter {
+    /// The code file's path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Filter::Module(p) | Filter::Wasm(p) => p,
+        }
+    }
+}
+
+/// A path as the resource carries it: UTF-8 exactly (a lossy form would name another file).
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str().with_context(|| {
+        format!(
+            "{} is not UTF-8; Envoy's configuration cannot name it",
+            path.display()
+        )
+    })
 }
 
 /// How the ECDS file is encoded. Envoy decides by the path's ending, case-sensitively
@@ -114,13 +134,13 @@ pub struct Resource<'a> {
 }
 
 /// The module's configuration: where the bundle file is, its SHA-256, the keys to trust.
-pub fn module_reference(bundle: &Path, sha256: &str, trusted_keys: &str) -> String {
-    serde_json::json!({
-        "bundle": bundle.display().to_string(),
+pub fn module_reference(bundle: &Path, sha256: &str, trusted_keys: &str) -> Result<String> {
+    Ok(serde_json::json!({
+        "bundle": utf8(bundle)?,
         "sha256": sha256,
         "trusted_keys": trusted_keys,
     })
-    .to_string()
+    .to_string())
 }
 
 /// The name of the module's bundle file for `version` with digest `sha256`, in
@@ -129,13 +149,37 @@ pub fn bundle_name(version: u64, sha256: &str) -> String {
     format!("v{version}-{sha256}.json")
 }
 
-/// The directory of the module's bundle files for `ecds_file`.
-pub fn bundle_directory(ecds_file: &Path) -> PathBuf {
-    ecds_file
+/// Whether `name` is one [`bundle_name`] makes (`v<version>-<64 hex>.json`).
+pub fn is_bundle_name(name: &str) -> bool {
+    let Some((version, digest)) = name
+        .strip_suffix(".json")
+        .and_then(|n| n.strip_prefix('v'))
+        .and_then(|n| n.split_once('-'))
+    else {
+        return false;
+    };
+    !version.is_empty()
+        && version.bytes().all(|b| b.is_ascii_digit())
+        && digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The directory of the module's bundle files for `ecds_file`:
+/// `tokengate-bundles/<ECDS file name>/` beside it, one per ECDS file, so that pruning one
+/// gateway's files never touches another's.
+pub fn bundle_directory(ecds_file: &Path) -> Result<PathBuf> {
+    let name = ecds_file
+        .file_name()
+        .with_context(|| format!("{} is not a file path", ecds_file.display()))?;
+    utf8(Path::new(name))?;
+    Ok(ecds_file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .join(BUNDLE_DIRECTORY)
+        .join(name))
 }
 
 impl Resource<'_> {
@@ -207,7 +251,7 @@ impl Resource<'_> {
             Filter::Module(library) => serde_json::json!({
                 "@type": DynamicModuleFilter::type_url(),
                 "dynamic_module_config": {
-                    "module": { "local": { "filename": library.display().to_string() } },
+                    "module": { "local": { "filename": library.to_string_lossy() } },
                     "do_not_close": true,
                     "metrics_namespace": METRICS_NAMESPACE,
                 },
@@ -228,7 +272,7 @@ impl Resource<'_> {
                             "host_env_keys": HOST_ENV_KEYS,
                             "key_values": { KEYS_VARIABLE: self.trusted_keys },
                         },
-                        "code": { "local": { "filename": wasm.display().to_string() } },
+                        "code": { "local": { "filename": wasm.to_string_lossy() } },
                     },
                 },
             }),
@@ -254,7 +298,9 @@ fn any<M: Message + Name>(message: &M) -> Any {
 fn local_file(path: &Path) -> AsyncDataSource {
     AsyncDataSource {
         specifier: Some(async_data_source::Specifier::Local(DataSource {
-            specifier: Some(data_source::Specifier::Filename(path.display().to_string())),
+            specifier: Some(data_source::Specifier::Filename(
+                path.to_string_lossy().into_owned(),
+            )),
             ..Default::default()
         })),
     }
@@ -339,14 +385,57 @@ mod tests {
         assert_eq!(of("run/ecds.pb_text"), None);
     }
 
+    /// The StringValue a binary resource configures its filter with.
+    fn configuration_of(bytes: &[u8]) -> String {
+        let response = DiscoveryResponse::decode(bytes).unwrap();
+        let resource =
+            TypedExtensionConfig::decode(response.resources[0].value.as_slice()).unwrap();
+        let typed = resource.typed_config.unwrap();
+        let any = if typed.type_url == DynamicModuleFilter::type_url() {
+            DynamicModuleFilter::decode(typed.value.as_slice())
+                .unwrap()
+                .filter_config
+        } else {
+            Wasm::decode(typed.value.as_slice())
+                .unwrap()
+                .config
+                .unwrap()
+                .configuration
+        };
+        StringValue::decode(any.unwrap().value.as_slice())
+            .unwrap()
+            .value
+    }
+
+    #[test]
+    fn bundle_files_are_only_the_names_the_cli_writes() {
+        assert!(is_bundle_name(&bundle_name(12, &"0f".repeat(32))));
+        for other in [
+            "vendor.json".to_owned(),
+            format!("v-{}.json", "0f".repeat(32)),
+            format!("v12-{}.json", "0F".repeat(32)),
+            format!("v12-{}.json.tmp", "0f".repeat(32)),
+            format!("v1x-{}.json", "0f".repeat(32)),
+        ] {
+            assert!(!is_bundle_name(&other), "{other}");
+        }
+        // One directory per ECDS file.
+        let a = bundle_directory(Path::new("/run/a.json")).unwrap();
+        let b = bundle_directory(Path::new("/run/b.pb")).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a, Path::new("/run/tokengate-bundles/a.json"));
+    }
+
     #[test]
     fn both_encodings_say_the_same_and_read_back() {
         let dir = std::env::temp_dir().join(format!("tokengate-ecds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let module = Filter::Module("/opt/libtokengate.so".into());
         let wasm = Filter::Wasm("/opt/tokengate_filter.wasm".into());
-        let bundle = bundle_directory(&dir.join("e.json")).join(bundle_name(7, &"ab".repeat(32)));
-        let reference = module_reference(&bundle, &"ab".repeat(32), "k1,k2");
+        let bundle = bundle_directory(&dir.join("e.json"))
+            .unwrap()
+            .join(bundle_name(7, &"ab".repeat(32)));
+        let reference = module_reference(&bundle, &"ab".repeat(32), "k1,k2").unwrap();
         for (filter, configuration, names_bundle) in [
             (&module, reference.as_str(), Some(bundle.clone())),
             (&wasm, r#"{"format":"tokengate.bundle/v2"}"#, None),
@@ -366,14 +455,67 @@ mod tests {
                     Some((filter.clone(), names_bundle.clone())),
                     "{name}"
                 );
-                // The configuration is carried byte for byte.
-                assert!(
-                    bytes
-                        .windows(configuration.len())
-                        .any(|w| w == configuration.as_bytes())
-                        || name.ends_with(".json"),
-                    "{name}"
-                );
+                // The configuration is carried byte for byte, in both encodings.
+                let carried = match Encoding::of(&path).unwrap() {
+                    Encoding::Json => {
+                        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                        let typed = &json["resources"][0]["typed_config"];
+                        let value = typed["filter_config"]["value"]
+                            .as_str()
+                            .or(typed["config"]["configuration"]["value"].as_str());
+                        value.unwrap().to_owned()
+                    }
+                    Encoding::Binary => configuration_of(&bytes),
+                };
+                assert_eq!(carried, configuration, "{name}");
+            }
+            // And both say the same of everything else Envoy reads.
+            let json: serde_json::Value =
+                serde_json::from_slice(&resource.encode(Encoding::Json).unwrap()).unwrap();
+            let binary =
+                DiscoveryResponse::decode(resource.encode(Encoding::Binary).unwrap().as_slice())
+                    .unwrap();
+            assert_eq!(json["version_info"], binary.version_info.as_str());
+            let typed = TypedExtensionConfig::decode(binary.resources[0].value.as_slice())
+                .unwrap()
+                .typed_config
+                .unwrap();
+            assert_eq!(
+                json["resources"][0]["typed_config"]["@type"],
+                typed.type_url.as_str()
+            );
+            let json = &json["resources"][0]["typed_config"];
+            match filter {
+                Filter::Module(_) => {
+                    let m = DynamicModuleFilter::decode(typed.value.as_slice()).unwrap();
+                    let config = m.dynamic_module_config.unwrap();
+                    assert_eq!(json["filter_name"], m.filter_name.as_str());
+                    assert_eq!(
+                        json["dynamic_module_config"]["do_not_close"],
+                        config.do_not_close
+                    );
+                    assert_eq!(
+                        json["dynamic_module_config"]["metrics_namespace"],
+                        config.metrics_namespace.as_str()
+                    );
+                }
+                Filter::Wasm(_) => {
+                    let w = Wasm::decode(typed.value.as_slice())
+                        .unwrap()
+                        .config
+                        .unwrap();
+                    let plugin_config::Vm::VmConfig(vm) = w.vm.unwrap();
+                    let env = vm.environment_variables.unwrap();
+                    assert_eq!(json["config"]["failure_policy"], "FAIL_CLOSED");
+                    assert_eq!(w.failure_policy, FailurePolicy::FailClosed as i32);
+                    assert_eq!(
+                        json["config"]["vm_config"]["environment_variables"]["key_values"]
+                            [KEYS_VARIABLE],
+                        env.key_values[KEYS_VARIABLE].as_str()
+                    );
+                    assert_eq!(env.key_values[KEYS_VARIABLE], "k1,k2");
+                    assert_eq!(json["config"]["vm_config"]["runtime"], vm.runtime.as_str());
+                }
             }
         }
         std::fs::remove_dir_all(&dir).ok();

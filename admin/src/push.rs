@@ -11,6 +11,7 @@
 //! until it answers 200.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -48,10 +49,16 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let result = (|| -> Result<()> {
         let mut file =
             std::fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+        // Readable by an Envoy running as another user whatever the umask; nothing written
+        // here is secret (bundles hold hashes and public keys).
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temp, path)
             .with_context(|| format!("renaming onto {}", path.display()))?;
+        // The rename itself is durable only once the directory is: a bundle file must be on
+        // disk before the ECDS file that names it.
+        std::fs::File::open(dir).and_then(|d| d.sync_all())?;
         Ok(())
     })();
     if result.is_err() {
@@ -85,8 +92,10 @@ pub fn prebuilt(store: &Store, path: &Path, target: Target) -> Result<Issued> {
 }
 
 /// The filter to name in the resource: `--module` or `--wasm` if given, else the one the
-/// ECDS file names already (a push keeps the filter Envoy runs), else the module built
-/// beside this binary (`target/native/` from `target/debug/` or `target/release/`).
+/// ECDS file names already (a push keeps the filter Envoy runs; an absolute path only, as
+/// a relative one is Envoy's working directory's, which the CLI does not know), else the
+/// module built beside this binary (`target/native/` from `target/debug/` or
+/// `target/release/`).
 fn choose_filter(module: Option<&Path>, wasm: Option<&Path>, file: &Path) -> Result<Filter> {
     let beside_binary = || -> Option<PathBuf> {
         let exe = std::env::current_exe().ok()?;
@@ -98,6 +107,11 @@ fn choose_filter(module: Option<&Path>, wasm: Option<&Path>, file: &Path) -> Res
         (Some(module), None) => Filter::Module(module.into()),
         (None, Some(wasm)) => Filter::Wasm(wasm.into()),
         (None, None) => match ecds::existing(file) {
+            Some((filter, _)) if !filter.path().is_absolute() => anyhow::bail!(
+                "{} names the filter by a relative path ({}), relative to Envoy's working directory: pass --module PATH (or --wasm PATH)",
+                file.display(),
+                filter.path().display()
+            ),
             Some((filter, _)) => filter,
             None => Filter::Module(beside_binary().context(
                 "which filter should Envoy run? pass --module PATH (the libtokengate.so built with `cargo build -p tokengate-dynamic-module --profile native`) or --wasm PATH",
@@ -107,37 +121,43 @@ fn choose_filter(module: Option<&Path>, wasm: Option<&Path>, file: &Path) -> Res
     filter.canonical()
 }
 
-/// Writes the module's bundle file (content-addressed, written once) and returns the
-/// module's configuration naming it.
+/// Writes the module's bundle file (content-addressed, written once) and returns its path
+/// and the module's configuration naming it.
 fn write_bundle_file(file: &Path, issued: &Issued) -> Result<(PathBuf, String)> {
     let sha256 = tokengate_core::hex::encode(&Sha256::digest(issued.text.as_bytes()));
-    let directory = ecds::bundle_directory(file);
+    let directory = ecds::bundle_directory(file)?;
     std::fs::create_dir_all(&directory)
         .with_context(|| format!("creating {}", directory.display()))?;
     let directory = std::fs::canonicalize(&directory)?;
     let path = directory.join(ecds::bundle_name(issued.version, &sha256));
     write_atomically(&path, issued.text.as_bytes())?;
-    let reference = ecds::module_reference(&path, &sha256, &issued.keys.to_text());
+    let reference = ecds::module_reference(&path, &sha256, &issued.keys.to_text())?;
     Ok((path, reference))
 }
 
-/// Removes the module's bundle files but `keep` (the one served and the one before it, which
-/// a restore may need again).
+/// Removes this ECDS file's bundle files but `keep` (the one written now and the one the
+/// previous ECDS file named, which a restore may need again). Only names the CLI writes are
+/// touched, and only in this ECDS file's own directory.
 fn prune_bundle_files(file: &Path, keep: &[Option<PathBuf>]) {
-    let Ok(entries) = std::fs::read_dir(ecds::bundle_directory(file)) else {
+    let Ok(directory) = ecds::bundle_directory(file) else {
         return;
     };
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    let kept: Vec<PathBuf> = keep
+        .iter()
+        .flatten()
+        .filter_map(|k| std::fs::canonicalize(k).ok())
+        .collect();
     for entry in entries.flatten() {
         let path = entry.path();
         let ours = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('v') && n.ends_with(".json"));
-        let kept = keep.iter().flatten().any(|k| {
-            std::fs::canonicalize(k)
-                .is_ok_and(|k| std::fs::canonicalize(&path).is_ok_and(|p| p == k))
-        });
-        if ours && !kept {
+            .is_some_and(ecds::is_bundle_name);
+        let keep = std::fs::canonicalize(&path).is_ok_and(|p| kept.contains(&p));
+        if ours && !keep {
             std::fs::remove_file(&path).ok();
         }
     }

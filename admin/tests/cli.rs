@@ -772,3 +772,64 @@ fn push_envoy_keeps_the_filter_the_ecds_file_names_and_init_adopts_a_key_file() 
     };
     assert_eq!(public(&other), public(&env.store()));
 }
+
+#[test]
+fn push_envoy_with_the_module_writes_a_bundle_file_per_ecds_file_and_prunes_only_its_own() {
+    let env = Env::new("module-files");
+    env.ok(&["create", "svc"]);
+    let module = env.dir.join("libtokengate.so");
+    std::fs::write(&module, b"\x7fELF").unwrap();
+    let push = |file: &str| -> serde_json::Value {
+        let path = env.dir.join(file);
+        env.ok(&[
+            "push",
+            "envoy",
+            "--file",
+            path.to_str().unwrap(),
+            "--module",
+            module.to_str().unwrap(),
+        ]);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let reference = |resource: &serde_json::Value| -> serde_json::Value {
+        let text = resource["resources"][0]["typed_config"]["filter_config"]["value"]
+            .as_str()
+            .unwrap();
+        serde_json::from_str(text).unwrap()
+    };
+    let files = |ecds: &str| -> Vec<String> {
+        let dir = env.dir.join("tokengate-bundles").join(ecds);
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    // Another gateway's ECDS file in the same directory, and a file the CLI never wrote.
+    let other = reference(&push("b.json"));
+    let stranger = env.dir.join("tokengate-bundles/a.json/vendor.json");
+    std::fs::create_dir_all(stranger.parent().unwrap()).unwrap();
+    std::fs::write(&stranger, b"{}").unwrap();
+    let mut named = Vec::new();
+    for _ in 0..3 {
+        let reference = reference(&push("a.json"));
+        // The reference names a file whose bytes have its SHA-256, readable by Envoy.
+        let path = std::path::PathBuf::from(reference["bundle"].as_str().unwrap());
+        let bytes = std::fs::read(&path).unwrap();
+        use sha2::Digest;
+        let digest = tokengate_core::hex::encode(&sha2::Sha256::digest(&bytes));
+        assert_eq!(reference["sha256"], digest.as_str());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        named.push(path.file_name().unwrap().to_str().unwrap().to_owned());
+    }
+    // a.json keeps the file it names and the one before; b.json's is untouched; so is a
+    // file of another name.
+    let mut kept = vec![named[1].clone(), named[2].clone(), "vendor.json".to_owned()];
+    kept.sort();
+    assert_eq!(files("a.json"), kept);
+    assert!(std::path::Path::new(other["bundle"].as_str().unwrap()).exists());
+    assert_eq!(files("b.json").len(), 1);
+}

@@ -610,8 +610,9 @@ impl Gate {
                 decision.token_id.clone().unwrap_or_default(),
             ),
         ];
-        // No scopes, no header (an Envoy dynamic module cannot set an empty value, and every
-        // target must forward the same headers); a client's own copy is removed regardless.
+        // No scopes, no header: Envoy 1.40's dynamic-module `set_header` removes a header
+        // given an empty value (observed), and every target must forward the same headers.
+        // A client's own copy is removed regardless.
         if !record.scopes.header.is_empty() {
             decision
                 .add_headers

@@ -483,13 +483,9 @@ impl Record {
     /// Checks one record on its own (a Worker reads them one at a time from KV).
     pub fn from_token_record(token: &TokenRecord) -> Result<Self, BundleError> {
         check_scopes(&token.name, &token.scopes)?;
-        let scopes = serde_json::value::to_raw_value(&token.scopes)
-            .map_err(|e| BundleError::Json(format!("tokens: {e}")))?;
-        check_record(
-            &RecordText::of(token, &scopes),
-            None,
-            Scopes::new(&token.scopes),
-        )
+        // The scopes' text is only the table's cache key: a single record needs none.
+        let text = RecordText::of(token, RawValue::NULL);
+        check_record(&text, None, Scopes::new(&token.scopes))
     }
 
     /// The token's name.
@@ -789,5 +785,71 @@ mod tests {
         let newer = sign(&serde_json::to_string(&bundle(4, &[&a])).unwrap(), &[&ka]);
         assert!(again(&newer).is_ok());
         assert_eq!(Served::decode(&served.encode()), Some(served));
+    }
+
+    /// The streamed reader (token records borrowed from the text) and the owned one (the
+    /// CLI's, the Worker's) take and refuse the same records.
+    #[test]
+    fn records_read_from_the_text_are_checked_as_parsed_ones() {
+        let (signing, public) = key(7);
+        let payload_with = |tokens: &str| {
+            let mut value = serde_json::to_value(bundle(3, &[&public])).unwrap();
+            value["tokens"] = serde_json::Value::Null;
+            serde_json::to_string(&value)
+                .unwrap()
+                .replace("\"tokens\":null", &format!("\"tokens\":{tokens}"))
+        };
+        let hash = |secret: &[u8]| TokenHash::of(secret).to_hex();
+        let (a, b) = (
+            hash(b"secret-aaaa-secret-aaaa"),
+            hash(b"secret-bbbb-secret-bbbb"),
+        );
+        let record = |name: &str, hash: &str, scopes: &str| {
+            format!(r#"{{"name":"{name}","hash":"{hash}","scopes":{scopes},"created_at":900}}"#)
+        };
+        let taken = [
+            // An escaped name is the same name; scope sets of equal lists in other texts.
+            format!(
+                "[{},{}]",
+                record("c\\u0069", &a, r#"["x:y"]"#),
+                record("d", &b, r#"[ "x:y" ]"#)
+            ),
+            format!(r#"[{}]"#, record("ci", &a, "[]")),
+        ];
+        let refused = [
+            format!(r#"[{}]"#, record("ci", &a, "null")),
+            format!(r#"[{}]"#, record("ci", &a, r#"["x:y"],"scopes":["*"]"#)),
+            format!(r#"[{}]"#, record("ci", &a, r#"["X Y"]"#)),
+            format!(r#"[{},{}]"#, record("ci", &a, "[]"), record("ci", &b, "[]")),
+            format!(r#"[{},{}]"#, record("ci", &a, "[]"), record("cd", &a, "[]")),
+            // A rotation's old hash equal to the token's own.
+            format!(
+                r#"[{{"name":"ci","hash":"{a}","scopes":[],"created_at":900,"previous":{{"hash":"{a}","grace_until":2000}}}}]"#
+            ),
+            format!(r#"[{{"name":"ci","hash":"{a}","scopes":[],"created_at":900,"extra":1}}]"#),
+            format!(r#"[{}]"#, record("ci", &a[..63], "[]")),
+        ];
+        for (tokens, loads) in taken
+            .iter()
+            .map(|t| (t, true))
+            .chain(refused.iter().map(|t| (t, false)))
+        {
+            let payload = payload_with(tokens);
+            let streamed = Gate::load(
+                sign(&payload, &[&signing]).as_bytes(),
+                &trust(&[&public]),
+                &EXPECT,
+            );
+            let parsed = serde_json::from_str::<Bundle>(&payload)
+                .map_err(|e| BundleError::Json(e.to_string()))
+                .and_then(Gate::from_bundle);
+            assert_eq!(
+                streamed.is_ok(),
+                loads,
+                "streamed {tokens}: {:?}",
+                streamed.err()
+            );
+            assert_eq!(parsed.is_ok(), loads, "parsed {tokens}: {:?}", parsed.err());
+        }
     }
 }

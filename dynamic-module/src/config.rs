@@ -5,14 +5,18 @@
 //! writes beside the bundle file:
 //!
 //! ```json
-//! {"bundle":"/etc/tokengate/bundles/<sha256>.json","sha256":"<64 hex>","trusted_keys":"<hex>,<hex>"}
+//! {"bundle":"/etc/envoy/tokengate-bundles/tokengate.ecds.json/v12-<sha256>.json","sha256":"<64 hex>","trusted_keys":"<hex>,<hex>"}
 //! ```
 //!
 //! The module reads the file, checks its SHA-256 against the reference (the file cannot
 //! change under a configuration), opens it with the trusted keys and checks the bundle as
 //! the wasm filter does: target `envoy`, the environment in `TOKENGATE_ENVIRONMENT`, and
-//! succession (newer than the bundle served, or that very bundle). Envoy creates a filter
-//! configuration on its main thread, once per process; every worker thread shares the gate.
+//! succession (newer than the bundle served, or that very bundle). Envoy creates filter
+//! configurations on its main thread (one per update); the gate is one per process, shared
+//! by every configuration naming the same file and keys and by every worker thread.
+//!
+//! The no-rollback mark lives in this library's memory: a restarted Envoy (or another copy of
+//! the library) starts without one and takes the bundle its ECDS file names.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -116,14 +120,47 @@ pub fn serving_version() -> Option<u64> {
     serving.as_ref().map(|s| s.gate.version())
 }
 
+/// The largest bundle file read: a million tokens (the core's limit) take ~150 MB.
+const MAX_BUNDLE_BYTES: u64 = 512 << 20;
+
+/// Reads a bundle file: a regular file (a FIFO or a device would hang or flood Envoy's main
+/// thread), of at most [`MAX_BUNDLE_BYTES`].
+fn read_bundle_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_BUNDLE_BYTES {
+        return Err(format!(
+            "{} is {} bytes, over the {MAX_BUNDLE_BYTES}-byte limit",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut text = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_BUNDLE_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_BUNDLE_BYTES {
+        return Err(format!(
+            "{} grew over the size limit while read",
+            path.display()
+        ));
+    }
+    Ok(text)
+}
+
 /// Reads, checks and loads the bundle `reference` names.
 fn load(reference: &Reference, current: Option<&Gate>) -> Result<Gate, String> {
     let trusted =
         KeySet::parse(&reference.trusted_keys).map_err(|e| format!("trusted_keys: {e}"))?;
     let environment = std::env::var(ENVIRONMENT_VARIABLE)
         .map_err(|_| format!("{ENVIRONMENT_VARIABLE} is not set in Envoy's environment"))?;
-    let text = std::fs::read(&reference.bundle)
-        .map_err(|e| format!("reading {}: {e}", reference.bundle.display()))?;
+    let text = read_bundle_file(&reference.bundle)?;
     let digest = tokengate_core::hex::encode(&Sha256::digest(&text));
     if digest != reference.sha256 {
         return Err(format!(
@@ -182,6 +219,9 @@ mod configure_tests {
         let dir = std::env::temp_dir().join(format!("tokengate-module-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let keys = suite.trusted_keys.join(",");
+        // A valid public key that signed none of the fixtures.
+        let stranger = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let stranger = tokengate_core::hex::encode(stranger.as_bytes());
         let write = |name: &str| {
             let text = suite.bundle_text(name, "envoy").unwrap();
             let path = dir.join(format!("{name}.json"));
@@ -208,13 +248,27 @@ mod configure_tests {
         // Refused, and nothing changes: another file's digest, a missing file, unknown keys,
         // an inline bundle instead of a reference.
         let refusals = [
-            reference(&main, &rotation_sha, &keys),
-            reference(&dir.join("absent.json"), &main_sha, &keys),
-            reference(&main, &main_sha, &"ab".repeat(32)),
-            suite.bundle_text("main", "envoy").unwrap().into_bytes(),
+            (
+                reference(&main, &rotation_sha, &keys),
+                "does not have the SHA-256",
+            ),
+            (
+                reference(&dir.join("absent.json"), &main_sha, &keys),
+                "reading",
+            ),
+            (reference(&dir, &main_sha, &keys), "not a regular file"),
+            (
+                reference(&main, &main_sha, &stranger),
+                "no signature is by a trusted key",
+            ),
+            (
+                suite.bundle_text("main", "envoy").unwrap().into_bytes(),
+                "not a tokengate bundle reference",
+            ),
         ];
-        for config in &refusals {
-            assert!(configure(config).is_err());
+        for (config, why) in &refusals {
+            let refusal = configure(config).unwrap_err();
+            assert!(refusal.contains(why), "{why}: {refusal}");
             assert_eq!(serving_version(), None);
         }
 
@@ -225,6 +279,13 @@ mod configure_tests {
         assert!(Arc::ptr_eq(&first, &again));
         // Once a bundle is served, no configuration goes back to "no bundle".
         assert!(configure(b"").is_err());
+
+        // The same file under keys that do not sign it is not the gate served.
+        let unsigned = configure(&reference(&main, &main_sha, &stranger)).unwrap_err();
+        assert!(
+            unsigned.contains("no signature is by a trusted key"),
+            "{unsigned}"
+        );
 
         let newer = served(configure(&reference(&rotation, &rotation_sha, &keys)));
         assert_eq!(newer.version(), 14);

@@ -364,7 +364,7 @@ struct EnvoyStream<'a> {
 }
 
 impl Host for EnvoyStream<'_> {
-    fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    fn request_headers(&self) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> {
         // SAFETY: `envoy` is the stream pointer of the running hook.
         let count = unsafe {
             envoy_dynamic_module_callback_http_get_headers_size(self.envoy, REQUEST_HEADERS)
@@ -389,18 +389,20 @@ impl Host for EnvoyStream<'_> {
             )
         };
         if !read {
-            return Vec::new();
+            return None;
         }
         // SAFETY: Envoy's header buffers stay valid until the hook returns, and the borrows
         // cannot outlive it: they are tied to `&self`, which lives only as long as the hook.
         let text = |buffer| String::from_utf8_lossy(unsafe { bytes(buffer) });
-        headers
-            .iter()
-            .map(|h| (text(h.key), text(h.value)))
-            .collect()
+        Some(
+            headers
+                .iter()
+                .map(|h| (text(h.key), text(h.value)))
+                .collect(),
+        )
     }
 
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
         let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::of(v.as_bytes()));
         // SAFETY: the running hook's stream; Envoy copies both buffers; a NULL value removes.
         unsafe {
@@ -410,7 +412,7 @@ impl Host for EnvoyStream<'_> {
                 ModuleBuffer::of(name.as_bytes()),
                 value,
             )
-        };
+        }
     }
 
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {

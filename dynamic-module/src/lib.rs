@@ -11,6 +11,11 @@
 //! Fail closed: no bundle yet → 503; a refused configuration is rejected (Envoy keeps the
 //! previous one); a panic in any hook is caught and answered 503.
 
+// The hooks catch panics to answer 503 instead of taking Envoy down; with `panic = "abort"`
+// (the workspace's release profile) there would be nothing to catch.
+#[cfg(all(not(test), panic = "abort"))]
+compile_error!("build the module with `--profile native` (panic = \"unwind\"), not --release");
+
 pub mod config;
 pub mod stream;
 

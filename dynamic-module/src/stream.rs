@@ -15,10 +15,10 @@ pub const FILTER_STATE_KEY: &str = "tokengate";
 pub trait Host {
     /// Every request header pair, pseudo-headers included, repeats in order: borrowed from
     /// the host (valid UTF-8, as every well-formed request is) or converted (lossy: a
-    /// replaced byte can only make a token invalid).
-    fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)>;
-    /// Sets (`Some`) or removes (`None`) a request header.
-    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    /// replaced byte can only make a token invalid). `None`: the host could not give them.
+    fn request_headers(&self) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>>;
+    /// Sets (`Some`) or removes (`None`) a request header; `false` if the host did not.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool;
     /// Answers the request instead of forwarding it.
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str);
     /// Counts one decision for `reason`.
@@ -36,10 +36,12 @@ pub enum Verdict {
     Answered,
 }
 
-/// Decides the request on `gate` (503 without one) and applies the decision through `host`.
-/// A panic on the way is caught here: the request is answered 503 (unless it was answered
-/// already) and never unwinds into Envoy.
-pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host, now: u64) -> Verdict {
+/// Decides the request on `gate` (503 without one) at `now` (unix seconds; `None`, a clock
+/// that cannot be read: 503) and applies the decision through `host`. Fail closed: a header
+/// change the host refuses turns the decision into a 503, and a panic on the way is caught
+/// here: the request is answered 503 (unless it was answered already), never unwinding into
+/// Envoy.
+pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host, now: Option<u64>) -> Verdict {
     let mut answering = Answering {
         host,
         answered: false,
@@ -66,10 +68,10 @@ struct Answering<'h, H> {
 }
 
 impl<H: Host> Host for Answering<'_, H> {
-    fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+    fn request_headers(&self) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> {
         self.host.request_headers()
     }
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
         self.host.set_request_header(name, value)
     }
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
@@ -98,31 +100,45 @@ fn send(host: &mut impl Host, decision: &Decision) -> bool {
     true
 }
 
-fn apply(gate: Option<&Gate>, host: &mut impl Host, now: u64) -> Verdict {
-    let decision = decide(gate, host, now);
+fn apply(gate: Option<&Gate>, host: &mut impl Host, now: Option<u64>) -> Verdict {
+    let mut decision = decide(gate, host, now);
+    // Forward only on Allow, and only with every header change made: anything else answers
+    // (a deny without its denial, or a change the host refused: 503).
+    if decision.refusal().is_none() && !edit_headers(host, &decision) {
+        decision = decision::unavailable(Reason::Internal);
+    }
     host.count(decision.reason);
     host.record(&decision.log_fields());
-    // Forward only on Allow: any other decision answers (a deny without its denial, 503).
     if send(host, &decision) {
         return Verdict::Answered;
-    }
-    for name in &decision.remove_headers {
-        host.set_request_header(name, None);
-    }
-    for (name, value) in &decision.add_headers {
-        host.set_request_header(name, Some(value));
-    }
-    if let Some(path) = &decision.rewrite_path {
-        host.set_request_header(":path", Some(path));
     }
     Verdict::Forward
 }
 
-fn decide(gate: Option<&Gate>, host: &impl Host, now: u64) -> Decision {
+/// Makes the decision's header changes; `false` as soon as the host refuses one.
+fn edit_headers(host: &mut impl Host, decision: &Decision) -> bool {
+    let removals = decision
+        .remove_headers
+        .iter()
+        .map(|name| (name.as_str(), None));
+    let additions = decision
+        .add_headers
+        .iter()
+        .map(|(name, value)| (*name, Some(value.as_str())));
+    let path = decision.rewrite_path.as_deref().map(|p| (":path", Some(p)));
+    removals
+        .chain(additions)
+        .chain(path)
+        .all(|(name, value)| host.set_request_header(name, value))
+}
+
+fn decide(gate: Option<&Gate>, host: &impl Host, now: Option<u64>) -> Decision {
     let Some(gate) = gate else {
         return decision::unavailable(Reason::NoBundle);
     };
-    let owned = host.request_headers();
+    let (Some(owned), Some(now)) = (host.request_headers(), now) else {
+        return decision::unavailable(Reason::Internal);
+    };
     let headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (&**n, &**v)).collect();
     let pseudo = |name: &str| {
         headers
@@ -139,11 +155,13 @@ fn decide(gate: Option<&Gate>, host: &impl Host, now: u64) -> Decision {
     gate.decide(&request, now)
 }
 
-/// Unix seconds. (Envoy offers a module no clock; the OS clock is what its own time reads.)
-pub fn now() -> u64 {
+/// Unix seconds (Envoy offers a module no clock; the OS clock is what its own time reads);
+/// `None` before 1970, which no expiry check may take as a time.
+pub fn now() -> Option<u64> {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -164,21 +182,28 @@ mod tests {
         counted: Vec<Reason>,
         recorded: Option<String>,
         panic_on_read: bool,
+        refuse_edits: bool,
     }
 
     impl Host for FakeEnvoy {
-        fn request_headers(&self) -> Vec<(Cow<'_, str>, Cow<'_, str>)> {
+        fn request_headers(&self) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> {
             assert!(!self.panic_on_read, "a host failure");
-            self.headers
-                .iter()
-                .map(|(n, v)| (Cow::Borrowed(n.as_str()), Cow::Borrowed(v.as_str())))
-                .collect()
+            Some(
+                self.headers
+                    .iter()
+                    .map(|(n, v)| (Cow::Borrowed(n.as_str()), Cow::Borrowed(v.as_str())))
+                    .collect(),
+            )
         }
-        fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
+            if self.refuse_edits {
+                return false;
+            }
             self.headers.retain(|(n, _)| n != name);
             if let Some(value) = value {
                 self.headers.push((name.to_owned(), value.to_owned()));
             }
+            true
         }
         fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
             assert!(self.response.is_none(), "answered twice");
@@ -229,7 +254,7 @@ mod tests {
                 .collect(),
                 ..FakeEnvoy::default()
             };
-            let verdict = on_request_headers(Some(&gate), &mut envoy, case.now);
+            let verdict = on_request_headers(Some(&gate), &mut envoy, Some(case.now));
             let reason = envoy.counted.first().map(|r| r.as_str().to_owned());
             assert_eq!(envoy.counted.len(), 1, "{}: counted once", case.name);
             let recorded = envoy.recorded.clone().unwrap_or_default();
@@ -272,7 +297,10 @@ mod tests {
     #[test]
     fn no_gate_answers_503() {
         let mut envoy = FakeEnvoy::default();
-        assert_eq!(on_request_headers(None, &mut envoy, 0), Verdict::Answered);
+        assert_eq!(
+            on_request_headers(None, &mut envoy, Some(0)),
+            Verdict::Answered
+        );
         assert_eq!(envoy.response.map(|r| r.0), Some(503));
         assert_eq!(envoy.counted, [Reason::NoBundle]);
     }
@@ -286,7 +314,7 @@ mod tests {
             ..FakeEnvoy::default()
         };
         assert_eq!(
-            on_request_headers(Some(&gate), &mut envoy, suite.now),
+            on_request_headers(Some(&gate), &mut envoy, Some(suite.now)),
             Verdict::Answered
         );
         let (status, headers, body) = envoy.response.unwrap();
@@ -294,5 +322,52 @@ mod tests {
         assert!(headers.iter().any(|(n, v)| n == "retry-after" && v == "5"));
         assert!(body.contains("temporarily_unavailable"));
         assert_eq!(envoy.counted, [Reason::Internal]);
+    }
+
+    /// A valid request whose headers cannot be changed (the credential would reach the
+    /// upstream, the identity would be missing) and a clock that cannot be read: 503.
+    #[test]
+    fn a_refused_header_change_or_an_unreadable_clock_answers_503() {
+        let suite = conformance::load().unwrap();
+        let gate = fixture(&suite, "main");
+        let valid = suite
+            .cases
+            .iter()
+            .find(|c| c.expect.reason == "valid" && c.bundle == "main")
+            .unwrap();
+        let r = &valid.request;
+        let headers: Vec<(String, String)> = [(":method", &r.method), (":path", &r.path)]
+            .into_iter()
+            .chain([(":authority", &r.authority)])
+            .map(|(n, v)| (n.to_owned(), v.clone()))
+            .chain(
+                r.headers
+                    .iter()
+                    .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
+            )
+            .collect();
+        for (refuse_edits, now) in [(true, Some(valid.now)), (false, None)] {
+            let mut envoy = FakeEnvoy {
+                headers: headers.clone(),
+                refuse_edits,
+                ..FakeEnvoy::default()
+            };
+            assert_eq!(
+                on_request_headers(Some(&gate), &mut envoy, now),
+                Verdict::Answered
+            );
+            assert_eq!(envoy.response.map(|r| r.0), Some(503));
+            assert_eq!(envoy.counted, [Reason::Internal]);
+            assert!(envoy.recorded.unwrap().starts_with("reason=internal "));
+        }
+        // The same request with a working host passes (so the 503s above are the failures').
+        let mut envoy = FakeEnvoy {
+            headers,
+            ..FakeEnvoy::default()
+        };
+        assert_eq!(
+            on_request_headers(Some(&gate), &mut envoy, Some(valid.now)),
+            Verdict::Forward
+        );
     }
 }

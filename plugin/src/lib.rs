@@ -291,10 +291,11 @@ impl GateStream {
                 .find(|(n, _)| *n == name)
                 .map_or("", |(_, v)| v)
         };
-        let now = self
-            .get_current_time()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        // A clock before 1970 is no time an expiry may be checked against: fail closed.
+        let Ok(now) = self.get_current_time().duration_since(UNIX_EPOCH) else {
+            return decision::unavailable(Reason::Internal);
+        };
+        let now = now.as_secs();
         let request = Request {
             method: pseudo(":method"),
             path: pseudo(":path"),

@@ -936,7 +936,9 @@ def test_access_log_and_stats_for_allowed_and_denied():
         for name in ("allowed.valid", "bundle.version"):
             assert any(l.startswith(gw.prometheus_name(name)) for l in prometheus), gw.prometheus_name(name)
         # The guard read the same key: it let the allowed request through, stopped nothing.
-        assert gw.stat("http.gateway.rbac.tokengate_guard.denied", 0) == 0
+        # (the stat must exist: a wrong name would read as 0 and prove nothing)
+        assert gw.stat("http.gateway.rbac.tokengate_guard.denied") == 0
+        assert gw.stat("http.gateway.rbac.tokengate_guard.allowed") >= 1
     return allowed[-1].split('"', 1)[-1].strip()
 
 
