@@ -13,6 +13,7 @@
 //! - [`credentials`]: where a request's credential is read from.
 //! - [`decision`]: `Gate::decide(request, now)`.
 //! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
+//! - [`host`]: what an Envoy filter does with a decision (headers, response, counters).
 #![warn(missing_docs)]
 
 pub mod access;
@@ -21,6 +22,7 @@ pub mod credentials;
 pub mod decision;
 pub mod gate;
 pub mod hex;
+pub mod host;
 pub mod keys;
 pub mod policy;
 pub mod token;

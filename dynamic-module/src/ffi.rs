@@ -18,7 +18,7 @@ use tokengate_core::decision::Reason;
 use tokengate_core::{Gate, Outcome};
 
 use crate::config::{self, Configured};
-use crate::stream::{self, Host, Verdict, FILTER_STATE_KEY};
+use crate::stream::{self, Effects, Host, Verdict, FILTER_STATE_KEY};
 
 /// The ABI version Envoy 1.40 expects (it logs "Dynamic module ABI version v0.2.0 matched").
 const ABI_VERSION: &[u8] = b"v0.2.0\0";
@@ -401,7 +401,9 @@ impl Host for EnvoyStream<'_> {
                 .collect(),
         )
     }
+}
 
+impl Effects for EnvoyStream<'_> {
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
         let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::of(v.as_bytes()));
         // SAFETY: the running hook's stream; Envoy copies both buffers; a NULL value removes.

@@ -1,59 +1,48 @@
-//! One request: Envoy's headers in, the decision's effects out. Nothing is decided here.
+//! One request: Envoy's headers in, the decision's effects out. Nothing is decided here;
+//! what a decision does to a request is `tokengate_core::host`, shared with the wasm filter.
 
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokengate_core::decision::{self, Reason};
-use tokengate_core::{Decision, Gate, Request};
+pub use tokengate_core::host::{Effects, Verdict};
+use tokengate_core::{host, Decision, Gate, Request};
 
 /// The filter state key holding [`Decision::log_fields`] (`%FILTER_STATE(tokengate:PLAIN)%`
 /// in the access log; the RBAC guard reads it too).
 pub const FILTER_STATE_KEY: &str = "tokengate";
 
-/// What a request's filter can ask of Envoy.
-pub trait Host {
+/// What a request's filter can ask of Envoy: the effects every Envoy filter has, and the
+/// request's headers.
+pub trait Host: Effects {
     /// Every request header pair, pseudo-headers included, repeats in order: borrowed from
     /// the host (valid UTF-8, as every well-formed request is) or converted (lossy: a
     /// replaced byte can only make a token invalid). `None`: the host could not give them.
     fn request_headers(&self) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>>;
-    /// Sets (`Some`) or removes (`None`) a request header; `false` if the host did not.
-    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool;
-    /// Answers the request instead of forwarding it.
-    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str);
-    /// Counts one decision for `reason`.
-    fn count(&mut self, reason: Reason);
-    /// Records `fields` where the access log and the RBAC guard read them.
-    fn record(&mut self, fields: &str);
-}
-
-/// Whether Envoy should pass the request on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Headers adjusted; continue to the next filter.
-    Forward,
-    /// A response was sent; stop.
-    Answered,
 }
 
 /// Decides the request on `gate` (503 without one) at `now` (unix seconds; `None`, a clock
-/// that cannot be read: 503) and applies the decision through `host`. Fail closed: a header
-/// change the host refuses turns the decision into a 503, and a panic on the way is caught
-/// here: the request is answered 503 (unless it was answered already), never unwinding into
-/// Envoy.
+/// that cannot be read: 503) and applies the decision through `host` ([`host::apply`]: a
+/// header change the host refuses turns it into a 503). A panic on the way is caught here:
+/// the request is answered 503 (unless it was answered already), never unwinding into Envoy.
 pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host, now: Option<u64>) -> Verdict {
     let mut answering = Answering {
         host,
         answered: false,
     };
-    match catch_unwind(AssertUnwindSafe(|| apply(gate, &mut answering, now))) {
+    let decided = catch_unwind(AssertUnwindSafe(|| {
+        let decision = decide(gate, &answering, now);
+        host::apply(decision, &mut answering)
+    }));
+    match decided {
         Ok(verdict) => verdict,
         Err(_) => {
             if !answering.answered {
                 let _ = catch_unwind(AssertUnwindSafe(|| {
                     let decision = decision::unavailable(Reason::Internal);
                     answering.count(decision.reason);
-                    send(&mut answering, &decision);
+                    host::send(&mut answering, &decision);
                 }));
             }
             Verdict::Answered
@@ -67,10 +56,7 @@ struct Answering<'h, H> {
     answered: bool,
 }
 
-impl<H: Host> Host for Answering<'_, H> {
-    fn request_headers(&self) -> Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> {
-        self.host.request_headers()
-    }
+impl<H: Host> Effects for Answering<'_, H> {
     fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
         self.host.set_request_header(name, value)
     }
@@ -86,73 +72,15 @@ impl<H: Host> Host for Answering<'_, H> {
     }
 }
 
-/// Sends the decision's refusal; `false` if it forwards.
-fn send(host: &mut impl Host, decision: &Decision) -> bool {
-    let Some(denial) = decision.refusal() else {
-        return false;
-    };
-    let headers: Vec<(&str, &str)> = denial
-        .headers
-        .iter()
-        .map(|(n, v)| (*n, v.as_str()))
-        .collect();
-    host.send_response(denial.status, &headers, &denial.body);
-    true
-}
-
-fn apply(gate: Option<&Gate>, host: &mut impl Host, now: Option<u64>) -> Verdict {
-    let mut decision = decide(gate, host, now);
-    // Forward only on Allow, and only with every header change made: anything else answers
-    // (a deny without its denial, or a change the host refused: 503).
-    if decision.refusal().is_none() && !edit_headers(host, &decision) {
-        decision = decision::unavailable(Reason::Internal);
-    }
-    host.count(decision.reason);
-    host.record(&decision.log_fields());
-    if send(host, &decision) {
-        return Verdict::Answered;
-    }
-    Verdict::Forward
-}
-
-/// Makes the decision's header changes; `false` as soon as the host refuses one.
-fn edit_headers(host: &mut impl Host, decision: &Decision) -> bool {
-    let removals = decision
-        .remove_headers
-        .iter()
-        .map(|name| (name.as_str(), None));
-    let additions = decision
-        .add_headers
-        .iter()
-        .map(|(name, value)| (*name, Some(value.as_str())));
-    let path = decision.rewrite_path.as_deref().map(|p| (":path", Some(p)));
-    removals
-        .chain(additions)
-        .chain(path)
-        .all(|(name, value)| host.set_request_header(name, value))
-}
-
-fn decide(gate: Option<&Gate>, host: &impl Host, now: Option<u64>) -> Decision {
+fn decide<H: Host>(gate: Option<&Gate>, host: &Answering<'_, H>, now: Option<u64>) -> Decision {
     let Some(gate) = gate else {
         return decision::unavailable(Reason::NoBundle);
     };
-    let (Some(owned), Some(now)) = (host.request_headers(), now) else {
+    let (Some(owned), Some(now)) = (host.host.request_headers(), now) else {
         return decision::unavailable(Reason::Internal);
     };
     let headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (&**n, &**v)).collect();
-    let pseudo = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or("", |(_, v)| v)
-    };
-    let request = Request {
-        method: pseudo(":method"),
-        path: pseudo(":path"),
-        authority: pseudo(":authority"),
-        headers: &headers,
-    };
-    gate.decide(&request, now)
+    gate.decide(&Request::from_pairs(&headers), now)
 }
 
 /// Unix seconds (Envoy offers a module no clock; the OS clock is what its own time reads);
@@ -195,6 +123,9 @@ mod tests {
                     .collect(),
             )
         }
+    }
+
+    impl Effects for FakeEnvoy {
         fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
             if self.refuse_edits {
                 return false;

@@ -16,6 +16,7 @@ use std::time::UNIX_EPOCH;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
+use tokengate_core::host::{self, Effects, Verdict};
 use tokengate_core::{Decision, Expectation, Gate, KeySet, Outcome, Request, Served, Target};
 
 /// The VM environment variable holding the admin's public keys (hex, comma-separated): the
@@ -273,6 +274,10 @@ impl GateStream {
         let Some(gate) = &self.gate else {
             return decision::unavailable(Reason::NoBundle);
         };
+        // A clock before 1970 is no time an expiry may be checked against: fail closed.
+        let Ok(now) = self.get_current_time().duration_since(UNIX_EPOCH) else {
+            return decision::unavailable(Reason::Internal);
+        };
         // Header values may hold any byte; a lossy conversion can only make a token invalid.
         // Valid UTF-8 (every well-formed request) keeps its buffer: no copy per header.
         let headers: Vec<(String, String)> = self
@@ -285,63 +290,40 @@ impl GateStream {
             })
             .collect();
         let headers = decision::header_refs(&headers);
-        let pseudo = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or("", |(_, v)| v)
-        };
-        // A clock before 1970 is no time an expiry may be checked against: fail closed.
-        let Ok(now) = self.get_current_time().duration_since(UNIX_EPOCH) else {
-            return decision::unavailable(Reason::Internal);
-        };
-        let now = now.as_secs();
-        let request = Request {
-            method: pseudo(":method"),
-            path: pseudo(":path"),
-            authority: pseudo(":authority"),
-            headers: &headers,
-        };
-        gate.decide(&request, now)
+        gate.decide(&Request::from_pairs(&headers), now.as_secs())
+    }
+}
+
+/// The effects of a decision, through proxy-wasm (a host call that fails traps the VM, and
+/// `failure_policy: FAIL_CLOSED` answers 503).
+impl Effects for GateStream {
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) -> bool {
+        self.set_http_request_header(name, value);
+        true
+    }
+
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
+        self.send_http_response(u32::from(status), headers.to_vec(), Some(body.as_bytes()));
+    }
+
+    fn count(&mut self, reason: Reason) {
+        self.metrics.count(reason);
     }
 
     /// Puts the reason and identity where Envoy's access log and the RBAC guard read them:
     /// one property (one host call), `%FILTER_STATE(wasm.tokengate:PLAIN)%` =
     /// `reason=valid subject=ci-deploy token_id=tid_… rule=orders-read`.
-    fn record_for_access_log(&self, decision: &Decision) {
-        self.set_property(vec![PROPERTY], Some(decision.log_fields().as_bytes()));
+    fn record(&mut self, fields: &str) {
+        self.set_property(vec![PROPERTY], Some(fields.as_bytes()));
     }
 }
 
 impl HttpContext for GateStream {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let decision = self.decide();
-        self.metrics.count(decision.reason);
-        self.record_for_access_log(&decision);
-        // Forward only on Allow: any other decision answers (and a deny without its denial
-        // answers 503).
-        if let Some(denial) = decision.refusal() {
-            let headers: Vec<(&str, &str)> = denial
-                .headers
-                .iter()
-                .map(|(n, v)| (*n, v.as_str()))
-                .collect();
-            self.send_http_response(
-                u32::from(denial.status),
-                headers,
-                Some(denial.body.as_bytes()),
-            );
-            return Action::Pause;
+        match host::apply(decision, self) {
+            Verdict::Forward => Action::Continue,
+            Verdict::Answered => Action::Pause,
         }
-        for name in &decision.remove_headers {
-            self.set_http_request_header(name, None);
-        }
-        for (name, value) in &decision.add_headers {
-            self.set_http_request_header(name, Some(value));
-        }
-        if let Some(path) = &decision.rewrite_path {
-            self.set_http_request_header(":path", Some(path));
-        }
-        Action::Continue
     }
 }
