@@ -96,7 +96,12 @@ pub fn prebuilt(store: &Store, path: &Path, target: Target) -> Result<Issued> {
 /// a relative one is Envoy's working directory's, which the CLI does not know), else the
 /// module built beside this binary (`target/native/` from `target/debug/` or
 /// `target/release/`).
-fn choose_filter(module: Option<&Path>, wasm: Option<&Path>, file: &Path) -> Result<Filter> {
+fn choose_filter(
+    module: Option<&Path>,
+    wasm: Option<&Path>,
+    file: &Path,
+    existing: Option<&Filter>,
+) -> Result<Filter> {
     let beside_binary = || -> Option<PathBuf> {
         let exe = std::env::current_exe().ok()?;
         let built = exe.parent()?.parent()?.join("native/libtokengate.so");
@@ -106,13 +111,13 @@ fn choose_filter(module: Option<&Path>, wasm: Option<&Path>, file: &Path) -> Res
         (Some(_), Some(_)) => anyhow::bail!("--module and --wasm name two filters; give one"),
         (Some(module), None) => Filter::Module(module.into()),
         (None, Some(wasm)) => Filter::Wasm(wasm.into()),
-        (None, None) => match ecds::existing(file) {
-            Some((filter, _)) if !filter.path().is_absolute() => anyhow::bail!(
+        (None, None) => match existing {
+            Some(filter) if !filter.path().is_absolute() => anyhow::bail!(
                 "{} names the filter by a relative path ({}), relative to Envoy's working directory: pass --module PATH (or --wasm PATH)",
                 file.display(),
                 filter.path().display()
             ),
-            Some((filter, _)) => filter,
+            Some(filter) => filter.clone(),
             None => Filter::Module(beside_binary().context(
                 "which filter should Envoy run? pass --module PATH (the libtokengate.so built with `cargo build -p tokengate-dynamic-module --profile native`) or --wasm PATH",
             )?),
@@ -123,7 +128,11 @@ fn choose_filter(module: Option<&Path>, wasm: Option<&Path>, file: &Path) -> Res
 
 /// Writes the module's bundle file (content-addressed, written once) and returns its path
 /// and the module's configuration naming it.
-fn write_bundle_file(file: &Path, issued: &Issued) -> Result<(PathBuf, String)> {
+fn write_bundle_file(
+    file: &Path,
+    issued: &Issued,
+    trusted_keys: &str,
+) -> Result<(PathBuf, String)> {
     let sha256 = tokengate_core::hex::encode(&Sha256::digest(issued.text.as_bytes()));
     let directory = ecds::bundle_directory(file)?;
     std::fs::create_dir_all(&directory)
@@ -131,7 +140,7 @@ fn write_bundle_file(file: &Path, issued: &Issued) -> Result<(PathBuf, String)> 
     let directory = std::fs::canonicalize(&directory)?;
     let path = directory.join(ecds::bundle_name(issued.version, &sha256));
     write_atomically(&path, issued.text.as_bytes())?;
-    let reference = ecds::module_reference(&path, &sha256, &issued.keys.to_text())?;
+    let reference = ecds::module_reference(&path, &sha256, trusted_keys)?;
     Ok((path, reference))
 }
 
@@ -185,17 +194,18 @@ pub fn envoy(
     let admin = admin
         .map(|url| crate::status::base_url(url, "--admin"))
         .transpose()?;
-    let filter = choose_filter(code.0, code.1, file)?;
+    // What the ECDS file names now: the filter a push keeps, the bundle file it keeps.
+    let (existing_filter, previous_bundle) = ecds::existing(file).unzip();
+    let filter = choose_filter(code.0, code.1, file, existing_filter.as_ref())?;
     let before = admin.as_deref().map(crate::status::envoy).transpose()?;
     let issued = match prebuilt_bundle {
         Some(path) => prebuilt(store, path, Target::Envoy)?,
         None => crate::issue_bundle(store, ring, Target::Envoy, now, who)?,
     };
     let trusted_keys = issued.keys.to_text();
-    let previous_bundle = ecds::existing(file).and_then(|(_, bundle)| bundle);
     let (bundle_file, configuration) = match &filter {
         Filter::Module(_) => {
-            let (path, reference) = write_bundle_file(file, &issued)?;
+            let (path, reference) = write_bundle_file(file, &issued, &trusted_keys)?;
             (Some(path), reference)
         }
         Filter::Wasm(_) => (None, issued.text.clone()),
@@ -218,7 +228,7 @@ pub fn envoy(
             return Err(refused);
         }
     }
-    prune_bundle_files(file, &[bundle_file.clone(), previous_bundle]);
+    prune_bundle_files(file, &[bundle_file.clone(), previous_bundle.flatten()]);
     let destination = file.display().to_string();
     let details = serde_json::json!({"version": issued.version, "file": destination, "bundle_file": bundle_file, "tokens": issued.tokens, "keys": issued.keys.ids(), "confirmed": admin.is_some()});
     store.transaction(who, "push.envoy", None, details, now, |tx| {

@@ -173,6 +173,21 @@ impl Reason {
         }
     }
 
+    /// The counter a gate keeps for this reason, `allowed.<reason>` or `denied.<reason>`
+    /// (each host puts its prefix before it: `tokengate.`, `wasmcustom.tokengate.`).
+    pub fn counter_name(self) -> String {
+        let outcome = match self.outcome() {
+            Outcome::Allow => "allowed",
+            Outcome::Deny => "denied",
+        };
+        format!("{outcome}.{}", self.as_str())
+    }
+
+    /// Its position in [`Reason::ALL`], where a host keeps its counter ids in that order.
+    pub fn index(self) -> Option<usize> {
+        Self::ALL.iter().position(|r| *r == self)
+    }
+
     /// Whether requests with this reason pass.
     pub fn outcome(self) -> Outcome {
         match self {

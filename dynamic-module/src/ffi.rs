@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokengate_core::decision::Reason;
-use tokengate_core::{Gate, Outcome};
+use tokengate_core::Gate;
 
 use crate::config::{self, Configured};
 use crate::stream::{self, Effects, Host, Verdict, FILTER_STATE_KEY};
@@ -207,11 +207,7 @@ impl Metrics {
         };
         let mut metrics = Self::default();
         for (id, reason) in metrics.by_reason.iter_mut().zip(Reason::ALL) {
-            let outcome = match reason.outcome() {
-                Outcome::Allow => "allowed",
-                Outcome::Deny => "denied",
-            };
-            *id = define(&format!("{outcome}.{}", reason.as_str()), false);
+            *id = define(&reason.counter_name(), false);
         }
         metrics.bundle_version = define("bundle.version", true);
         metrics.bundle_tokens = define("bundle.tokens", true);
@@ -439,8 +435,9 @@ impl Effects for EnvoyStream<'_> {
     }
 
     fn count(&mut self, reason: Reason) {
-        let position = Reason::ALL.iter().position(|r| *r == reason);
-        let id = position.map_or(0, |p| self.config.metrics.by_reason[p]);
+        let id = reason
+            .index()
+            .map_or(0, |p| self.config.metrics.by_reason[p]);
         if id != 0 {
             // SAFETY: the running hook's stream; an unlabelled counter id Envoy gave.
             unsafe {

@@ -17,7 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::host::{self, Effects, Verdict};
-use tokengate_core::{Decision, Expectation, Gate, KeySet, Outcome, Request, Served, Target};
+use tokengate_core::{Decision, Expectation, Gate, KeySet, Request, Served, Target};
 
 /// The VM environment variable holding the admin's public keys (hex, comma-separated): the
 /// ECDS resource carries it in `vm_config.environment_variables.key_values`, so a key
@@ -56,15 +56,13 @@ struct Metrics {
 
 impl Metrics {
     fn define() -> Self {
-        let mut by_reason = Vec::with_capacity(Reason::ALL.len());
-        for reason in Reason::ALL {
-            let outcome = match reason.outcome() {
-                Outcome::Allow => "allowed",
-                Outcome::Deny => "denied",
-            };
-            let name = format!("tokengate.{outcome}.{}", reason.as_str());
-            by_reason.push(proxy_wasm::hostcalls::define_metric(MetricType::Counter, &name).ok());
-        }
+        let by_reason = Reason::ALL
+            .iter()
+            .map(|reason| {
+                let name = format!("tokengate.{}", reason.counter_name());
+                proxy_wasm::hostcalls::define_metric(MetricType::Counter, &name).ok()
+            })
+            .collect();
         let gauge = |name| proxy_wasm::hostcalls::define_metric(MetricType::Gauge, name).ok();
         Self {
             by_reason,
@@ -79,8 +77,10 @@ impl Metrics {
     }
 
     fn count(&self, reason: Reason) {
-        let position = Reason::ALL.iter().position(|r| *r == reason);
-        if let Some(id) = position.and_then(|p| self.by_reason.get(p).copied().flatten()) {
+        if let Some(id) = reason
+            .index()
+            .and_then(|p| self.by_reason.get(p).copied().flatten())
+        {
             proxy_wasm::hostcalls::increment_metric(id, 1).ok();
         }
     }
