@@ -30,7 +30,7 @@ cargo build -p tokengate-dynamic-module --profile native --locked
 say "unit tests, core conformance, and the built filter under the wasmtime host"
 cargo test --workspace --locked
 
-say "fuzzing every parser for a bounded time (bundle, path, credentials, Access JWT)"
+say "fuzzing every parser for a bounded time (bundle, path, credentials, Access JWT, Worker pages)"
 ./scripts/fuzz.sh
 
 say "end-to-end: the CLI and a real Envoy, with the dynamic module and with the wasm filter (conformance vectors, lifecycle, bad pushes, hot reload)"

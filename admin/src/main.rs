@@ -12,6 +12,7 @@ mod push;
 mod status;
 mod store;
 mod time;
+mod worker_push;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -834,7 +835,8 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 status::base_url(url, "--url")?;
                 let ring = key_source(&cli).load()?;
                 let who = actor(cli.actor.clone(), None);
-                let version = push::worker(&cli.store, &ring, url, bundle.as_deref(), now, &who)?;
+                let version =
+                    worker_push::push(&cli.store, &ring, url, bundle.as_deref(), now, &who)?;
                 eprintln!("pushed bundle version {version}; the Worker at {url} serves it");
                 Ok(None)
             }
@@ -1097,6 +1099,17 @@ pub(crate) fn issue_bundle(
     now: u64,
     who: &Actor,
 ) -> Result<Issued> {
+    issue_checked(store, ring, target, now, who).map(|(_, issued)| issued)
+}
+
+/// [`issue_bundle`], with the bundle it signed.
+pub(crate) fn issue_checked(
+    store: &mut Store,
+    ring: &keys::Keyring,
+    target: Target,
+    now: u64,
+    who: &Actor,
+) -> Result<(Bundle, Issued)> {
     let published = published_key_set(store)?;
     let version = store.transaction(
         who,
@@ -1118,10 +1131,11 @@ pub(crate) fn issue_bundle(
     };
     let gate = Gate::load(text.as_bytes(), &published, &expect)
         .map_err(|e| anyhow::anyhow!("the bundle would be refused by the gate: {e}"))?;
-    Ok(Issued {
+    let issued = Issued {
         version,
         tokens: gate.token_count(),
         keys: published,
         text,
-    })
+    };
+    Ok((bundle, issued))
 }

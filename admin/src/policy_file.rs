@@ -72,6 +72,13 @@ pub fn parse(path: &str, text: &str) -> Result<PolicyFile> {
         let line = line_of(text, "sources").map_or(String::new(), |l| format!(":{l}"));
         return Err(anyhow!("{path}{line}: credentials: {error}"));
     }
+    if let Some(access) = &file.cloudflare_access {
+        // What the Worker would refuse at the first push is refused here, with its line.
+        if let Err(error) = tokengate_core::access::Settings::from_config(access) {
+            let line = line_of(text, "certs_url").map_or(String::new(), |l| format!(":{l}"));
+            return Err(anyhow!("{path}{line}: {error}"));
+        }
+    }
     if file.rules.iter().any(|r| r.cf_access) && file.cloudflare_access.is_none() {
         return Err(anyhow!(
             "{path}: a rule sets cf_access but there is no [cloudflare_access] section"
@@ -118,6 +125,14 @@ mod tests {
         let error = parse("p.toml", &unknown).unwrap_err().to_string();
         assert!(
             error.starts_with("p.toml:5:") && error.contains("foo"),
+            "{error}"
+        );
+        let bad_access = format!(
+            "{DEFAULT_POLICY}\n[cloudflare_access]\ncerts_url = \"http://team.example.com/certs\"\naudiences = [\"aud\"]\n"
+        );
+        let error = parse("p.toml", &bad_access).unwrap_err().to_string();
+        assert!(
+            error.starts_with("p.toml:18:") && error.contains("certs_url"),
             "{error}"
         );
         let bad_source = DEFAULT_POLICY.replace("\"bearer\",", "\"cookie:x\",");

@@ -152,6 +152,16 @@ pub struct WorkerStatus {
     pub keys: Vec<String>,
     #[serde(default)]
     pub tokens: u64,
+    /// A push the Worker is applying.
+    #[serde(default)]
+    pub pending: Option<PendingPush>,
+}
+
+/// A push a Worker has begun and not committed.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PendingPush {
+    pub version: u64,
+    pub remaining: u64,
 }
 
 /// Asks a Worker (`base` from [`base_url`]) what it serves.

@@ -432,6 +432,17 @@ impl Store {
             .collect())
     }
 
+    /// When the last push to a target was made (unix seconds), if any.
+    pub fn pushed_at(&self, target: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT at FROM pushes WHERE target = ?1", [target], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .and_then(|v| u64::try_from(v).ok()))
+    }
+
     /// The last version pushed to a target, if any.
     pub fn pushed_version(&self, target: &str) -> Result<Option<u64>> {
         Ok(self

@@ -385,13 +385,23 @@ impl AccessPending<'_> {
 }
 
 /// A decision waiting for the record of [`Pending::hash`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pending<'g> {
     /// The SHA-256 of the presented credential: the lookup key.
     pub hash: TokenHash,
     rule: &'g policy::Rule,
     remove: Vec<String>,
     rewrite_path: Option<String>,
+    tokengate_shaped: bool,
+}
+
+impl Pending<'_> {
+    /// Whether a record can exist for this credential in a token set that holds no imported
+    /// secrets: only a tokengate-shaped credential can match a tokengate token, so a host
+    /// that knows the set has none may `finish` any other with no record and no lookup.
+    pub fn may_match(&self, imported_secrets: bool) -> bool {
+        imported_secrets || self.tokengate_shaped
+    }
 }
 
 impl Gate {
@@ -546,16 +556,16 @@ impl Gate {
             }
             Found::One { value, .. } => value,
         };
+        let mut shape = Shape::Other;
         let unreadable = if value.is_empty() {
             Some(Reason::Empty)
         } else if value.len() > MAX_TOKEN_LEN {
             Some(Reason::TooLong)
         } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
             Some(Reason::Malformed)
-        } else if token::shape(value) == Shape::TokengateBadChecksum {
-            Some(Reason::Checksum)
         } else {
-            None
+            shape = token::shape(value);
+            (shape == Shape::TokengateBadChecksum).then_some(Reason::Checksum)
         };
         if let Some(reason) = unreadable {
             return done(Decision::deny(reason, invalid_token(), remove));
@@ -565,7 +575,30 @@ impl Gate {
             rule,
             remove,
             rewrite_path,
+            tokengate_shaped: shape == Shape::Tokengate,
         })
+    }
+
+    /// Completes a decision for a token whose record a pending push changes: allowed only
+    /// if both the record served and the one the push brings (`None`: the push drops it)
+    /// allow it. So a revocation, an earlier expiry or a removal holds from the moment the
+    /// push carries it, and nothing the push grants holds before it is committed.
+    pub fn finish_changing(
+        &self,
+        pending: Pending<'_>,
+        served: Option<&Record>,
+        incoming: Option<&Record>,
+        now: u64,
+    ) -> Decision {
+        let served_decision = self.finish(pending.clone(), served, now);
+        if served_decision.outcome != Outcome::Allow {
+            return served_decision;
+        }
+        let incoming_decision = self.finish(pending, incoming, now);
+        if incoming_decision.outcome != Outcome::Allow {
+            return incoming_decision;
+        }
+        served_decision
     }
 
     /// Completes a decision with the record found for `pending.hash` (or `None`).
@@ -575,6 +608,7 @@ impl Gate {
             rule,
             remove,
             rewrite_path,
+            ..
         } = pending;
         let base = |outcome, reason, denial, remove_headers| Decision {
             outcome,

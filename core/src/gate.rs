@@ -237,6 +237,11 @@ impl Gate {
         &self.served
     }
 
+    /// The revoke-all cut-off in force, if any.
+    pub fn revoke_all_at(&self) -> Option<u64> {
+        self.revoke_all_at
+    }
+
     /// How many token records it holds.
     pub fn token_count(&self) -> usize {
         self.token_count
@@ -603,6 +608,7 @@ fn check_record(
 mod tests {
     use super::*;
     use crate::bundle::{publish, CredentialConfig, PreviousToken, SignatureEntry, Target};
+    use crate::decision::{Outcome, Reason, Request, Step};
     use ed25519_dalek::{Signer, SigningKey};
 
     fn key(seed: u8) -> (SigningKey, String) {
@@ -668,6 +674,52 @@ mod tests {
 
     fn trust(keys: &[&str]) -> KeySet {
         KeySet::from_hex(keys).unwrap()
+    }
+
+    #[test]
+    fn a_token_a_push_is_changing_passes_only_if_both_records_allow_it() {
+        let (_, a) = key(1);
+        let mut guarded = bundle(3, &[&a]);
+        guarded.policy = serde_json::from_value(serde_json::json!({"rules": [{
+            "name": "all", "path": {"prefix": "/"}, "methods": [], "host": null,
+            "access": "token", "all_of": [], "any_of": [], "cf_access": false
+        }]}))
+        .unwrap();
+        let gate = Gate::from_bundle(guarded.clone()).unwrap();
+        let headers = [("authorization", "Bearer secret-one-secret-one")];
+        let request = Request {
+            method: "GET",
+            path: "/orders",
+            authority: "api",
+            headers: &headers,
+        };
+        let served = Record::from_token_record(&guarded.tokens[0]).unwrap();
+        let revoked = Record::from_token_record(&TokenRecord {
+            revoked_at: Some(950),
+            ..guarded.tokens[0].clone()
+        })
+        .unwrap();
+        let decide = |served: Option<&Record>, incoming: Option<&Record>| {
+            let Step::Lookup(pending) = gate.begin(&request) else {
+                panic!("a lookup was expected");
+            };
+            gate.finish_changing(pending, served, incoming, 1_000)
+        };
+        // Both allow: allowed, as served.
+        let both = decide(Some(&served), Some(&served));
+        assert_eq!((both.outcome, both.reason), (Outcome::Allow, Reason::Valid));
+        // The push revokes it or drops it: refused already.
+        assert_eq!(
+            decide(Some(&served), Some(&revoked)).reason,
+            Reason::Revoked
+        );
+        assert_eq!(decide(Some(&served), None).reason, Reason::Unknown);
+        // The push would grant what is refused now (un-revoke, add): not before its commit.
+        assert_eq!(
+            decide(Some(&revoked), Some(&served)).reason,
+            Reason::Revoked
+        );
+        assert_eq!(decide(None, Some(&served)).reason, Reason::Unknown);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`decision`]: `Gate::decide(request, now)`.
 //! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
 //! - [`host`]: what an Envoy filter does with a decision (headers, response, counters).
+//! - [`pages`]: token sets split into content-addressed pages (the Worker's storage and pushes).
 #![warn(missing_docs)]
 
 pub mod access;
@@ -24,6 +25,7 @@ pub mod gate;
 pub mod hex;
 pub mod host;
 pub mod keys;
+pub mod pages;
 pub mod policy;
 pub mod token;
 

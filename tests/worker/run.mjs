@@ -6,11 +6,12 @@ import { Origin, Suite } from "./lib/harness.mjs";
 
 const MODULES = [
   "conformance", // every case of conformance/vectors.json through the Worker
-  "push", // the push protocol: Ed25519 signatures, window, refusals with KV unchanged, trust, forging, batching
+  "push", // the push protocol: Ed25519 signatures, window, refusals with KV unchanged, trust, forging, pages
   "lifecycle", // create, revoke, rotate with grace, expiry, revoke-all, as an operator does it
-  "cache", // KV reads, the staleness bound, fail-closed 503s, what KV holds
+  "cache", // KV reads, the staleness bound across isolates, fail-closed 503s for bad pages, what KV holds
   "access", // Cloudflare Access assertions against a JWKS served on 127.0.0.1
-  "cli", // the real tokengate CLI: push worker (--bundle), paging, refusals, admin key rotation, status
+  "cli", // the real tokengate CLI: push worker (--bundle), the push protocol, refusals, admin key rotation, status
+  "scale", // 100,000 tokens paged; a pending revoke-all; resume, replace, replay; imported_secrets; page refusals
 ];
 const filter = process.env.TOKENGATE_TEST_FILTER ?? "";
 // A stuck runtime must not hang CI.

@@ -79,12 +79,35 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
         .begin_with_access(&request, served.access.as_ref())
     {
         Step::Done(decision) => decision,
-        Step::Lookup(pending) => match served::record(env, &pending.hash).await {
-            Ok(record) => served
-                .gate
-                .finish(pending, record.as_ref(), served::now_secs()),
-            Err(failure) => return unavailable(Reason::Internal, Some(failure)),
-        },
+        // A set without imported secrets holds only tokengate tokens: a credential of
+        // another shape cannot match one, and costs no KV read.
+        Step::Lookup(pending) if !pending.may_match(served.imported_secrets) => {
+            served.gate.finish(pending, None, served::now_secs())
+        }
+        Step::Lookup(pending) => {
+            let looked_up = match served::view(env).await {
+                Ok(view) => served::changes(env, &view).await,
+                Err(failure) => Err(failure),
+            };
+            let changes = match looked_up {
+                Ok(changes) => changes,
+                Err(failure) => return unavailable(Reason::Internal, Some(failure)),
+            };
+            let record = match served::record(env, &served, &pending.hash).await {
+                Ok(record) => record,
+                Err(failure) => return unavailable(Reason::Internal, Some(failure)),
+            };
+            let now = served::now_secs();
+            match changes.get(&pending.hash.0) {
+                // A push in progress changes this token: its tightening holds already.
+                Some(incoming) => {
+                    served
+                        .gate
+                        .finish_changing(pending, record.as_ref(), incoming.as_ref(), now)
+                }
+                None => served.gate.finish(pending, record.as_ref(), now),
+            }
+        }
         Step::Access(pending) => match access::check_signature(&pending).await {
             Ok(verdict) => served
                 .gate

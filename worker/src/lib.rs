@@ -14,10 +14,11 @@ mod access;
 mod gate;
 mod push;
 mod served;
+mod state;
 
 use worker::{event, Context, Env, Request, Response, Result};
 
-/// The Workers KV namespace binding that holds the meta and the token records.
+/// The Workers KV namespace binding that holds the token pages.
 pub const KV_BINDING: &str = "TOKENGATE";
 /// Variable: where allowed requests go, e.g. `https://orders.internal.example.com`.
 pub const ORIGIN_URL_VAR: &str = "ORIGIN_URL";
@@ -27,8 +28,6 @@ pub const ENVIRONMENT_VAR: &str = "TOKENGATE_ENVIRONMENT";
 /// first push lands; from then on it trusts the keys of the bundle it serves. Public keys
 /// only: no Worker secret can sign anything.
 pub const TRUSTED_KEYS_VAR: &str = "TOKENGATE_TRUSTED_KEYS";
-/// Optional variable: token changes applied per push request (default and cap in [`push`]).
-pub const PUSH_BATCH_VAR: &str = "TOKENGATE_PUSH_BATCH";
 
 const STATUS_PATH: &str = "/.well-known/tokengate/status";
 const BUNDLE_PATH: &str = "/.well-known/tokengate/bundle";
@@ -58,36 +57,51 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     }
 }
 
-/// `GET /.well-known/tokengate/status`: what this isolate serves and the key ids it trusts.
-/// No secrets: no hashes, no token names.
+/// `GET /.well-known/tokengate/status`: what this isolate serves, the key ids it trusts and
+/// the push in progress. No secrets: no hashes, no token names.
 async fn handle_status(env: &Env) -> Result<Response> {
     let configured = env.var(ENVIRONMENT_VAR).ok().map(|v| v.to_string());
-    let (status, version, environment, tokens, keys) = match served::current(env).await {
+    let unavailable = |failure: served::Failure| {
+        worker::console_error!("tokengate status: {failure}");
+        let body = serde_json::json!({
+            "version": null, "environment": configured, "keys": [], "tokens": 0,
+            "kv_reads": served::kv_reads(), "pending": null, "revoke_all_at": null,
+        });
+        json_response(503, body, &[])
+    };
+    let view = match served::view(env).await {
+        Ok(view) => view,
+        Err(failure) => return unavailable(failure),
+    };
+    let (version, environment, tokens, keys, revoke_all_at) = match served::current(env).await {
         Ok(Some(s)) => (
-            200,
             Some(s.gate.version()),
             Some(s.gate.environment().to_owned()),
             s.tokens,
             key_ids(s.gate.keys()),
+            s.gate.revoke_all_at(),
         ),
-        Ok(None) => match push::trusted_keys(env, None) {
-            Ok(keys) => (200, None, configured, 0, key_ids(&keys)),
+        Ok(None) => match push::trusted_keys(env, &view) {
+            Ok(keys) => (None, configured.clone(), 0, key_ids(&keys), None),
             // No push could ever land: say so here, not only on the first push.
             Err(problem) => return json_error(500, "server_error", &problem, &[]),
         },
-        Err(failure) => {
-            worker::console_error!("tokengate status: {failure}");
-            (503, None, configured, 0, Vec::new())
-        }
+        Err(failure) => return unavailable(failure),
     };
+    let pending = view
+        .pending
+        .as_ref()
+        .map(|p| serde_json::json!({"version": p.version, "remaining": p.remaining}));
     let body = serde_json::json!({
         "version": version,
         "environment": environment,
         "keys": keys,
         "tokens": tokens,
         "kv_reads": served::kv_reads(),
+        "pending": pending,
+        "revoke_all_at": revoke_all_at,
     });
-    json_response(status, body, &[])
+    json_response(200, body, &[])
 }
 
 fn key_ids(keys: &tokengate_core::KeySet) -> Vec<String> {

@@ -1,41 +1,41 @@
 //! Signed pushes: `POST /.well-known/tokengate/bundle`.
 //!
-//! The body is a published `tokengate.bundle/v2` document; the request carries
-//! `Tokengate-Signature: t=<unix seconds>,<key id>=<hex Ed25519>[,…]`, each signature over
-//! `tokengate.push/v2\n<t>\n<body>` by one of the admin's keys. The Worker holds public keys
-//! only: `TOKENGATE_TRUSTED_KEYS` until its first push lands, then the `keys` of the bundle it
-//! serves. Everything is checked before the first KV write, so a refused push changes
-//! nothing: the header's form and a `Content-Length` within the cap (before the body is
-//! read), the request signatures and their 5-minute window, the bundle's signatures, target,
-//! environment and version (newer than the one served: a replayed push changes nothing),
-//! then the whole bundle.
+//! Every request carries `Tokengate-Signature: t=<unix seconds>,<key id>=<hex Ed25519>[,…]`,
+//! each signature over `tokengate.push/v2\n<t>\n<body>` by one of the admin's keys. The
+//! Worker holds public keys only: `TOKENGATE_TRUSTED_KEYS` until its first push lands, then
+//! the `keys` of the bundle it serves. Everything is checked before anything is written, so
+//! a refused request changes nothing: the header's form and a `Content-Length` within the
+//! cap (before the body is read), the request signatures and their 5-minute window, then
+//! the body.
 //!
-//! Then only what changed is written: deletes of removed tokens, changed records, new
-//! records, and the meta last. Workers KV allows 1000 operations per invocation, so a
-//! larger change set is applied over several requests: each applies up to a batch, answers
-//! 202 `{"applied", "remaining"}`, and the client POSTs the same bundle again (freshly signed)
-//! until it gets 200. The served version switches only with the final meta write.
+//! Two kinds of request:
+//! - **a bundle** (no query): a published `tokengate.bundle/v2` whose `tokens` are either the
+//!   records (inline, up to 8 MiB: the Worker pages them, stores the missing pages and
+//!   commits in this request) or a [`PagedTokens`] page list (any size up to 1,000,000
+//!   tokens: the push becomes pending and the answer names the pages still missing). Its
+//!   bundle signatures, target, environment and records are checked as on every gate; the
+//!   version against the push state ([`crate::state`], strongly consistent), so a replay or
+//!   a rollback is refused wherever it is sent.
+//! - **a page** (`?version=<v>&page=<i>`): the text of page `i` of the pending push `v`; its
+//!   SHA-256 must be the one the signed page list gives, and its records must belong there.
+//!   The last missing page commits the push.
 //!
-//! Bookkeeping, so that every KV token key that may exist is known without listing KV:
-//! `push:index` maps each hash written to the digest of its record; `push:intent` names the
-//! hashes of a batch before it is applied. A request that dies mid-batch leaves an
-//! unconfirmed intent, and the next push treats those records as unknown and writes them
-//! again. Each key is written at most once per request (KV allows one write per key per
-//! second; 202 answers say `Retry-After: 1`).
+//! Pages are stored in KV by digest and never rewritten: a page unchanged since an earlier
+//! push is neither sent nor written again. A pending push's revoke-all cut-off is in force
+//! from the moment the push is accepted, before any of its pages is stored; the rest of the
+//! push takes effect all at once, at its commit.
 
-use std::collections::BTreeMap;
-
-use futures_util::future::join_all;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde_json::value::RawValue;
 use tokengate_core::access::Settings;
 use tokengate_core::bundle::{BundleError, Envelope};
 use tokengate_core::keys::MAX_KEYS;
+use tokengate_core::pages::{self, PagedTokens};
 use tokengate_core::{Bundle, Expectation, Gate, KeySet, Target, TokenRecord};
 use worker::{console_error, console_log, Env, KvStore, Request, Response, Result};
 
-use crate::served::{self, Failure, Meta, Served, META_KEY, TOKEN_PREFIX};
-use crate::{json_error, json_response, ENVIRONMENT_VAR, PUSH_BATCH_VAR, TRUSTED_KEYS_VAR};
+use crate::served::{self, Failure, PAGE_PREFIX};
+use crate::state::{self, Call, Claim, Meta, Progress, Refused, Stored, View};
+use crate::{json_error, json_response, ENVIRONMENT_VAR, TRUSTED_KEYS_VAR};
 
 /// The request header carrying `t=<unix seconds>,<key id>=<hex Ed25519>[,…]`.
 pub const SIGNATURE_HEADER: &str = "tokengate-signature";
@@ -45,78 +45,11 @@ pub const PUSH_CONTEXT: &str = "tokengate.push/v2";
 pub const MAX_PUSH_BYTES: usize = 8 * 1024 * 1024;
 /// How far `t` may be from the Worker's clock, either way.
 pub const WINDOW_SECONDS: u64 = 300;
-/// Workers KV operations one invocation may make.
-pub const KV_OPERATIONS_LIMIT: usize = 1000;
-/// Operations a push request makes besides token changes: read meta, index and intent;
-/// write intent, index and meta.
-const FIXED_OPERATIONS: usize = 6;
-/// The most token changes one request may apply.
-pub const MAX_BATCH: usize = KV_OPERATIONS_LIMIT - FIXED_OPERATIONS;
-/// Token changes per request unless `TOKENGATE_PUSH_BATCH` says fewer; below
-/// [`MAX_BATCH`] to leave room under the limit.
-pub const DEFAULT_BATCH: usize = 900;
-const INDEX_KEY: &str = "push:index";
-const INTENT_KEY: &str = "push:intent";
-/// KV writes in flight at once while applying a batch.
+/// KV writes in flight at once while storing an inline bundle's pages.
 const CONCURRENCY: usize = 32;
-/// The digest of a record whose KV content is not known (an unconfirmed intent).
-const UNKNOWN: &str = "?";
-
-/// Every token key pushes have written, with the digest of the record written.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Index {
-    tokens: BTreeMap<String, String>,
-    /// The push that is partly applied, if any.
-    #[serde(default)]
-    pending: Option<PendingPush>,
-    /// The id of the last intent whose batch is recorded in `tokens`.
-    #[serde(default)]
-    confirmed_intent: Option<String>,
-}
-
-/// A push by its version and signatures (the bundle's, comma-joined).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PendingPush {
-    version: u64,
-    signature: String,
-}
-
-/// The hashes a batch is about to touch, written before it is applied.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Intent {
-    id: String,
-    hashes: Vec<String>,
-}
-
-/// One KV change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// The token left the bundle.
-    Delete {
-        /// Its hash.
-        hash: String,
-    },
-    /// A new or changed record.
-    Put {
-        /// Its hash.
-        hash: String,
-        /// The record's JSON.
-        value: String,
-        /// [`digest`] of `value`.
-        digest: String,
-    },
-}
-
-impl Op {
-    fn hash(&self) -> &str {
-        match self {
-            Self::Delete { hash } | Self::Put { hash, .. } => hash,
-        }
-    }
-}
+/// Garbage pages deleted per bundle request (Workers KV allows 1000 operations per
+/// invocation; an inline bundle of 8 MiB has at most 256 pages).
+const GARBAGE_PER_REQUEST: usize = 500;
 
 /// A refused push: status, `error` code and a description for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +57,7 @@ pub struct Refusal {
     /// 401, 409, 400, 413, 500 or 503.
     pub status: u16,
     /// Stable error code.
-    pub error: &'static str,
+    pub error: String,
     /// What was wrong, for the person pushing.
     pub description: String,
 }
@@ -132,16 +65,9 @@ pub struct Refusal {
 fn refuse(status: u16, error: &'static str, description: impl Into<String>) -> Refusal {
     Refusal {
         status,
-        error,
+        error: error.to_owned(),
         description: description.into(),
     }
-}
-
-/// The first 16 hex characters of the SHA-256 of a record's JSON: enough to tell versions
-/// of one record apart.
-pub fn digest(value: &str) -> String {
-    let hash = Sha256::digest(value.as_bytes());
-    tokengate_core::hex::encode(&hash[..8])
 }
 
 /// A parsed `Tokengate-Signature` header: the time and each `(key id, signature)`.
@@ -230,45 +156,14 @@ fn bundle_refusal(error: &BundleError) -> Refusal {
     }
 }
 
-/// The changes that turn `known` (hash → digest of what KV holds) into `tokens`: deletes
-/// first, then changed records, then new ones, so that removals and revocations land before
-/// anything is added when a push spans several requests.
-pub fn plan(known: &BTreeMap<String, String>, tokens: &[TokenRecord]) -> Vec<Op> {
-    // KV holds one record per hash a gate recognises: a token, and during a rotation's
-    // grace also the token it replaced.
-    let mut desired = BTreeMap::new();
-    for lookup in tokens.iter().flat_map(TokenRecord::lookup_records) {
-        let value = serde_json::to_string(&lookup).unwrap_or_default();
-        desired.insert(lookup.hash.clone(), value);
-    }
-    let mut ops: Vec<Op> = known
-        .keys()
-        .filter(|hash| !desired.contains_key(*hash))
-        .map(|hash| Op::Delete { hash: hash.clone() })
-        .collect();
-    let mut added = Vec::new();
-    for (hash, value) in desired {
-        let digest = digest(&value);
-        let op = Op::Put {
-            hash: hash.clone(),
-            value,
-            digest: digest.clone(),
-        };
-        match known.get(&hash) {
-            Some(old) if *old == digest => {}
-            Some(_) => ops.push(op),
-            None => added.push(op),
+impl From<Refused> for Refusal {
+    fn from(refused: Refused) -> Self {
+        Self {
+            status: refused.status,
+            error: refused.error,
+            description: refused.description,
         }
     }
-    ops.extend(added);
-    ops
-}
-
-fn batch_size(env: &Env) -> usize {
-    env.var(PUSH_BATCH_VAR)
-        .ok()
-        .and_then(|v| v.to_string().trim().parse::<usize>().ok())
-        .map_or(DEFAULT_BATCH, |n| n.clamp(1, MAX_BATCH))
 }
 
 fn unavailable(failure: &Failure) -> Refusal {
@@ -282,7 +177,11 @@ fn unavailable(failure: &Failure) -> Refusal {
 
 /// Handles one push request.
 pub async fn handle_push(req: Request, env: &Env) -> Result<Response> {
-    match push(req, env).await? {
+    served::forget_view();
+    let outcome = push(req, env).await;
+    // Whatever happened, this isolate serves what the push state says from now on.
+    served::forget_view();
+    match outcome? {
         Ok(response) => Ok(response),
         Err(refusal) => {
             console_log!(
@@ -296,15 +195,15 @@ pub async fn handle_push(req: Request, env: &Env) -> Result<Response> {
             } else {
                 Vec::new()
             };
-            json_error(refusal.status, refusal.error, &refusal.description, &retry)
+            json_error(refusal.status, &refusal.error, &refusal.description, &retry)
         }
     }
 }
 
 /// The keys this Worker trusts: those of the bundle it serves, else its configured ones.
-pub fn trusted_keys(env: &Env, serving: Option<&Meta>) -> std::result::Result<KeySet, String> {
-    if let Some(meta) = serving {
-        return KeySet::from_hex(&meta.bundle.keys).map_err(|e| format!("{META_KEY}: {e}"));
+pub fn trusted_keys(env: &Env, view: &View) -> std::result::Result<KeySet, String> {
+    if view.served.is_some() {
+        return KeySet::from_hex(&view.keys).map_err(|e| format!("served bundle: {e}"));
     }
     let text = env
         .var(TRUSTED_KEYS_VAR)
@@ -313,13 +212,53 @@ pub fn trusted_keys(env: &Env, serving: Option<&Meta>) -> std::result::Result<Ke
     KeySet::parse(&text).map_err(|e| format!("{TRUSTED_KEYS_VAR}: {e}"))
 }
 
-async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Response, Refusal>> {
+/// A page request's target: `?version=<v>&page=<i>`, nothing else.
+fn page_target(query: &str) -> Option<(u64, usize)> {
+    let mut version = None;
+    let mut page = None;
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=')?;
+        let digits =
+            !value.is_empty() && value.len() <= 19 && value.bytes().all(|b| b.is_ascii_digit());
+        let slot = match name {
+            "version" => &mut version,
+            "page" => &mut page,
+            _ => return None,
+        };
+        if slot.is_some() || !digits {
+            return None;
+        }
+        *slot = Some(value.parse::<u64>().ok()?);
+    }
+    Some((version?, usize::try_from(page?).ok()?))
+}
+
+type Outcome = std::result::Result<Response, Refusal>;
+
+async fn push(mut req: Request, env: &Env) -> Result<Outcome> {
     let Some(environment) = env.var(ENVIRONMENT_VAR).ok().map(|v| v.to_string()) else {
         return Ok(Err(refuse(
             500,
             "server_error",
             format!("the variable {ENVIRONMENT_VAR} is not set"),
         )));
+    };
+    let url = req.inner().url();
+    let query = url
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or_default());
+    let page = match query {
+        None => None,
+        Some(q) => match page_target(q) {
+            Some(target) => Some(target),
+            None => {
+                return Ok(Err(refuse(
+                    400,
+                    "invalid_request",
+                    "a page request is POST /.well-known/tokengate/bundle?version=<v>&page=<i>; a bundle takes no query",
+                )))
+            }
+        },
     };
     // The header's form, then the declared length: both before a byte of the body is read.
     let header = req.headers().get(SIGNATURE_HEADER)?;
@@ -334,7 +273,9 @@ async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Respons
         refuse(
             413,
             "too_large",
-            format!("a push body may hold at most {MAX_PUSH_BYTES} bytes"),
+            format!(
+                "a push request body may hold at most {MAX_PUSH_BYTES} bytes; page a larger bundle"
+            ),
         )
     };
     let declared = req.headers().get("content-length")?;
@@ -352,233 +293,288 @@ async fn push(mut req: Request, env: &Env) -> Result<std::result::Result<Respons
     if body.len() > MAX_PUSH_BYTES {
         return Ok(Err(too_large()));
     }
-    let kv = match served::kv(env) {
-        Ok(kv) => kv,
+    let view: View = match state::call(env, &Call::View).await {
+        Ok(Ok(view)) => view,
+        Ok(Err(refused)) => return Ok(Err(refused.into())),
         Err(failure) => return Ok(Err(unavailable(&failure))),
     };
-    let serving = match served::read_meta(&kv).await {
-        Ok(meta) => meta,
-        Err(failure) => return Ok(Err(unavailable(&failure))),
-    };
-    let trusted = match trusted_keys(env, serving.as_ref()) {
+    let trusted = match trusted_keys(env, &view) {
         Ok(keys) => keys,
         Err(e) => return Ok(Err(refuse(500, "server_error", e))),
     };
     if let Err(refusal) = verify_request(&trusted, &signed, &body, served::now_secs()) {
         return Ok(Err(refusal));
     }
-    let opened = Envelope::open(&body, &trusted).and_then(|envelope| {
-        let (bundle, _) = envelope.payload::<Vec<TokenRecord>>()?;
-        let mark = tokengate_core::Served::of(bundle.version, &envelope);
-        Ok((bundle, mark.signatures))
-    });
-    let (bundle, signatures) = match opened {
-        Ok(opened) => opened,
-        Err(e) => return Ok(Err(bundle_refusal(&e))),
+    let kv = match served::kv(env) {
+        Ok(kv) => kv,
+        Err(failure) => return Ok(Err(unavailable(&failure))),
     };
+    match page {
+        Some((version, index)) => Ok(store_page(env, &kv, version, index, &body).await),
+        None => Ok(push_bundle(env, &kv, &view, &trusted, &environment, &body).await),
+    }
+}
+
+/// A bundle request: checked as every gate checks a bundle, then begun in the push state.
+async fn push_bundle(
+    env: &Env,
+    kv: &KvStore,
+    view: &View,
+    trusted: &KeySet,
+    environment: &str,
+    body: &[u8],
+) -> Outcome {
+    let envelope = Envelope::open(body, trusted).map_err(|e| bundle_refusal(&e))?;
+    let (raw, _) = envelope
+        .payload::<&RawValue>()
+        .map_err(|e| bundle_refusal(&e))?;
     let expect = Expectation {
         target: Target::Worker,
-        environment: Some(&environment),
-        newer_than: serving.map(|m| m.bundle.version),
+        environment: Some(environment),
+        newer_than: view.served.as_ref().map(|s| s.version),
     };
-    if let Err(e) = expect.check(&bundle) {
-        return Ok(Err(bundle_refusal(&e)));
+    expect.check(&raw).map_err(|e| bundle_refusal(&e))?;
+    let paged = raw.tokens.get().trim_start().starts_with('{');
+    let (meta, inline_pages) = if paged {
+        let (bundle, _) = envelope
+            .payload::<PagedTokens>()
+            .map_err(|e| bundle_refusal(&e))?;
+        bundle
+            .tokens
+            .check()
+            .map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
+        let Bundle { tokens, .. } = bundle;
+        let meta = Meta {
+            bundle: Bundle {
+                tokens: Vec::new(),
+                ..bundle_without_tokens(&raw)
+            },
+            pages: tokens.pages,
+            tokens: tokens.tokens,
+            imported_secrets: tokens.imported_secrets,
+        };
+        validate(&meta.bundle)?;
+        (meta, Vec::new())
+    } else {
+        let (bundle, _) = envelope
+            .payload::<Vec<TokenRecord>>()
+            .map_err(|e| bundle_refusal(&e))?;
+        validate(&bundle)?;
+        let split = pages::split(&bundle.tokens)
+            .map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
+        let meta = Meta {
+            pages: split.iter().map(|p| p.sha256.clone()).collect(),
+            tokens: bundle.tokens.len(),
+            // An inline bundle does not say whether it holds imported secrets.
+            imported_secrets: true,
+            bundle: Bundle {
+                tokens: Vec::new(),
+                ..bundle
+            },
+        };
+        (meta, split)
+    };
+    let push = Stored {
+        sha256: pages::digest(body),
+        meta,
+    };
+    let progress: Progress = state::call(
+        env,
+        &Call::Begin {
+            push: Box::new(push),
+            now_ms: served::now_ms(),
+        },
+    )
+    .await
+    .map_err(|f| unavailable(&f))?
+    .map_err(Refusal::from)?;
+    // Only an accepted push tidies up: a refused one changes nothing.
+    collect_garbage(env, kv).await;
+    if progress.committed || inline_pages.is_empty() {
+        return answer(&progress, 0, true);
     }
-    let access = match bundle
-        .cloudflare_access
-        .as_ref()
-        .map(Settings::from_config)
-        .transpose()
-    {
-        Ok(access) => access,
-        Err(e) => return Ok(Err(refuse(400, "invalid_bundle", e.to_string()))),
-    };
-    let gate = match Gate::from_bundle(bundle.clone()) {
-        Ok(gate) => gate,
-        Err(e) => return Ok(Err(bundle_refusal(&e))),
-    };
-    let this_push = PendingPush {
-        version: bundle.version,
-        signature: signatures,
-    };
-    match apply(&kv, env, bundle, this_push, gate, access).await {
-        Ok(outcome) => Ok(Ok(outcome?)),
-        Err(refusal) => Ok(Err(refusal)),
+    // Inline: store what is missing now, then commit.
+    let mut written = 0;
+    for chunk in progress.missing.chunks(CONCURRENCY) {
+        let writes = chunk.iter().map(|&index| {
+            let page = &inline_pages[index];
+            write_page(kv, &page.sha256, &page.text)
+        });
+        for result in futures_util::future::join_all(writes).await {
+            result.map_err(|f| unavailable(&f))?;
+            written += 1;
+        }
+    }
+    let done: Progress = state::call(
+        env,
+        &Call::Received {
+            version: progress.version,
+            indices: progress.missing.clone(),
+            // Committed in this request: nothing takes effect early.
+            changes: Vec::new(),
+            now_ms: served::now_ms(),
+        },
+    )
+    .await
+    .map_err(|f| unavailable(&f))?
+    .map_err(Refusal::from)?;
+    answer(&done, written, true)
+}
+
+/// The bundle's members but its tokens (read again as owned records of nothing).
+fn bundle_without_tokens(raw: &Bundle<&RawValue>) -> Bundle {
+    Bundle {
+        version: raw.version,
+        issued_at: raw.issued_at,
+        environment: raw.environment.clone(),
+        target: raw.target,
+        keys: raw.keys.clone(),
+        policy: raw.policy.clone(),
+        credentials: raw.credentials.clone(),
+        tokens: Vec::new(),
+        revoke_all_at: raw.revoke_all_at,
+        cloudflare_access: raw.cloudflare_access.clone(),
     }
 }
 
-async fn read_json<T: Default + for<'de> Deserialize<'de>>(
+/// Everything a gate checks in a bundle, but the version (the push state's).
+fn validate(bundle: &Bundle) -> std::result::Result<(), Refusal> {
+    if let Some(access) = &bundle.cloudflare_access {
+        Settings::from_config(access).map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
+    }
+    Gate::from_bundle(bundle.clone()).map_err(|e| bundle_refusal(&e))?;
+    Ok(())
+}
+
+/// A page request: the page must be the one the pending push's signed list names.
+async fn store_page(env: &Env, kv: &KvStore, version: u64, index: usize, body: &[u8]) -> Outcome {
+    let claim: Claim = state::call(env, &Call::Claim { version, index })
+        .await
+        .map_err(|f| unavailable(&f))?
+        .map_err(Refusal::from)?;
+    let sha256 = pages::digest(body);
+    if sha256 != claim.sha256 {
+        return Err(refuse(
+            400,
+            "page_mismatch",
+            format!(
+                "page {index} of version {version} has SHA-256 {}; this body's is {sha256}",
+                claim.sha256
+            ),
+        ));
+    }
+    let incoming = pages::check_page(body, index, claim.bits)
+        .map_err(|e| refuse(400, "invalid_page", e.to_string()))?;
+    let mut written = 0;
+    let mut changes = Vec::new();
+    if !claim.stored {
+        changes = served_changes(env, kv, &incoming, index, claim.bits)
+            .await
+            .map_err(|f| unavailable(&f))?;
+        // The digest matched, and the signed list only names UTF-8 JSON pages.
+        let text = std::str::from_utf8(body)
+            .map_err(|_| refuse(400, "invalid_page", "a page is UTF-8 text"))?;
+        write_page(kv, &sha256, text)
+            .await
+            .map_err(|f| unavailable(&f))?;
+        written = 1;
+    }
+    let progress: Progress = state::call(
+        env,
+        &Call::Received {
+            version,
+            indices: vec![index],
+            changes,
+            now_ms: served::now_ms(),
+        },
+    )
+    .await
+    .map_err(|f| unavailable(&f))?
+    .map_err(Refusal::from)?;
+    answer(&progress, written, false)
+}
+
+/// The served records this page changes or drops: they take effect before the commit.
+async fn served_changes(
+    env: &Env,
     kv: &KvStore,
-    key: &str,
-) -> std::result::Result<T, Refusal> {
-    match served::kv_get(kv, key).await {
-        Ok(None) => Ok(T::default()),
-        Ok(Some(text)) => serde_json::from_str(&text)
-            .map_err(|e| unavailable(&Failure::Corrupt(format!("{key}: {e}")))),
-        Err(failure) => Err(unavailable(&failure)),
+    incoming: &[TokenRecord],
+    index: usize,
+    bits: u32,
+) -> std::result::Result<Vec<pages::Change>, Failure> {
+    let Some(served) = served::current(env).await? else {
+        return Ok(Vec::new());
+    };
+    let served_bits = served.page_bits();
+    let mut records = Vec::new();
+    for old in pages::overlapping(index, bits, served_bits) {
+        let digest = served
+            .page_digest(old)
+            .ok_or_else(|| Failure::Corrupt(format!("served page {old}")))?;
+        let text = served::read_page(kv, &digest).await?;
+        let page = pages::check_page(text.as_bytes(), old, served_bits)
+            .map_err(|e| Failure::Corrupt(format!("served page {old}: {e}")))?;
+        records.extend(page);
     }
+    Ok(pages::changes(&records, incoming, index, bits))
 }
 
-async fn write(kv: &KvStore, key: &str, value: &str) -> std::result::Result<(), Failure> {
-    // put_bytes: `put` would route a String through serde-wasm-bindgen (and float
-    // formatting) to reach the same JS string; KV stores the UTF-8 bytes either way.
-    kv.put_bytes(key, value.as_bytes())
+/// 200 once committed, else 202 with the pages still missing.
+/// A bundle request's 202 names every missing page; a page request's only counts them.
+fn answer(progress: &Progress, written: usize, name_missing: bool) -> Outcome {
+    let version = progress.version;
+    let result = if progress.committed || progress.missing.is_empty() {
+        console_log!(
+            "tokengate push: serving version {version} ({} tokens, {} pages)",
+            progress.tokens,
+            progress.pages
+        );
+        let body = serde_json::json!({"version": version, "tokens": progress.tokens, "pages": progress.pages, "written": written});
+        json_response(200, body, &[])
+    } else {
+        let mut body = serde_json::json!({"version": version, "pages": progress.pages, "remaining": progress.missing.len(), "written": written});
+        if name_missing {
+            body["missing"] = serde_json::json!(progress.missing);
+        }
+        json_response(202, body, &[("retry-after", "0".to_owned())])
+    };
+    result.map_err(|e| refuse(500, "server_error", e.to_string()))
+}
+
+async fn write_page(kv: &KvStore, sha256: &str, text: &str) -> std::result::Result<(), Failure> {
+    // put_bytes: `put` would route a String through serde-wasm-bindgen to reach the same JS
+    // string; KV stores the UTF-8 bytes either way.
+    kv.put_bytes(&format!("{PAGE_PREFIX}{sha256}"), text.as_bytes())
         .map_err(|e| Failure::Kv(e.to_string()))?
         .execute()
         .await
         .map_err(|e| Failure::Kv(e.to_string()))
 }
 
-async fn apply_op(kv: &KvStore, op: &Op) -> std::result::Result<(), Failure> {
-    let key = format!("{TOKEN_PREFIX}{}", op.hash());
-    match op {
-        Op::Delete { .. } => kv
-            .delete(&key)
-            .await
-            .map_err(|e| Failure::Kv(e.to_string())),
-        Op::Put { value, .. } => write(kv, &key, value).await,
-    }
-}
-
-/// Everything after validation: the only part that writes to KV.
-async fn apply(
-    kv: &KvStore,
-    env: &Env,
-    bundle: Bundle,
-    this_push: PendingPush,
-    gate: Gate,
-    access: Option<Settings>,
-) -> std::result::Result<Result<Response>, Refusal> {
-    let mut index: Index = read_json(kv, INDEX_KEY).await?;
-    let intent: Intent = read_json(kv, INTENT_KEY).await?;
-    if let Some(pending) = &index.pending {
-        if this_push.version < pending.version
-            || (this_push.version == pending.version && this_push != *pending)
-        {
-            return Err(refuse(
-                409,
-                "push_in_progress",
-                format!(
-                    "version {} is partly applied; push it again (or a newer version) to go on",
-                    pending.version
-                ),
-            ));
-        }
-    }
-    // A batch that was started but never confirmed may or may not have landed.
-    if !intent.id.is_empty() && index.confirmed_intent.as_deref() != Some(&intent.id) {
-        for hash in &intent.hashes {
-            index.tokens.insert(hash.clone(), UNKNOWN.to_owned());
-        }
-    }
-    let ops = plan(&index.tokens, &bundle.tokens);
-    let batch = &ops[..ops.len().min(batch_size(env))];
-    let mut applied = 0;
-    let mut failed = 0;
-    if !batch.is_empty() {
-        let id = format!(
-            "{}-{}-{:x}",
-            this_push.version,
-            served::now_ms() as u64,
-            (js_sys::Math::random() * 4_294_967_296.0) as u64
-        );
-        let intent = Intent {
-            id: id.clone(),
-            hashes: batch.iter().map(|op| op.hash().to_owned()).collect(),
-        };
-        let text = serde_json::to_string(&intent).unwrap_or_default();
-        write(kv, INTENT_KEY, &text)
-            .await
-            .map_err(|f| unavailable(&f))?;
-        for chunk in batch.chunks(CONCURRENCY) {
-            let results = join_all(chunk.iter().map(|op| apply_op(kv, op))).await;
-            for (op, result) in chunk.iter().zip(results) {
-                match (op, result) {
-                    (Op::Delete { hash }, Ok(())) => {
-                        index.tokens.remove(hash);
-                        applied += 1;
-                    }
-                    (Op::Put { hash, digest, .. }, Ok(())) => {
-                        index.tokens.insert(hash.clone(), digest.clone());
-                        applied += 1;
-                    }
-                    (op, Err(failure)) => {
-                        console_error!("tokengate push: {}: {failure}", op.hash());
-                        index
-                            .tokens
-                            .insert(op.hash().to_owned(), UNKNOWN.to_owned());
-                        failed += 1;
-                    }
-                }
+/// Deletes pages no push has used for a while; a failure leaves them (they are inert).
+async fn collect_garbage(env: &Env, kv: &KvStore) {
+    let call = Call::Garbage {
+        max: GARBAGE_PER_REQUEST,
+        now_ms: served::now_ms(),
+    };
+    let Ok(Ok(digests)) = state::call::<Vec<String>>(env, &call).await else {
+        return;
+    };
+    for chunk in digests.chunks(CONCURRENCY) {
+        let deletes = chunk
+            .iter()
+            .map(|d| async move { kv.delete(&format!("{PAGE_PREFIX}{d}")).await });
+        for result in futures_util::future::join_all(deletes).await {
+            if let Err(e) = result {
+                console_error!("tokengate push: deleting an unused page: {e}");
             }
         }
-        index.confirmed_intent = Some(id);
-        served::forget_tokens();
     }
-    let remaining = ops.len() - applied;
-    index.pending = (remaining > 0).then(|| this_push.clone());
-    let text = serde_json::to_string(&index).unwrap_or_default();
-    write(kv, INDEX_KEY, &text)
-        .await
-        .map_err(|f| unavailable(&f))?;
-    let version = bundle.version;
-    let retry = [("retry-after", "1".to_owned())];
-    if failed > 0 {
-        let description = format!("{failed} KV writes failed; push again to go on");
-        let body = serde_json::json!({
-            "error": "temporarily_unavailable",
-            "error_description": description,
-            "applied": applied,
-            "remaining": remaining,
-        });
-        return Ok(json_response(503, body, &retry));
-    }
-    if remaining > 0 {
-        console_log!("tokengate push: version {version}: applied {applied}, {remaining} to go");
-        let body =
-            serde_json::json!({"version": version, "applied": applied, "remaining": remaining});
-        return Ok(json_response(202, body, &retry));
-    }
-    let tokens = bundle.tokens.len();
-    let meta = Meta {
-        bundle: Bundle {
-            tokens: Vec::new(),
-            ..bundle
-        },
-        tokens,
-    };
-    let text = serde_json::to_string(&meta).unwrap_or_default();
-    write(kv, META_KEY, &text)
-        .await
-        .map_err(|f| unavailable(&f))?;
-    served::install(Served {
-        gate,
-        access,
-        tokens,
-    });
-    console_log!("tokengate push: serving version {version} ({tokens} tokens, {applied} changes)");
-    let body = serde_json::json!({"version": version, "applied": applied, "tokens": tokens});
-    Ok(json_response(200, body, &[]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(name: &str, hash: char, revoked: Option<u64>) -> TokenRecord {
-        let hash: String = std::iter::repeat_n(hash, 64).collect();
-        TokenRecord {
-            name: name.into(),
-            hash,
-            scopes: vec![],
-            created_at: 1,
-            not_before: None,
-            expires_at: None,
-            revoked_at: revoked,
-            grace_until: None,
-            previous: None,
-        }
-    }
 
     fn key(seed: u8) -> (ed25519_dalek::SigningKey, String, String) {
         let signing = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
@@ -634,12 +630,15 @@ mod tests {
         assert_eq!(check(&signed(&ka, &id_a, 1000), body, 1300), Ok(()));
         assert_eq!(check(&signed(&ka, &id_a, 1000), body, 700), Ok(()));
         let stale = check(&signed(&ka, &id_a, 1000), body, 1301).unwrap_err();
-        assert_eq!((stale.status, stale.error), (401, "signature_expired"));
+        assert_eq!(
+            (stale.status, stale.error.as_str()),
+            (401, "signature_expired")
+        );
         let future = check(&signed(&ka, &id_a, 1000), body, 699).unwrap_err();
         assert_eq!(future.error, "signature_expired");
         let tampered = check(&signed(&ka, &id_a, 1000), r#"{"x":2}"#, 1000).unwrap_err();
         assert_eq!(
-            (tampered.status, tampered.error),
+            (tampered.status, tampered.error.as_str()),
             (401, "invalid_signature")
         );
         // Another key, and another key under the trusted key's id.
@@ -652,51 +651,5 @@ mod tests {
         let bare = tokengate_core::hex::encode(&ka.sign(body.as_bytes()).to_bytes());
         let bare = parse_signature_header(&format!("t=1000,{id_a}={bare}")).unwrap();
         assert!(check(&bare, body, 1000).is_err());
-    }
-
-    #[test]
-    fn plans_only_what_changed_removals_first() {
-        let a = record("a", 'a', None);
-        let b = record("b", 'b', None);
-        let c = record("c", 'c', None);
-        let known: BTreeMap<String, String> = [&a, &b]
-            .iter()
-            .map(|r| (r.hash.clone(), digest(&serde_json::to_string(r).unwrap())))
-            .collect();
-        assert_eq!(plan(&known, &[a.clone(), b.clone()]), vec![]);
-
-        let b_revoked = record("b", 'b', Some(5));
-        let ops = plan(&known, &[b_revoked.clone(), c.clone()]);
-        let kinds: Vec<(&str, &str)> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Delete { hash } => ("delete", &hash[..1]),
-                Op::Put { hash, .. } => ("put", &hash[..1]),
-            })
-            .collect();
-        assert_eq!(kinds, vec![("delete", "a"), ("put", "b"), ("put", "c")]);
-
-        // A record in an unconfirmed batch is written again even if unchanged.
-        let mut unsure = known.clone();
-        unsure.insert(a.hash.clone(), UNKNOWN.to_owned());
-        assert_eq!(plan(&unsure, &[a, b]).len(), 1);
-
-        // A rotated token is found under both hashes during its grace.
-        let mut rotated = record("r", 'd', None);
-        rotated.previous = Some(tokengate_core::bundle::PreviousToken {
-            hash: "e".repeat(64),
-            grace_until: 99,
-        });
-        let ops = plan(&BTreeMap::new(), &[rotated]);
-        let puts: Vec<(&str, &str)> = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Put { hash, value, .. } => Some((&hash[..1], value.as_str())),
-                Op::Delete { .. } => None,
-            })
-            .collect();
-        assert_eq!(puts.len(), 2);
-        assert!(puts[0].0 == "d" && !puts[0].1.contains("grace_until"));
-        assert!(puts[1].0 == "e" && puts[1].1.contains("\"grace_until\":99"));
     }
 }

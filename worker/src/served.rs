@@ -1,60 +1,49 @@
-//! What the Worker serves: the KV layout, the in-isolate caches and the KV read counter.
+//! What the Worker serves: the push state's view, the in-isolate caches, the page lookups and
+//! the KV read counter.
 //!
-//! KV layout (binding `TOKENGATE`):
-//! - `meta`: the last fully applied bundle without its tokens ([`Meta`]);
-//! - `token:<sha256 hex>`: one `TokenRecord` per token (hashes only, never a plaintext);
-//! - `push:index`, `push:intent`: the push bookkeeping (see `push`).
+//! The served bundle (without its tokens) comes from the `PushState` Durable Object
+//! ([`crate::state`]); the token records are in Workers KV, in immutable pages
+//! `page:<sha256>` ([`tokengate_core::pages`]).
 //!
-//! Both caches live in the isolate and are trusted for [`CACHE_TTL_MS`]: a change written by
-//! a push through another isolate is seen here within that bound (plus Workers KV's own
-//! propagation between locations, which Cloudflare documents as up to 60 s). The isolate
-//! that applies a push replaces its caches at once. Negative lookups are cached too, so a
-//! flood of one unknown token costs one KV read per isolate per bound.
+//! Staleness: each isolate trusts the object's small [`View`] for [`CACHE_TTL_MS`]; a push
+//! committed (or a revoke-all cut-off accepted) through any isolate is served here within
+//! that bound, and the isolate that handled it serves it at once. Pages never change, so a
+//! record read from one is cached by (page digest, hash) with no expiry, found or not, in a
+//! least-recently-used cache of [`MAX_CACHED_RECORDS`]: a new version names new pages and
+//! is read afresh. A page the view names that KV does not have (yet: KV propagates between
+//! locations in up to 60 s) or whose content does not match its digest fails the request
+//! closed (503).
+//!
+//! While a push is pending, the view also counts the served records its stored pages change
+//! or drop ([`changes`]); an isolate fetches that list when the count moves, and a token on
+//! it passes only if both its served and its incoming record allow it.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::pin::pin;
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use serde::{Deserialize, Serialize};
+use lru::LruCache;
 use tokengate_core::access::Settings;
+use tokengate_core::pages;
 use tokengate_core::token::TokenHash;
-use tokengate_core::{Bundle, Gate, Record, TokenRecord};
+use tokengate_core::{Bundle, Gate, Record};
 use worker::{Delay, Env, KvStore};
 
+use crate::state::{self, Call, Meta, Stored, View};
 use crate::KV_BINDING;
 
-/// The KV key of the served bundle's meta.
-pub const META_KEY: &str = "meta";
-/// The KV key prefix of token records; the rest is the lower-case hex SHA-256.
-pub const TOKEN_PREFIX: &str = "token:";
-/// How long a cached meta or token record (found or not) is trusted: the staleness bound.
+/// The KV key prefix of pages; the rest is the lower-case hex SHA-256 of the page.
+pub const PAGE_PREFIX: &str = "page:";
+/// How long an isolate trusts the push state's view: the staleness bound.
 pub const CACHE_TTL_MS: f64 = 5_000.0;
-/// A KV read that takes longer fails the request closed (503) instead of hanging it.
+/// A KV read or push-state call that takes longer fails the request closed (503).
 pub const KV_TIMEOUT_MS: u64 = 3_000;
-/// Token records one isolate keeps; past this the cache starts over (memory stays bounded).
-const MAX_CACHED_TOKENS: usize = 10_000;
-
-/// The bundle as served, stored under [`META_KEY`] once every token change is applied.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Meta {
-    /// The pushed payload with `tokens` emptied (its signatures were checked at the push);
-    /// its `keys` are what this Worker trusts from then on.
-    pub bundle: Bundle,
-    /// How many token records the bundle held.
-    pub tokens: usize,
-}
-
-impl Meta {
-    /// Parses a stored meta: `{"bundle": {...}, "tokens": n}`, nothing else.
-    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(text)
-    }
-}
+/// Token records (found or not) one isolate keeps; the least recently used go first.
+pub const MAX_CACHED_RECORDS: usize = 10_000;
 
 /// A validated meta, ready to decide requests.
 pub struct Served {
@@ -62,13 +51,32 @@ pub struct Served {
     pub gate: Gate,
     /// The bundle's Cloudflare Access settings, if any.
     pub access: Option<Settings>,
-    /// How many token records the bundle held.
+    /// How many token records the bundle holds.
     pub tokens: usize,
+    /// Each page's SHA-256.
+    pages: Vec<[u8; 32]>,
+    /// log2 of the page count.
+    bits: u32,
+    /// Whether a record may be an imported secret.
+    pub imported_secrets: bool,
 }
 
 impl Served {
-    /// Validates a meta the same way a push validated its bundle.
-    pub fn from_meta(meta: Meta) -> Result<Self, String> {
+    /// Validates a meta the way a push validated its bundle; `revoke_all_at` is the
+    /// cut-off in force (the served one, or a later one a pending push brings first).
+    pub fn from_meta(meta: &Meta, revoke_all_at: Option<u64>) -> Result<Self, String> {
+        let bits = pages::PagedTokens {
+            pages: meta.pages.clone(),
+            tokens: meta.tokens,
+            imported_secrets: meta.imported_secrets,
+        }
+        .check()
+        .map_err(|e| e.to_string())?;
+        let digests = meta
+            .pages
+            .iter()
+            .map(|d| tokengate_core::hex::decode::<32>(d).ok_or_else(|| format!("page {d}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let access = meta
             .bundle
             .cloudflare_access
@@ -76,11 +84,19 @@ impl Served {
             .map(Settings::from_config)
             .transpose()
             .map_err(|e| e.to_string())?;
-        let gate = Gate::from_bundle(meta.bundle).map_err(|e| e.to_string())?;
+        let bundle = Bundle {
+            tokens: Vec::new(),
+            revoke_all_at: meta.bundle.revoke_all_at.max(revoke_all_at),
+            ..meta.bundle.clone()
+        };
+        let gate = Gate::from_bundle(bundle).map_err(|e| e.to_string())?;
         Ok(Self {
             gate,
             access,
             tokens: meta.tokens,
+            pages: digests,
+            bits,
+            imported_secrets: meta.imported_secrets,
         })
     }
 }
@@ -98,6 +114,10 @@ pub enum Failure {
     Corrupt(String),
     /// Fetching or using the Access team keys failed.
     Keys(String),
+    /// A page the served bundle names is not in KV (yet).
+    MissingPage(String),
+    /// The push state (Durable Object) failed.
+    State(String),
 }
 
 impl fmt::Display for Failure {
@@ -108,6 +128,8 @@ impl fmt::Display for Failure {
             Self::Timeout => write!(f, "KV read timed out after {KV_TIMEOUT_MS} ms"),
             Self::Corrupt(e) => write!(f, "corrupt KV value: {e}"),
             Self::Keys(e) => write!(f, "Access keys: {e}"),
+            Self::MissingPage(d) => write!(f, "page {d} is not in KV (yet)"),
+            Self::State(e) => write!(f, "push state: {e}"),
         }
     }
 }
@@ -117,11 +139,29 @@ struct Cached<T> {
     at: f64,
 }
 
+/// The served bundle as built, and what it was built from.
+struct Built {
+    sha256: String,
+    revoke_all_at: Option<u64>,
+    served: Rc<Served>,
+}
+
+/// Served records a pending push changes: its record for the hash, `None` if it drops it.
+pub type Changes = std::collections::HashMap<[u8; 32], Option<Record>>;
+
+/// The changes of one pending push, keyed by (its version, the change count).
+type CachedChanges = ((u64, usize), Rc<Changes>);
+
+/// Records by (page digest, token hash); `None`: the page holds no such token.
+type RecordCache = LruCache<([u8; 32], [u8; 32]), Option<Record>>;
+
 thread_local! {
-    // `None`: nothing cached; `Some(value: None)`: KV holds no meta yet (also cached).
-    static META: RefCell<Option<Cached<Option<Rc<Served>>>>> = const { RefCell::new(None) };
-    static TOKENS: RefCell<HashMap<[u8; 32], Cached<Option<Record>>>> = RefCell::new(HashMap::new());
+    static VIEW: RefCell<Option<Cached<Rc<View>>>> = const { RefCell::new(None) };
+    static BUILT: RefCell<Option<Built>> = const { RefCell::new(None) };
+    static RECORDS: RefCell<RecordCache> =
+        RefCell::new(LruCache::new(NonZeroUsize::new(MAX_CACHED_RECORDS).unwrap_or(NonZeroUsize::MIN)));
     static KV_READS: Cell<u64> = const { Cell::new(0) };
+    static CHANGES: RefCell<Option<CachedChanges>> = const { RefCell::new(None) };
 }
 
 /// Milliseconds since the epoch (Workers advance the clock at I/O, which is enough here).
@@ -145,107 +185,174 @@ pub fn kv(env: &Env) -> Result<KvStore, Failure> {
         .map_err(|e| Failure::Config(format!("KV binding {KV_BINDING}: {e}")))
 }
 
-/// One counted KV read, bounded by [`KV_TIMEOUT_MS`].
-pub async fn kv_get(kv: &KvStore, key: &str) -> Result<Option<String>, Failure> {
-    KV_READS.with(|n| n.set(n.get() + 1));
-    let get = pin!(kv.get(key).text());
+/// `future`, or [`Failure::Timeout`] after [`KV_TIMEOUT_MS`].
+pub async fn bounded<T>(
+    future: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let future = pin!(future);
     let timeout = pin!(Delay::from(Duration::from_millis(KV_TIMEOUT_MS)));
-    match select(get, timeout).await {
-        Either::Left((result, _)) => result.map_err(|e| Failure::Kv(e.to_string())),
+    match select(future, timeout).await {
+        Either::Left((result, _)) => result,
         Either::Right(_) => Err(Failure::Timeout),
     }
 }
 
-/// Reads the meta straight from KV (pushes must not trust a cache).
-pub async fn read_meta(kv: &KvStore) -> Result<Option<Meta>, Failure> {
-    match kv_get(kv, META_KEY).await? {
-        None => Ok(None),
-        Some(text) => Meta::from_json(&text)
-            .map(Some)
-            .map_err(|e| Failure::Corrupt(format!("{META_KEY}: {e}"))),
-    }
+/// One counted KV read, bounded by [`KV_TIMEOUT_MS`].
+pub async fn kv_get(kv: &KvStore, key: &str) -> Result<Option<String>, Failure> {
+    KV_READS.with(|n| n.set(n.get() + 1));
+    bounded(async {
+        kv.get(key)
+            .text()
+            .await
+            .map_err(|e| Failure::Kv(e.to_string()))
+    })
+    .await
 }
 
-/// The bundle served now, from the cache when it is younger than [`CACHE_TTL_MS`].
-pub async fn current(env: &Env) -> Result<Option<Rc<Served>>, Failure> {
+/// The push state's view, from the cache when it is younger than [`CACHE_TTL_MS`].
+pub async fn view(env: &Env) -> Result<Rc<View>, Failure> {
     let now = now_ms();
-    let hit = META.with(|m| {
-        m.borrow()
+    let hit = VIEW.with(|v| {
+        v.borrow()
             .as_ref()
             .filter(|c| now - c.at < CACHE_TTL_MS)
             .map(|c| c.value.clone())
     });
-    if let Some(served) = hit {
-        return Ok(served);
+    if let Some(view) = hit {
+        return Ok(view);
     }
-    let served = match read_meta(&kv(env)?).await? {
-        None => None,
-        Some(meta) => Some(Rc::new(
-            Served::from_meta(meta).map_err(|e| Failure::Corrupt(format!("{META_KEY}: {e}")))?,
-        )),
-    };
-    META.with(|m| {
-        *m.borrow_mut() = Some(Cached {
-            value: served.clone(),
-            at: now,
-        })
-    });
-    Ok(served)
+    let view: View = state::call(env, &Call::View)
+        .await?
+        .map_err(|r| Failure::State(r.description))?;
+    let view = Rc::new(view);
+    remember_view(view.clone(), now);
+    Ok(view)
 }
 
-/// The record of one token hash (`None`: no such token), cached like the meta.
-pub async fn record(env: &Env, hash: &TokenHash) -> Result<Option<Record>, Failure> {
-    let now = now_ms();
-    let hit = TOKENS.with(|t| {
-        t.borrow()
-            .get(&hash.0)
-            .filter(|c| now - c.at < CACHE_TTL_MS)
-            .map(|c| c.value.clone())
-    });
-    if let Some(record) = hit {
-        return Ok(record);
-    }
-    let key = format!("{TOKEN_PREFIX}{}", hash.to_hex());
-    let record = match kv_get(&kv(env)?, &key).await? {
-        None => None,
-        Some(text) => {
-            let raw = TokenRecord::from_json(text.as_bytes())
-                .map_err(|e| Failure::Corrupt(format!("{key}: {e}")))?;
-            Some(
-                Record::from_token_record(&raw)
-                    .map_err(|e| Failure::Corrupt(format!("{key}: {e}")))?,
-            )
-        }
+fn remember_view(view: Rc<View>, at: f64) {
+    VIEW.with(|v| *v.borrow_mut() = Some(Cached { value: view, at }));
+}
+
+/// After a push request: this isolate serves what the push state says now.
+pub fn forget_view() {
+    VIEW.with(|v| *v.borrow_mut() = None);
+}
+
+/// The bundle served now (`None`: nothing pushed yet), with a pending push's revoke-all
+/// cut-off already in force.
+pub async fn current(env: &Env) -> Result<Option<Rc<Served>>, Failure> {
+    let view = view(env).await?;
+    let Some(summary) = &view.served else {
+        return Ok(None);
     };
-    TOKENS.with(|t| {
-        let mut tokens = t.borrow_mut();
-        if tokens.len() >= MAX_CACHED_TOKENS {
-            tokens.clear();
-        }
-        tokens.insert(
-            hash.0,
-            Cached {
-                value: record.clone(),
-                at: now,
-            },
-        );
+    let revoke_all_at = view.cut_off;
+    let built = BUILT.with(|b| {
+        b.borrow()
+            .as_ref()
+            .filter(|b| b.sha256 == summary.sha256 && b.revoke_all_at == revoke_all_at)
+            .map(|b| b.served.clone())
     });
+    if let Some(served) = built {
+        return Ok(Some(served));
+    }
+    // The served push now: a commit may have landed since the view was read.
+    let stored: Stored = state::call(env, &Call::Meta)
+        .await?
+        .map_err(|r| Failure::State(r.description))?;
+    if stored.sha256 != summary.sha256 {
+        forget_view();
+    }
+    let served = Rc::new(
+        Served::from_meta(&stored.meta, revoke_all_at)
+            .map_err(|e| Failure::Corrupt(format!("served meta: {e}")))?,
+    );
+    BUILT.with(|b| {
+        *b.borrow_mut() = Some(Built {
+            sha256: stored.sha256,
+            revoke_all_at,
+            served: served.clone(),
+        })
+    });
+    Ok(Some(served))
+}
+
+impl Served {
+    /// log2 of the page count.
+    pub fn page_bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// The SHA-256 of page `index`.
+    pub fn page_digest(&self, index: usize) -> Option<[u8; 32]> {
+        self.pages.get(index).copied()
+    }
+}
+
+/// The text of a stored page, checked against its digest.
+pub async fn read_page(kv: &KvStore, digest: &[u8; 32]) -> Result<String, Failure> {
+    let name = tokengate_core::hex::encode(digest);
+    let Some(text) = kv_get(kv, &format!("{PAGE_PREFIX}{name}")).await? else {
+        return Err(Failure::MissingPage(name));
+    };
+    if pages::digest(text.as_bytes()) != name {
+        return Err(Failure::Corrupt(format!(
+            "{PAGE_PREFIX}{name}: content does not match its digest"
+        )));
+    }
+    Ok(text)
+}
+
+/// The served records a pending push changes, by hash (empty when nothing is pending),
+/// cached with the view: refetched when the pending push or its change count moves.
+pub async fn changes(env: &Env, view: &View) -> Result<Rc<Changes>, Failure> {
+    let key = view.pending.as_ref().map(|p| (p.version, p.changes));
+    let Some((version, count)) = key.filter(|(_, count)| *count > 0) else {
+        return Ok(Rc::default());
+    };
+    let hit = CHANGES.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(k, _)| *k == (version, count))
+            .map(|(_, v)| v.clone())
+    });
+    if let Some(changes) = hit {
+        return Ok(changes);
+    }
+    let list: Vec<pages::Change> = state::call(env, &Call::Changes)
+        .await?
+        .map_err(|r| Failure::State(r.description))?;
+    let mut changes = Changes::with_capacity(list.len());
+    for change in list {
+        let hash = TokenHash::from_hex(&change.hash)
+            .ok_or_else(|| Failure::Corrupt(format!("change {}", change.hash)))?;
+        let record = change
+            .record
+            .as_ref()
+            .map(Record::from_token_record)
+            .transpose()
+            .map_err(|e| Failure::Corrupt(format!("change {}: {e}", change.hash)))?;
+        changes.insert(hash.0, record);
+    }
+    let changes = Rc::new(changes);
+    CHANGES.with(|c| *c.borrow_mut() = Some(((version, count), changes.clone())));
+    Ok(changes)
+}
+
+/// The record of one token hash in the served pages (`None`: no such token).
+pub async fn record(
+    env: &Env,
+    served: &Served,
+    hash: &TokenHash,
+) -> Result<Option<Record>, Failure> {
+    let digest = served.pages[pages::page_index(&hash.0, served.bits)];
+    let key = (digest, hash.0);
+    if let Some(hit) = RECORDS.with(|r| r.borrow_mut().get(&key).cloned()) {
+        return Ok(hit);
+    }
+    let name = tokengate_core::hex::encode(&digest);
+    let text = read_page(&kv(env)?, &digest).await?;
+    let record = pages::find(text.as_bytes(), hash)
+        .map_err(|e| Failure::Corrupt(format!("{PAGE_PREFIX}{name}: {e}")))?;
+    RECORDS.with(|r| r.borrow_mut().put(key, record.clone()));
     Ok(record)
-}
-
-/// After a completed push: serve the new bundle in this isolate at once.
-pub fn install(served: Served) {
-    let now = now_ms();
-    META.with(|m| {
-        *m.borrow_mut() = Some(Cached {
-            value: Some(Rc::new(served)),
-            at: now,
-        })
-    });
-    forget_tokens();
-}
-
-/// After a push changed token records: this isolate reads them again.
-pub fn forget_tokens() {
-    TOKENS.with(|t| t.borrow_mut().clear());
 }

@@ -128,7 +128,9 @@ export function rule(name, match, access = "token", opts = {}) {
 /**
  * A payload with every object's members in the documented order: version, issued_at,
  * environment, target, keys, policy, credentials, tokens, then revoke_all_at and
- * cloudflare_access only when set. `keys` defaults to the public keys of `seeds`.
+ * cloudflare_access only when set. `keys` defaults to the public keys of `seeds`. `tokens` is
+ * an array of token records (an inline bundle) or a paged bundle's
+ * {pages, tokens, imported_secrets} (see `publishPaged`).
  */
 export function payloadOf(b, seeds = []) {
   // JSON.stringify leaves out members that are undefined: absent optionals are not written.
@@ -151,7 +153,7 @@ export function payloadOf(b, seeds = []) {
     keys: b.keys ?? seeds.map(publicKeyHex),
     policy: { rules: b.policy.rules.map(r) },
     credentials: { sources: b.credentials.sources, forward: b.credentials.forward ?? false },
-    tokens: b.tokens.map(token),
+    tokens: Array.isArray(b.tokens) ? b.tokens.map(token) : pagedTokens(b.tokens),
   };
   if (b.revoke_all_at !== null && b.revoke_all_at !== undefined) out.revoke_all_at = b.revoke_all_at;
   if (b.cloudflare_access) {
@@ -159,6 +161,9 @@ export function payloadOf(b, seeds = []) {
   }
   return out;
 }
+
+/** A paged bundle's `tokens`, members in order: pages, tokens, imported_secrets. */
+const pagedTokens = (t) => ({ pages: t.pages, tokens: t.tokens, imported_secrets: t.imported_secrets });
 
 /** What a bundle signature covers (docs/trust.md): exactly the payload text. */
 export const bundleMessage = (payloadText) => payloadText;
@@ -239,3 +244,91 @@ export function retime(fixtureText, delta, version, seeds) {
   };
   return publish(moved, seeds);
 }
+
+// --- pages (core/src/pages.rs, the push protocol of issue #15) ---------------------------
+// A bundle's lookup records split by hash into 2^bits pages; each page is the compact JSON
+// array of its records, sorted by hash, stored in KV as page:<sha256 of the text>. A paged
+// bundle's payload names the pages by digest instead of carrying the records.
+
+/** Records per page the split aims at, and the most bits (4096 pages). */
+export const PAGE_RECORDS = 256;
+export const MAX_PAGE_BITS = 12;
+
+/** The smallest b in 0..=12 with ceil(n / 256) <= 2^b (12 at most), n lookup records. */
+export function pageBits(n) {
+  const need = Math.ceil(n / PAGE_RECORDS);
+  for (let b = 0; b < MAX_PAGE_BITS; b++) if (need <= 2 ** b) return b;
+  return MAX_PAGE_BITS;
+}
+
+/** The page a hash belongs in: the first `bits` bits of its first two bytes, big-endian. */
+export const pageOf = (hash, bits) => (bits === 0 ? 0 : parseInt(hash.slice(0, 4), 16) >> (16 - bits));
+
+/** A lookup record with the TokenRecord members in order, absent optional ones left out. */
+const lookupRecord = (r, hash, grace_until) => ({
+  name: r.name,
+  hash,
+  scopes: r.scopes,
+  created_at: r.created_at,
+  not_before: r.not_before ?? undefined,
+  expires_at: r.expires_at ?? undefined,
+  revoked_at: r.revoked_at ?? undefined,
+  grace_until: grace_until ?? undefined,
+});
+
+/**
+ * The records a gate looks up (TokenRecord::lookup_records): each token as it is (without
+ * `previous`) and, for a rotated one, its previous hash as a second record with the same
+ * name, scopes and instants and `grace_until` set.
+ */
+export function lookupRecords(tokens) {
+  const out = [];
+  for (const t of tokens) {
+    out.push(lookupRecord(t, t.hash, t.grace_until));
+    if (t.previous) out.push(lookupRecord(t, t.previous.hash, t.previous.grace_until));
+  }
+  return out;
+}
+
+const byHash = (a, b) => (a.hash < b.hash ? -1 : a.hash > b.hash ? 1 : 0);
+
+/** The page texts of lookup records split into 2^bits pages (`[]` for an empty one). */
+export function pageTexts(records, bits = pageBits(records.length)) {
+  const buckets = Array.from({ length: 2 ** bits }, () => []);
+  for (const r of records) buckets[pageOf(r.hash, bits)].push(r);
+  return buckets.map((b) => JSON.stringify(b.sort(byHash)));
+}
+
+/**
+ * A bundle's pages: { bits, texts (by index), digests (lower-case hex SHA-256 of each text),
+ * records (the lookup records' count) } of its token records. `bits` overrides the split.
+ */
+export function pagesOf(tokens, { bits } = {}) {
+  const records = lookupRecords(tokens);
+  const b = bits ?? pageBits(records.length);
+  const texts = pageTexts(records, b);
+  return { bits: b, texts, digests: texts.map(sha256Hex), records: records.length };
+}
+
+/**
+ * A paged bundle: the published text of `payload` (as `publish` makes it, signed by `seeds`)
+ * whose `tokens` is {"pages": [digests], "tokens": N, "imported_secrets": bool}, N the number
+ * of token records in `payload.tokens`. Returns { text, pages (the page texts by index),
+ * digests, bits, version }. `pages` replaces the page texts (crafted ones, for refusals).
+ */
+export function publishPaged(payload, seeds, { importedSecrets = false, pages = null, bits } = {}) {
+  const split = pages ? null : pagesOf(payload.tokens, { bits });
+  const texts = pages ?? split.texts;
+  const digests = texts.map(sha256Hex);
+  const tokens = { pages: digests, tokens: payload.tokens.length, imported_secrets: importedSecrets };
+  const text = publish({ ...payload, tokens }, seeds);
+  return { text, pages: texts, digests, bits: split?.bits ?? Math.log2(texts.length), version: payload.version };
+}
+
+/** A token record for a hash alone (no secret exists): enough to fill a large bundle. */
+export function hashRecord(name, hash, scopes, opts = {}) {
+  return { name, hash, scopes, created_at: opts.created_at ?? nowSecs() - 60, revoked_at: opts.revoked_at };
+}
+
+/** 32 random bytes as 64 lower-case hex: a token hash nobody holds a secret for. */
+export const randomHash = () => crypto.randomBytes(32).toString("hex");

@@ -83,28 +83,56 @@ export class Origin {
 
 /**
  * A plain HTTP relay on 127.0.0.1 in front of a Worker (`port`): passes every request on
- * unchanged and records it ({method, path, body: the exact bytes}), so a test sees what a
- * client sent, byte for byte, or that it sent nothing at all.
+ * unchanged and records it ({method, path, body: the exact bytes, then status and answer: the
+ * Worker's status code and body text once it answered}), so a test sees what a client sent,
+ * byte for byte, what it was told, or that it sent nothing at all. `delayMs` holds every POST
+ * that long before passing it on (a slow network: a push stays in flight).
  */
 export class Relay {
   requests = [];
 
-  constructor(port) {
+  /**
+   * `hold(seen)`: true keeps that request unanswered until the relay closes (a link that
+   * died mid-push); `answer(seen)`: an {status, headers, body} to answer instead of passing
+   * the request on (a Worker that is busy), or null.
+   */
+  constructor(port, { delayMs = 0, hold = () => false, answer = () => null } = {}) {
     this.port = port;
+    this.delayMs = delayMs;
+    this.hold = hold;
+    this.answer = answer;
   }
 
   async start() {
     this.server = http.createServer((req, res) => {
       const chunks = [];
       req.on("data", (c) => chunks.push(c));
-      req.on("end", () => {
+      req.on("end", async () => {
         const body = Buffer.concat(chunks);
-        this.requests.push({ method: req.method, path: req.url, body });
+        const seen = { method: req.method, path: req.url, body, status: null, answer: null };
+        this.requests.push(seen);
+        if (this.hold(seen)) return;
+        const instead = this.answer(seen);
+        if (instead) {
+          seen.status = instead.status;
+          seen.answer = instead.body ?? "";
+          res.writeHead(instead.status, instead.headers ?? {});
+          res.end(instead.body ?? "");
+          return;
+        }
+        if (this.delayMs > 0 && req.method === "POST") await sleep(this.delayMs);
         const upstream = http.request(
           { host: "127.0.0.1", port: this.port, method: req.method, path: req.url, headers: req.headers, agent: false },
           (answer) => {
-            res.writeHead(answer.statusCode, answer.headers);
-            answer.pipe(res);
+            const parts = [];
+            answer.on("data", (c) => parts.push(c));
+            answer.on("end", () => {
+              const bytes = Buffer.concat(parts);
+              seen.status = answer.statusCode;
+              seen.answer = bytes.toString("utf8");
+              res.writeHead(answer.statusCode, answer.headers);
+              res.end(bytes);
+            });
           },
         );
         upstream.on("error", (e) => {
@@ -144,16 +172,29 @@ function compatibilityDate() {
 }
 
 // --- the Worker ------------------------------------------------------------------------
+/** The Worker's Durable Object binding and class (wrangler.toml): the push state. */
+export const STATE_BINDING = "TOKENGATE_STATE";
+export const STATE_CLASS = "PushState";
+
+/** The path of a page request: the pending push `version`'s page `index`. */
+export const pageTarget = (version, index) => `${BUNDLE_PATH}?version=${version}&page=${index}`;
+
 /**
- * Starts the bundled Worker in workerd with a fresh, empty KV namespace. Requests go to
- * workerd's own socket for the Worker (Miniflare's `unsafeDirectSockets`), not through
- * Miniflare's JavaScript entry worker, whose `new URL()` would normalise paths first.
+ * Starts the bundled Worker in workerd with a fresh, empty KV namespace and a fresh Durable
+ * Object (SQLite-backed, in memory) for its push state. Requests go to workerd's own socket
+ * for the Worker (Miniflare's `unsafeDirectSockets`), not through Miniflare's JavaScript entry
+ * worker, whose `new URL()` would normalise paths first.
  *
  * `keys`: the admin's private seeds (64 hex) the tests sign with; the Worker is given only
  * their public keys, as the plain variable TOKENGATE_TRUSTED_KEYS (or `trusted`, public keys
  * given directly, when the test does not hold the seeds; `vars` overrides either).
+ *
+ * `peer`: also start the same script a second time as another Worker in the same workerd (its
+ * own isolate, so its own in-isolate caches), bound to the same KV namespace and the same
+ * Durable Object: what a second Cloudflare location sees. It is `worker.peer`, a Worker of its
+ * own (same seeds) whose KV and Durable Object are the first one's.
  */
-export async function startWorker({ origin, keys = [], trusted, environment, vars = {} }) {
+export async function startWorker({ origin, keys = [], trusted, environment, vars = {}, peer = false }) {
   const script = path.join(DIST, "index.js");
   if (!fs.existsSync(script)) {
     throw new Error(`no bundled Worker at ${script}: build it first: scripts/worker.sh bundle`);
@@ -165,35 +206,55 @@ export async function startWorker({ origin, keys = [], trusted, environment, var
     TOKENGATE_TRUSTED_KEYS: (trusted ?? keys.map(publicKeyHex)).join(","),
     ...vars,
   };
-  const mf = new Miniflare({
+  const names = ["tokengate", "tokengate-peer"];
+  const one = (name) => ({
+    name,
     modules: true,
     modulesRoot: DIST,
     scriptPath: script,
     modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }],
     compatibilityDate: compatibilityDate(),
-    kvNamespaces: ["TOKENGATE"],
+    // One namespace id for both Workers: the peer reads what the first one wrote.
+    kvNamespaces: { TOKENGATE: "TOKENGATE" },
+    // The class lives in the first Worker; the peer's binding names that Worker's class, so
+    // both talk to the one object named "tokengate".
+    durableObjects: {
+      [STATE_BINDING]: { className: STATE_CLASS, useSQLite: true, ...(name === names[0] ? {} : { scriptName: names[0] }) },
+    },
     bindings,
+    unsafeDirectSockets: [{ host: "127.0.0.1", port: 0 }],
+  });
+  const shared = {
     structuredWorkerdLogs: true,
     handleStructuredLogs: ({ message }) => {
       logs.push(message);
     },
-    unsafeDirectSockets: [{ host: "127.0.0.1", port: 0 }],
-  });
+  };
+  const mf = new Miniflare(peer ? { ...shared, workers: names.map(one) } : { ...shared, ...one(names[0]) });
   await mf.ready;
-  const direct = await mf.unsafeGetDirectURL();
-  return new Worker(mf, Number(direct.port), logs, keys, bindings);
+  const direct = await mf.unsafeGetDirectURL(names[0]);
+  const worker = new Worker(mf, Number(direct.port), logs, keys, bindings);
+  if (peer) {
+    const second = await mf.unsafeGetDirectURL(names[1]);
+    worker.peer = new Worker(mf, Number(second.port), logs, keys, bindings, { shared: true });
+  }
+  return worker;
 }
 
 let rays = 0;
 
 export class Worker {
-  /** `seeds`: the private keys pushes are signed with by default; `bindings`: what it was given. */
-  constructor(mf, port, logs, seeds, bindings) {
-    Object.assign(this, { mf, port, logs, seeds, bindings });
+  /**
+   * `seeds`: the private keys pushes are signed with by default; `bindings`: what it was
+   * given; `shared`: a peer, whose Miniflare instance (and so KV) is another Worker's.
+   */
+  constructor(mf, port, logs, seeds, bindings, { shared = false } = {}) {
+    Object.assign(this, { mf, port, logs, seeds, bindings, shared });
   }
 
   dispose() {
-    return this.mf.dispose();
+    // A peer lives and dies with the Worker that started it.
+    return this.shared ? Promise.resolve() : this.mf.dispose();
   }
 
   /**
@@ -274,34 +335,145 @@ export class Worker {
   }
 
   /**
-   * Pushes a body (a published bundle text, or anything) with a Tokengate-Signature made at
-   * `t` by every seed in `seeds`; `signature` replaces that header's value, `headers` all
-   * the request's headers (e.g. none).
+   * A signed push request, not sent: { target, headers, body }, the exact bytes a client would
+   * send (so a test can send it, then replay it byte for byte with `send`). `target` is the
+   * bundle path, or a page request's (`pageTarget`); the Tokengate-Signature is made at `t` by
+   * every seed in `seeds`, or is `signature`; `headers` replaces all the request's headers.
    */
-  async push(text, { seeds = this.seeds, t = nowSecs(), signature = null, headers = null } = {}) {
+  signed(text, { target = BUNDLE_PATH, seeds = this.seeds, t = nowSecs(), signature = null, headers = null } = {}) {
     const value = signature ?? pushSignature(seeds, t, text);
-    const res = await this.request("POST", BUNDLE_PATH, {
+    return {
+      target,
       headers: headers ?? [
         ["content-type", "application/json"],
         ["tokengate-signature", value],
       ],
       body: text,
-    });
+    };
+  }
+
+  /** Sends a request made by `signed` (again, for a replay); the answer gets `json`. */
+  async send({ target, headers, body }) {
+    const res = await this.request("POST", target, { headers, body });
     res.json = safeJson(res.body);
     return res;
   }
 
-  /** Pushes until 200 (re-signing each round with a fresh t, as a client must). */
-  async pushAll(text, { seeds = this.seeds, rounds = 100, honourRetryAfter = true } = {}) {
+  /**
+   * Pushes a body (a published bundle text, or anything) with a Tokengate-Signature made at
+   * `t` by every seed in `seeds`; `signature` replaces that header's value, `headers` all
+   * the request's headers (e.g. none).
+   */
+  push(text, opts = {}) {
+    return this.send(this.signed(text, { ...opts, target: BUNDLE_PATH }));
+  }
+
+  /** Sends one page of the pending push `version`: a page request, signed as `push` signs. */
+  pushPage(version, index, pageText, opts = {}) {
+    return this.send(this.signed(pageText, { ...opts, target: pageTarget(version, index) }));
+  }
+
+  /**
+   * Pushes until 200 (re-signing each round with a fresh t, as a client must). A paged
+   * bundle (one the Worker answers 202 with `missing` pages) needs `pages`, its page texts by
+   * index: they go as `pushPaged` sends them. Returns { final, answers }.
+   */
+  async pushAll(text, { seeds = this.seeds, rounds = 100, honourRetryAfter = true, pages = null } = {}) {
+    if (pages) return this.pushPaged(text, pages, { seeds });
     const answers = [];
     for (let i = 0; i < rounds; i++) {
       const res = await this.push(text, { seeds });
       answers.push(res);
       if (res.status !== 202) return { final: res, answers };
-      const retry = Number(headerValues(res.headers, "retry-after")[0] ?? 0);
-      if (honourRetryAfter && retry > 0) await sleep(retry * 1000);
+      if (Array.isArray(res.json?.missing)) {
+        throw new Error(`the Worker asks for pages ${JSON.stringify(res.json.missing).slice(0, 80)}: pass { pages }`);
+      }
+      if (honourRetryAfter) await retryAfter(res);
     }
     throw new Error(`push did not finish in ${rounds} rounds`);
+  }
+
+  /**
+   * A paged push as a client does it: the manifest (the published bundle text), then each page
+   * the answer lists as missing, from `pages` (the page texts by index), in `order` ("asc",
+   * "desc", "random", or a function from the missing indices to the ones to send, in order),
+   * honouring every answer: a 200 ends it (committed), any answer but 202 ends it (a refusal),
+   * and when every page asked for went out without a commit the manifest is sent again (a
+   * resume) for at most `rounds` rounds. `stopAfter`: stop once that many pages went out
+   * (0: the manifest alone), leaving the push pending. `concurrency`: pages in flight at once.
+   *
+   * Returns { final (the last answer that counts: the commit, a refusal, or where it stopped),
+   * answers (every response, a page's with `page` set), sent (page indices, in order),
+   * requests, bytes (bodies sent), stopped }.
+   */
+  async pushPaged(
+    manifestText,
+    pages,
+    { order = "asc", stopAfter = Infinity, seeds = this.seeds, rounds = 5, concurrency = 1 } = {},
+  ) {
+    const version = JSON.parse(manifestText).payload.version;
+    const out = { final: null, answers: [], sent: [], requests: 0, bytes: 0, stopped: false };
+    for (let round = 0; round < rounds; round++) {
+      const manifest = await this.push(manifestText, { seeds });
+      out.requests += 1;
+      out.bytes += Buffer.byteLength(manifestText);
+      out.answers.push(manifest);
+      out.final = manifest;
+      if (manifest.status !== 202 || !Array.isArray(manifest.json?.missing)) return out;
+      if (out.sent.length >= stopAfter) {
+        out.stopped = true;
+        return out;
+      }
+      await retryAfter(manifest);
+      const todo = ordered(manifest.json.missing, order).slice(0, stopAfter - out.sent.length);
+      for (const i of todo) {
+        if (typeof pages[i] !== "string") throw new Error(`the Worker asks for page ${i} of ${pages.length}: not supplied`);
+      }
+      let next = 0;
+      let ended = null; // the answer that ends the push: a commit or a refusal
+      const lane = async () => {
+        while (ended === null && next < todo.length) {
+          const i = todo[next++];
+          const res = await this.pushPage(version, i, pages[i], { seeds });
+          res.page = i;
+          out.sent.push(i);
+          out.requests += 1;
+          out.bytes += Buffer.byteLength(pages[i]);
+          out.answers.push(res);
+          if (res.status === 200) ended = res;
+          else if (res.status !== 202) ended ??= res;
+          else await retryAfter(res);
+        }
+      };
+      await Promise.all(Array.from({ length: Math.max(1, Math.min(concurrency, todo.length)) }, lane));
+      if (ended) {
+        out.final = ended;
+        return out;
+      }
+      out.final = out.answers.at(-1);
+      if (out.sent.length >= stopAfter) {
+        out.stopped = true;
+        return out;
+      }
+    }
+    throw new Error(`paged push of version ${version} did not finish in ${rounds} rounds`);
+  }
+
+  /**
+   * The status once `check(status)` holds, polled every 100 ms for at most `withinMs` (an
+   * isolate answers from its cached push state, which may be up to CACHE_TTL_MS old); fails
+   * with the last status otherwise.
+   */
+  async statusWhen(check, what, withinMs = CACHE_TTL_MS + 1500) {
+    const deadline = Date.now() + withinMs;
+    let status;
+    for (let i = 0; i < 1000; i++) {
+      status = await this.status();
+      if (check(status)) return status;
+      if (Date.now() > deadline) break;
+      await sleep(100);
+    }
+    throw new Error(`${what}: not within ${withinMs} ms; the status says ${JSON.stringify(status)}`);
   }
 
   /** What it serves and trusts: the status without its read counter (which any request moves). */
@@ -314,18 +486,59 @@ export class Worker {
     return this.mf.getKVNamespace("TOKENGATE");
   }
 
+  /** The KV key names starting with `prefix` (no values: cheap on a large namespace). */
+  async keys(prefix = "") {
+    const kv = await this.kv();
+    const out = [];
+    let cursor;
+    for (let round = 0; round < 100_000; round++) {
+      const page = await kv.list({ prefix, cursor });
+      for (const { name } of page.keys) out.push(name);
+      cursor = page.list_complete ? undefined : page.cursor;
+      if (!cursor) return out;
+    }
+    throw new Error("KV list did not end");
+  }
+
+  /** How many KV keys start with `prefix`. */
+  async countKeys(prefix = "") {
+    return (await this.keys(prefix)).length;
+  }
+
+  /** The page digests KV holds (its `page:<sha256>` keys). */
+  async pageDigests() {
+    return new Set((await this.keys("page:")).map((k) => k.slice("page:".length)));
+  }
+
   /** Every KV key and value, for before/after comparisons and scans. */
   async snapshot() {
     const kv = await this.kv();
     const out = {};
-    let cursor;
-    do {
-      const page = await kv.list({ cursor });
-      for (const { name } of page.keys) out[name] = await kv.get(name);
-      cursor = page.list_complete ? undefined : page.cursor;
-    } while (cursor);
+    for (const name of await this.keys()) out[name] = await kv.get(name);
     return out;
   }
+}
+
+/** Waits what a 202's Retry-After asks (seconds, at most 10), if anything. */
+async function retryAfter(res) {
+  const retry = Number(headerValues(res.headers, "retry-after")[0] ?? 0);
+  if (retry > 0) await sleep(Math.min(retry, 10) * 1000);
+}
+
+/** The page indices to send, in `order`, from the missing ones. */
+function ordered(missing, order) {
+  if (typeof order === "function") return order([...missing]);
+  const list = [...missing];
+  if (order === "asc") return list.sort((a, b) => a - b);
+  if (order === "desc") return list.sort((a, b) => b - a);
+  if (order === "random") {
+    for (let i = list.length - 1; i > 0; i--) {
+      const j = Math.floor(Math.random() * (i + 1));
+      [list[i], list[j]] = [list[j], list[i]];
+    }
+    return list;
+  }
+  throw new Error(`unknown page order ${order}`);
 }
 
 /**
