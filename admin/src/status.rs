@@ -147,6 +147,9 @@ pub fn confirm_envoy(admin: &str, version: u64, before: &EnvoyStatus) -> Result<
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WorkerStatus {
     pub version: Option<u64>,
+    /// SHA-256 of the pushed text it serves (which bundle of that version).
+    #[serde(default)]
+    pub bundle_sha256: Option<String>,
     pub environment: Option<String>,
     #[serde(default)]
     pub keys: Vec<String>,

@@ -118,8 +118,9 @@ impl Sender<'_> {
             if attempt == ATTEMPTS {
                 bail!("{url}: gave up after {ATTEMPTS} attempts: {why}");
             }
+            let wait = wait.min(Duration::from_secs(60));
             eprintln!("  {why}; retrying in {:.1} s", wait.as_secs_f64());
-            std::thread::sleep(wait.min(Duration::from_secs(60)));
+            std::thread::sleep(wait);
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
         unreachable!("the loop returns or bails on its last attempt")
@@ -201,20 +202,44 @@ fn issue_paged(store: &mut Store, ring: &Keyring, now: u64, who: &Actor) -> Resu
     })
 }
 
-/// The page indices an answer names as missing.
-fn missing(answer: &Answer) -> Result<Vec<usize>> {
+/// The page indices an answer names as missing: each a page of this bundle, once.
+fn missing(answer: &Answer, pages: usize) -> Result<Vec<usize>> {
     let list = answer
         .json
         .get("missing")
         .and_then(|m| m.as_array())
         .context("the Worker's 202 names no missing pages")?;
+    let mut seen = vec![false; pages];
     list.iter()
         .map(|v| {
-            v.as_u64()
+            let index = v
+                .as_u64()
                 .and_then(|i| usize::try_from(i).ok())
-                .context("a missing page index is not a number")
+                .filter(|i| *i < pages)
+                .with_context(|| format!("the Worker asks for page {v} of {pages}"))?;
+            if std::mem::replace(&mut seen[index], true) {
+                bail!("the Worker asks for page {index} twice");
+            }
+            Ok(index)
         })
         .collect()
+}
+
+/// Waits (up to the Worker's refresh bound and some) until its status shows this very
+/// bundle (version and text digest) served; its status may come from an isolate that has not
+/// refreshed yet.
+fn serves(base: &str, version: u64, sha256: &str) -> Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let served = crate::status::worker(base)?;
+        if served.version == Some(version) && served.bundle_sha256.as_deref() == Some(sha256) {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Progress on stderr: one line per 10 % when not a terminal.
@@ -370,12 +395,13 @@ pub fn push(
         published: issued.keys.keys().iter().map(|k| k.to_hex()).collect(),
         started: Instant::now(),
     };
+    let sha256 = pages::digest(issued.text.as_bytes());
     let result = (|| -> Result<u64> {
         let answer = sender.send("", issued.text.as_bytes())?;
         let done = match (answer.status, &paged) {
             (200, _) => answer,
             (202, Some(paged)) => {
-                let mut wanted = missing(&answer)?;
+                let mut wanted = missing(&answer, paged.pages.len())?;
                 // Tightening first: pages that revoke or expire go before the rest.
                 wanted.sort_by_key(|&i| (!paged.tightens.get(i).copied().unwrap_or(false), i));
                 let total = paged.pages.len();
@@ -396,30 +422,21 @@ pub fn push(
                 issued.version
             );
         }
-        // Done only once the Worker says it serves this version. Its status may come from
-        // another isolate, which sees the commit within its refresh bound (5 s).
-        let deadline = Instant::now() + Duration::from_secs(8);
-        loop {
-            let served = crate::status::worker(&base)?;
-            if served.version == Some(issued.version) {
-                return Ok(issued.version);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the Worker committed version {} but serves {}",
-                    issued.version,
-                    crate::status::served(served.version)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
+        // Done only once the Worker says it serves this very bundle.
+        if !serves(&base, issued.version, &sha256)? {
+            bail!(
+                "the Worker committed version {} but does not serve it",
+                issued.version
+            );
         }
+        Ok(issued.version)
     })();
     let version = match result {
         Ok(version) => version,
         // A page retried after its first copy committed the push is refused as no longer
         // pending: what counts is what the Worker serves.
-        Err(e) => match crate::status::worker(&base) {
-            Ok(s) if s.version == Some(issued.version) => issued.version,
+        Err(e) => match serves(&base, issued.version, &sha256) {
+            Ok(true) => issued.version,
             _ => bail!("{e:#}; {}", served_now(&base)),
         },
     };

@@ -580,25 +580,35 @@ impl Gate {
     }
 
     /// Completes a decision for a token whose record a pending push changes: allowed only
-    /// if both the record served and the one the push brings (`None`: the push drops it)
-    /// allow it. So a revocation, an earlier expiry or a removal holds from the moment the
-    /// push carries it, and nothing the push grants holds before it is committed.
+    /// if the record served and every record the push brings (`None`: the push drops it)
+    /// allow it, and then forwarded with what all of them grant, no more. So a revocation,
+    /// an earlier expiry, fewer scopes or a removal holds from the moment the push carries
+    /// it, and nothing the push grants holds before it is committed.
     pub fn finish_changing(
         &self,
         pending: Pending<'_>,
         served: Option<&Record>,
-        incoming: Option<&Record>,
+        incoming: &[Option<Record>],
         now: u64,
     ) -> Decision {
         let served_decision = self.finish(pending.clone(), served, now);
         if served_decision.outcome != Outcome::Allow {
             return served_decision;
         }
-        let incoming_decision = self.finish(pending, incoming, now);
-        if incoming_decision.outcome != Outcome::Allow {
-            return incoming_decision;
+        for record in incoming {
+            let decision = self.finish(pending.clone(), record.as_ref(), now);
+            if decision.outcome != Outcome::Allow {
+                return decision;
+            }
         }
-        served_decision
+        let Some(served) = served else {
+            return served_decision;
+        };
+        let meet = incoming
+            .iter()
+            .flatten()
+            .fold(served.clone(), |acc, record| acc.meet(record));
+        self.finish(pending, Some(&meet), now)
     }
 
     /// Completes a decision with the record found for `pending.hash` (or `None`).

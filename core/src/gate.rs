@@ -38,6 +38,20 @@ impl Scopes {
     }
 }
 
+/// Whether `grants` grant everything the scope pattern `scope` does (`x:y`, `x:*` or `*`;
+/// these form a chain, so the scopes two lists both grant are those of each list the other
+/// covers).
+fn covers(grants: &[String], scope: &str) -> bool {
+    grants.iter().any(|grant| {
+        grant == scope
+            || grant == "*"
+            || (scope != "*"
+                && grant
+                    .strip_suffix('*')
+                    .is_some_and(|stem| stem.ends_with(':') && scope.starts_with(stem)))
+    })
+}
+
 /// A token record as the gate holds it, parsed and checked; kept small, since a gate may
 /// hold a million (the token id is derived from the hash when needed).
 #[derive(Debug, Clone)]
@@ -497,6 +511,44 @@ impl Record {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// What this record and `other` (of the same hash) both allow: the scopes both grant,
+    /// the later start, the earlier end of each kind, the earlier creation (a revoke-all
+    /// cut-off catches it if it catches either); this record's name.
+    pub fn meet(&self, other: &Record) -> Record {
+        let mut list: Vec<String> = Vec::new();
+        let both = self
+            .scopes
+            .list
+            .iter()
+            .filter(|scope| covers(&other.scopes.list, scope))
+            .chain(
+                other
+                    .scopes
+                    .list
+                    .iter()
+                    .filter(|scope| covers(&self.scopes.list, scope)),
+            );
+        for scope in both {
+            if !list.contains(scope) {
+                list.push(scope.clone());
+            }
+        }
+        let earliest = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Record {
+            hash: self.hash,
+            name: self.name.clone(),
+            scopes: Scopes::new(&list),
+            created_at: self.created_at.min(other.created_at),
+            not_before: self.not_before.max(other.not_before),
+            expires_at: earliest(self.expires_at, other.expires_at),
+            revoked_at: earliest(self.revoked_at, other.revoked_at),
+            grace_until: earliest(self.grace_until, other.grace_until),
+        }
+    }
 }
 
 /// The bundle a gate serves, as far as succession is concerned: its version and its
@@ -699,27 +751,49 @@ mod tests {
             ..guarded.tokens[0].clone()
         })
         .unwrap();
-        let decide = |served: Option<&Record>, incoming: Option<&Record>| {
+        let decide = |served: Option<&Record>, incoming: &[Option<Record>]| {
             let Step::Lookup(pending) = gate.begin(&request) else {
                 panic!("a lookup was expected");
             };
             gate.finish_changing(pending, served, incoming, 1_000)
         };
+        let scopes_sent = |d: &crate::Decision| {
+            d.add_headers
+                .iter()
+                .find(|(name, _)| *name == crate::decision::SCOPES_HEADER)
+                .map(|(_, v)| v.clone())
+        };
         // Both allow: allowed, as served.
-        let both = decide(Some(&served), Some(&served));
+        let both = decide(Some(&served), &[Some(served.clone())]);
         assert_eq!((both.outcome, both.reason), (Outcome::Allow, Reason::Valid));
+        assert_eq!(scopes_sent(&both).as_deref(), Some("orders:*"));
         // The push revokes it or drops it: refused already.
-        assert_eq!(
-            decide(Some(&served), Some(&revoked)).reason,
-            Reason::Revoked
-        );
-        assert_eq!(decide(Some(&served), None).reason, Reason::Unknown);
+        let revoking = [Some(revoked.clone())];
+        assert_eq!(decide(Some(&served), &revoking).reason, Reason::Revoked);
+        assert_eq!(decide(Some(&served), &[None]).reason, Reason::Unknown);
+        // Two pushes in a row (the first replaced): every one must allow.
+        let twice = [Some(served.clone()), Some(revoked.clone())];
+        assert_eq!(decide(Some(&served), &twice).reason, Reason::Revoked);
         // The push would grant what is refused now (un-revoke, add): not before its commit.
         assert_eq!(
-            decide(Some(&revoked), Some(&served)).reason,
+            decide(Some(&revoked), &[Some(served.clone())]).reason,
             Reason::Revoked
         );
-        assert_eq!(decide(None, Some(&served)).reason, Reason::Unknown);
+        assert_eq!(
+            decide(None, &[Some(served.clone())]).reason,
+            Reason::Unknown
+        );
+        // Fewer scopes hold at once; more wait: the upstream hears only what both grant.
+        let narrowed = Record::from_token_record(&TokenRecord {
+            scopes: vec!["orders:read".into(), "billing:read".into()],
+            ..guarded.tokens[0].clone()
+        })
+        .unwrap();
+        let allowed = decide(Some(&served), &[Some(narrowed.clone())]);
+        assert_eq!(allowed.outcome, Outcome::Allow);
+        assert_eq!(scopes_sent(&allowed).as_deref(), Some("orders:read"));
+        let widened = decide(Some(&narrowed), &[Some(served.clone())]);
+        assert_eq!(scopes_sent(&widened).as_deref(), Some("orders:read"));
     }
 
     #[test]

@@ -56,13 +56,15 @@ export default function (suite, { origin }) {
     assert.equal((await peer.gate("GET", "/api/orders", { headers: bearer(live) })).status, 503, "the other isolate too");
   });
 
-  suite.test("status: version, environment, tokens, the trusted key ids, kv_reads, pending, revoke_all_at, and nothing else", async () => {
+  suite.test("status: version, the pushed text's SHA-256, environment, tokens, the trusted key ids, kv_reads, pending, revoke_all_at, and nothing else", async () => {
     liveRecord = record("live", live, ["orders:read"], { created_at });
     const tokens = [liveRecord, record("other", other, [], { created_at }), record("stale", stale, ["orders:read"], { created_at })];
-    const res = await worker.push(publish(bundle({ version: 1, environment: ENV, tokens }), [key]));
+    const text1 = publish(bundle({ version: 1, environment: ENV, tokens }), [key]);
+    const res = await worker.push(text1);
     assert.equal(res.status, 200, res.body);
     const status = await worker.status();
     assert.deepEqual(Object.keys(status).sort(), [
+      "bundle_sha256",
       "environment",
       "keys",
       "kv_reads",
@@ -72,6 +74,7 @@ export default function (suite, { origin }) {
       "version",
     ]);
     assert.equal(status.version, 1);
+    assert.equal(status.bundle_sha256, sha256Hex(text1));
     assert.equal(status.tokens, 3);
     assert.equal(status.pending, null);
     assert.equal(status.revoke_all_at, null);

@@ -8,7 +8,7 @@
 // Hash-only records (a random hash, no secret) fill the large bundles; every token a test
 // sends a request with is a real one (its secret made here, its record holding its SHA-256).
 import crypto from "node:crypto";
-import { CACHE_TTL_MS, assert, assertRefused, pageTarget, sleep, startWorker } from "./lib/harness.mjs";
+import { CACHE_TTL_MS, assert, assertRefused, headerValues, pageTarget, sleep, startWorker } from "./lib/harness.mjs";
 import {
   bundle,
   hashRecord,
@@ -235,12 +235,15 @@ export default function (suite, { origin }) {
       const doomed = realIn("doomed", bits, (p) => p === 0);
       const pardoned = realIn("pardoned", bits, (p) => p === 1);
       const newcomer = realIn("newcomer", bits, (p) => p === 2);
+      const narrowed = realIn("narrowed", bits, (p) => p === 3);
+      const wide = { ...narrowed.rec, scopes: ["orders:read", "orders:write"] };
       const revokedBefore = nowSecs() - 60;
       const v1Tokens = [
         kept.rec,
         doomed.rec,
         { ...pardoned.rec, revoked_at: revokedBefore },
-        ...fill("fill", 2000 - 3, () => hashBelow(bits, 7)),
+        wide,
+        ...fill("fill", 2000 - 4, () => hashBelow(bits, 7)),
       ];
       const v1 = paged(1, v1Tokens);
       assert.equal(v1.pages.length, 8);
@@ -266,13 +269,14 @@ export default function (suite, { origin }) {
         { ...doomed.rec, revoked_at: now },
         pardoned.rec,
         newcomer.rec,
-        ...v1Tokens.slice(3),
+        narrowed.rec,
+        ...v1Tokens.slice(4),
         hashRecord("page-seven", hashBelow(bits, 8).replace(/^..../, "ffff"), scopes, { created_at }),
       ];
       const v2 = paged(2, v2Tokens);
-      assert.deepEqual(expectMissing(v2, v1.digests), [0, 1, 2, 7]);
-      // The three pages, not page 7: version 2 stays pending.
-      const partial = await w.pushPaged(v2.text, v2.pages, { order: () => [0, 1, 2, 7], stopAfter: 3 });
+      assert.deepEqual(expectMissing(v2, v1.digests), [0, 1, 2, 3, 7]);
+      // The four pages, not page 7: version 2 stays pending.
+      const partial = await w.pushPaged(v2.text, v2.pages, { order: () => [0, 1, 2, 3, 7], stopAfter: 4 });
       assert.ok(partial.stopped && partial.final.status === 202, partial.final.body);
       const arrived = Date.now();
       // Within the bound the revocation holds everywhere; nothing granted holds yet.
@@ -294,6 +298,13 @@ export default function (suite, { origin }) {
         [pardoned.token, 401],
         [newcomer.token, 401],
       ]);
+      // Fewer scopes hold too: the upstream hears only what both versions grant.
+      const scopesSent = async (iso) => {
+        const res = await ask(iso, narrowed.token);
+        assert.equal(res.status, 200, res.body);
+        return headerValues(JSON.parse(res.body).headers, "x-tokengate-scopes");
+      };
+      assert.deepEqual(await scopesSent(w), ["orders:read"]);
       const status = await w.status();
       assert.deepEqual([status.version, status.pending], [1, { version: 2, remaining: 1 }]);
 
@@ -309,7 +320,8 @@ export default function (suite, { origin }) {
         [pardoned.token, 200],
         [newcomer.token, 200],
       ]);
-      return `revocation in force on the other isolate ${other} ms after its page arrived, 1 of 4 pages still missing`;
+      assert.deepEqual(await scopesSent(w.peer), ["orders:read"]);
+      return `revocation in force on the other isolate ${other} ms after its page arrived, 1 of 5 pages still missing`;
     } finally {
       await w.dispose();
     }

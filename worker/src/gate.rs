@@ -62,8 +62,8 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
         let problem = format!("variable {ORIGIN_URL_VAR} is not set");
         return unavailable(Reason::Internal, Some(Failure::Config(problem)));
     };
-    let served = match served::current(env).await {
-        Ok(Some(served)) => served,
+    let (served, changes) = match served::snapshot(env).await {
+        Ok(Some(snapshot)) => snapshot,
         Ok(None) => return unavailable(Reason::NoBundle, None),
         Err(failure) => return unavailable(Reason::Internal, Some(failure)),
     };
@@ -85,14 +85,6 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
             served.gate.finish(pending, None, served::now_secs())
         }
         Step::Lookup(pending) => {
-            let looked_up = match served::view(env).await {
-                Ok(view) => served::changes(env, &view).await,
-                Err(failure) => Err(failure),
-            };
-            let changes = match looked_up {
-                Ok(changes) => changes,
-                Err(failure) => return unavailable(Reason::Internal, Some(failure)),
-            };
             let record = match served::record(env, &served, &pending.hash).await {
                 Ok(record) => record,
                 Err(failure) => return unavailable(Reason::Internal, Some(failure)),
@@ -103,7 +95,7 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
                 Some(incoming) => {
                     served
                         .gate
-                        .finish_changing(pending, record.as_ref(), incoming.as_ref(), now)
+                        .finish_changing(pending, record.as_ref(), incoming, now)
                 }
                 None => served.gate.finish(pending, record.as_ref(), now),
             }

@@ -64,7 +64,7 @@ async fn handle_status(env: &Env) -> Result<Response> {
     let unavailable = |failure: served::Failure| {
         worker::console_error!("tokengate status: {failure}");
         let body = serde_json::json!({
-            "version": null, "environment": configured, "keys": [], "tokens": 0,
+            "version": null, "bundle_sha256": null, "environment": configured, "keys": [], "tokens": 0,
             "kv_reads": served::kv_reads(), "pending": null, "revoke_all_at": null,
         });
         json_response(503, body, &[])
@@ -94,6 +94,7 @@ async fn handle_status(env: &Env) -> Result<Response> {
         .map(|p| serde_json::json!({"version": p.version, "remaining": p.remaining}));
     let body = serde_json::json!({
         "version": version,
+        "bundle_sha256": view.served.as_ref().map(|s| s.sha256.clone()),
         "environment": environment,
         "keys": keys,
         "tokens": tokens,

@@ -47,9 +47,12 @@ pub const MAX_PUSH_BYTES: usize = 8 * 1024 * 1024;
 pub const WINDOW_SECONDS: u64 = 300;
 /// KV writes in flight at once while storing an inline bundle's pages.
 const CONCURRENCY: usize = 32;
-/// Garbage pages deleted per bundle request (Workers KV allows 1000 operations per
-/// invocation; an inline bundle of 8 MiB has at most 256 pages).
-const GARBAGE_PER_REQUEST: usize = 500;
+/// Garbage pages deleted per bundle request: Workers KV allows 1000 operations per
+/// invocation, and an inline bundle of 8 MiB (~74,000 minimal records) has at most 512 pages.
+const GARBAGE_PER_REQUEST: usize = 400;
+/// Served pages a page request reads to find what it changes (a page of a set that shrank
+/// covers several served pages); past this, its changes wait for the commit.
+const MAX_OVERLAPPING_PAGES: usize = 8;
 
 /// A refused push: status, `error` code and a description for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,11 +180,7 @@ fn unavailable(failure: &Failure) -> Refusal {
 
 /// Handles one push request.
 pub async fn handle_push(req: Request, env: &Env) -> Result<Response> {
-    served::forget_view();
-    let outcome = push(req, env).await;
-    // Whatever happened, this isolate serves what the push state says from now on.
-    served::forget_view();
-    match outcome? {
+    match push(req, env).await? {
         Ok(response) => Ok(response),
         Err(refusal) => {
             console_log!(
@@ -293,9 +292,10 @@ async fn push(mut req: Request, env: &Env) -> Result<Outcome> {
     if body.len() > MAX_PUSH_BYTES {
         return Ok(Err(too_large()));
     }
-    let view: View = match state::call(env, &Call::View).await {
-        Ok(Ok(view)) => view,
-        Ok(Err(refused)) => return Ok(Err(refused.into())),
+    // The cached view: an unsigned request must not reach the push state. The push state
+    // refuses the request later if another bundle (with other keys) is served by then.
+    let view = match served::view(env).await {
+        Ok(view) => view,
         Err(failure) => return Ok(Err(unavailable(&failure))),
     };
     let trusted = match trusted_keys(env, &view) {
@@ -309,10 +309,25 @@ async fn push(mut req: Request, env: &Env) -> Result<Outcome> {
         Ok(kv) => kv,
         Err(failure) => return Ok(Err(unavailable(&failure))),
     };
-    match page {
-        Some((version, index)) => Ok(store_page(env, &kv, version, index, &body).await),
-        None => Ok(push_bundle(env, &kv, &view, &trusted, &environment, &body).await),
-    }
+    let verified_with = view.served.as_ref().map(|s| s.sha256.clone());
+    let outcome = match page {
+        Some((version, index)) => store_page(env, &kv, version, index, &body, verified_with).await,
+        None => {
+            push_bundle(
+                env,
+                &kv,
+                &view,
+                &trusted,
+                &environment,
+                &body,
+                verified_with,
+            )
+            .await
+        }
+    };
+    // A signed request reached the push state: this isolate serves what it says from now on.
+    served::forget_view();
+    Ok(outcome)
 }
 
 /// A bundle request: checked as every gate checks a bundle, then begun in the push state.
@@ -323,6 +338,7 @@ async fn push_bundle(
     trusted: &KeySet,
     environment: &str,
     body: &[u8],
+    verified_with: Option<String>,
 ) -> Outcome {
     let envelope = Envelope::open(body, trusted).map_err(|e| bundle_refusal(&e))?;
     let (raw, _) = envelope
@@ -383,6 +399,7 @@ async fn push_bundle(
         &Call::Begin {
             push: Box::new(push),
             now_ms: served::now_ms(),
+            verified_with,
         },
     )
     .await
@@ -447,8 +464,20 @@ fn validate(bundle: &Bundle) -> std::result::Result<(), Refusal> {
 }
 
 /// A page request: the page must be the one the pending push's signed list names.
-async fn store_page(env: &Env, kv: &KvStore, version: u64, index: usize, body: &[u8]) -> Outcome {
-    let claim: Claim = state::call(env, &Call::Claim { version, index })
+async fn store_page(
+    env: &Env,
+    kv: &KvStore,
+    version: u64,
+    index: usize,
+    body: &[u8],
+    verified_with: Option<String>,
+) -> Outcome {
+    let call = Call::Claim {
+        version,
+        index,
+        verified_with,
+    };
+    let claim: Claim = state::call(env, &call)
         .await
         .map_err(|f| unavailable(&f))?
         .map_err(Refusal::from)?;
@@ -506,8 +535,14 @@ async fn served_changes(
         return Ok(Vec::new());
     };
     let served_bits = served.page_bits();
+    let overlapping = pages::overlapping(index, bits, served_bits);
+    if overlapping.clone().count() > MAX_OVERLAPPING_PAGES {
+        // The set shrank a lot (fewer, larger pages): reading every served page this one
+        // covers would not fit in one request. Its changes take effect at the commit.
+        return Ok(Vec::new());
+    }
     let mut records = Vec::new();
-    for old in pages::overlapping(index, bits, served_bits) {
+    for old in overlapping {
         let digest = served
             .page_digest(old)
             .ok_or_else(|| Failure::Corrupt(format!("served page {old}")))?;

@@ -33,7 +33,7 @@ use tokengate_core::token::TokenHash;
 use tokengate_core::{Bundle, Gate, Record};
 use worker::{Delay, Env, KvStore};
 
-use crate::state::{self, Call, Meta, Stored, View};
+use crate::state::{self, Call, ChangeList, Meta, Stored, View};
 use crate::KV_BINDING;
 
 /// The KV key prefix of pages; the rest is the lower-case hex SHA-256 of the page.
@@ -59,12 +59,18 @@ pub struct Served {
     bits: u32,
     /// Whether a record may be an imported secret.
     pub imported_secrets: bool,
+    /// SHA-256 of the pushed text it was built from.
+    pub sha256: String,
 }
 
 impl Served {
     /// Validates a meta the way a push validated its bundle; `revoke_all_at` is the
     /// cut-off in force (the served one, or a later one a pending push brings first).
-    pub fn from_meta(meta: &Meta, revoke_all_at: Option<u64>) -> Result<Self, String> {
+    pub fn from_meta(
+        meta: &Meta,
+        revoke_all_at: Option<u64>,
+        sha256: String,
+    ) -> Result<Self, String> {
         let bits = pages::PagedTokens {
             pages: meta.pages.clone(),
             tokens: meta.tokens,
@@ -97,6 +103,7 @@ impl Served {
             pages: digests,
             bits,
             imported_secrets: meta.imported_secrets,
+            sha256,
         })
     }
 }
@@ -139,18 +146,18 @@ struct Cached<T> {
     at: f64,
 }
 
-/// The served bundle as built, and what it was built from.
+/// The served bundle as built, and the cut-off it was built with.
 struct Built {
-    sha256: String,
     revoke_all_at: Option<u64>,
     served: Rc<Served>,
 }
 
-/// Served records a pending push changes: its record for the hash, `None` if it drops it.
-pub type Changes = std::collections::HashMap<[u8; 32], Option<Record>>;
+/// Served records a pending push changes: per hash, each record pushes since the last commit
+/// brought for it (`None`: dropped it).
+pub type Changes = std::collections::HashMap<[u8; 32], Vec<Option<Record>>>;
 
-/// The changes of one pending push, keyed by (its version, the change count).
-type CachedChanges = ((u64, usize), Rc<Changes>);
+/// The changes of one pending push, keyed by (served push, pending version, change sequence).
+type CachedChanges = ((String, u64, u64), Rc<Changes>);
 
 /// Records by (page digest, token hash); `None`: the page holds no such token.
 type RecordCache = LruCache<([u8; 32], [u8; 32]), Option<Record>>;
@@ -242,6 +249,29 @@ pub fn forget_view() {
 /// cut-off already in force.
 pub async fn current(env: &Env) -> Result<Option<Rc<Served>>, Failure> {
     let view = view(env).await?;
+    current_from(env, &view).await
+}
+
+/// What a gated request decides with, read consistently: the served bundle and the pending
+/// push's changes to it. If the push state moved between the two reads (a commit), the view
+/// is read again; twice in a row fails closed.
+pub async fn snapshot(env: &Env) -> Result<Option<(Rc<Served>, Rc<Changes>)>, Failure> {
+    for _ in 0..2 {
+        let view = view(env).await?;
+        let Some(served) = current_from(env, &view).await? else {
+            return Ok(None);
+        };
+        match changes(env, &view, &served).await? {
+            Some(changes) => return Ok(Some((served, changes))),
+            None => forget_view(),
+        }
+    }
+    Err(Failure::State(
+        "the push state moved twice while it was read".to_owned(),
+    ))
+}
+
+async fn current_from(env: &Env, view: &View) -> Result<Option<Rc<Served>>, Failure> {
     let Some(summary) = &view.served else {
         return Ok(None);
     };
@@ -249,7 +279,7 @@ pub async fn current(env: &Env) -> Result<Option<Rc<Served>>, Failure> {
     let built = BUILT.with(|b| {
         b.borrow()
             .as_ref()
-            .filter(|b| b.sha256 == summary.sha256 && b.revoke_all_at == revoke_all_at)
+            .filter(|b| b.served.sha256 == summary.sha256 && b.revoke_all_at == revoke_all_at)
             .map(|b| b.served.clone())
     });
     if let Some(served) = built {
@@ -263,12 +293,11 @@ pub async fn current(env: &Env) -> Result<Option<Rc<Served>>, Failure> {
         forget_view();
     }
     let served = Rc::new(
-        Served::from_meta(&stored.meta, revoke_all_at)
+        Served::from_meta(&stored.meta, revoke_all_at, stored.sha256)
             .map_err(|e| Failure::Corrupt(format!("served meta: {e}")))?,
     );
     BUILT.with(|b| {
         *b.borrow_mut() = Some(Built {
-            sha256: stored.sha256,
             revoke_all_at,
             served: served.clone(),
         })
@@ -302,27 +331,34 @@ pub async fn read_page(kv: &KvStore, digest: &[u8; 32]) -> Result<String, Failur
     Ok(text)
 }
 
-/// The served records a pending push changes, by hash (empty when nothing is pending),
-/// cached with the view: refetched when the pending push or its change count moves.
-pub async fn changes(env: &Env, view: &View) -> Result<Rc<Changes>, Failure> {
-    let key = view.pending.as_ref().map(|p| (p.version, p.changes));
-    let Some((version, count)) = key.filter(|(_, count)| *count > 0) else {
-        return Ok(Rc::default());
+/// The served records the pending push changes, by hash (empty when nothing is pending),
+/// for the served bundle `served`. Cached by (served push, pending version, change sequence);
+/// `None` when the push state no longer matches `view` (read it again).
+async fn changes(env: &Env, view: &View, served: &Served) -> Result<Option<Rc<Changes>>, Failure> {
+    let Some(pending) = &view.pending else {
+        return Ok(Some(Rc::default()));
     };
+    let key = (served.sha256.clone(), pending.version, pending.change_seq);
     let hit = CHANGES.with(|c| {
         c.borrow()
             .as_ref()
-            .filter(|(k, _)| *k == (version, count))
+            .filter(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
     });
     if let Some(changes) = hit {
-        return Ok(changes);
+        return Ok(Some(changes));
     }
-    let list: Vec<pages::Change> = state::call(env, &Call::Changes)
-        .await?
-        .map_err(|r| Failure::State(r.description))?;
-    let mut changes = Changes::with_capacity(list.len());
-    for change in list {
+    let call = Call::Changes {
+        served_sha256: Some(served.sha256.clone()),
+        pending_version: Some(pending.version),
+    };
+    let list: ChangeList = match state::call(env, &call).await? {
+        Ok(list) => list,
+        Err(refused) if refused.error == "stale_view" => return Ok(None),
+        Err(refused) => return Err(Failure::State(refused.description)),
+    };
+    let mut changes = Changes::with_capacity(list.changes.len());
+    for change in list.changes {
         let hash = TokenHash::from_hex(&change.hash)
             .ok_or_else(|| Failure::Corrupt(format!("change {}", change.hash)))?;
         let record = change
@@ -331,11 +367,11 @@ pub async fn changes(env: &Env, view: &View) -> Result<Rc<Changes>, Failure> {
             .map(Record::from_token_record)
             .transpose()
             .map_err(|e| Failure::Corrupt(format!("change {}: {e}", change.hash)))?;
-        changes.insert(hash.0, record);
+        changes.entry(hash.0).or_default().push(record);
     }
     let changes = Rc::new(changes);
-    CHANGES.with(|c| *c.borrow_mut() = Some(((version, count), changes.clone())));
-    Ok(changes)
+    CHANGES.with(|c| *c.borrow_mut() = Some((key, changes.clone())));
+    Ok(Some(changes))
 }
 
 /// The record of one token hash in the served pages (`None`: no such token).

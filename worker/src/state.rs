@@ -94,9 +94,10 @@ pub struct PendingView {
     pub version: u64,
     /// Pages still to arrive.
     pub remaining: usize,
-    /// Served records its stored pages change (see [`Call::Changes`]).
+    /// Moves whenever the served records its stored pages change are added to (see
+    /// [`Call::Changes`]).
     #[serde(default)]
-    pub changes: usize,
+    pub change_seq: u64,
 }
 
 /// A request the object refuses.
@@ -169,7 +170,7 @@ impl Machine {
             pending: self.pending.as_ref().map(|(p, received)| PendingView {
                 version: p.version(),
                 remaining: received.iter().filter(|r| !**r).count(),
-                changes: 0,
+                change_seq: 0,
             }),
             keys: self
                 .served
@@ -404,6 +405,9 @@ pub enum Call {
         push: Box<Stored>,
         /// The Worker's clock (ms).
         now_ms: f64,
+        /// The served push (text digest) whose keys verified the request: refused as
+        /// `stale_view` if another is served now.
+        verified_with: Option<String>,
     },
     /// → [`Claim`].
     Claim {
@@ -411,6 +415,8 @@ pub enum Call {
         version: u64,
         /// The page.
         index: usize,
+        /// As for `Begin`.
+        verified_with: Option<String>,
     },
     /// → [`Progress`].
     Received {
@@ -423,8 +429,14 @@ pub enum Call {
         /// The Worker's clock (ms).
         now_ms: f64,
     },
-    /// → every served record the pending push changes so far, as `Vec<Change>`.
-    Changes,
+    /// → [`ChangeList`]: the served records the pending push changes so far, if the served
+    /// push and the pending version are still those given (else `stale_view`).
+    Changes {
+        /// The served push's text digest the caller decides with.
+        served_sha256: Option<String>,
+        /// The pending version the caller's view shows.
+        pending_version: Option<u64>,
+    },
     /// → up to `max` page digests to delete from KV.
     Garbage {
         /// At most this many.
@@ -497,27 +509,76 @@ impl worker::DurableObject for PushState {
         let Some(machine) = slot.as_mut() else {
             return worker::Response::error("push state unavailable", 500);
         };
-        let before = machine.clone();
-        let mut incoming_changes = Vec::new();
-        let answer = match call {
+        let served_sha = machine.served.as_ref().map(|s| s.sha256.clone());
+        let unchanged = |checked: &Option<String>| {
+            if *checked == served_sha {
+                Ok(())
+            } else {
+                Err(refused(
+                    503,
+                    "stale_view",
+                    "the served bundle changed while this request was checked; retry".to_owned(),
+                ))
+            }
+        };
+        // Calls that only read: nothing is cloned or written.
+        let read = match &call {
             Call::View => {
                 let mut view = machine.view();
                 if let Some(pending) = &mut view.pending {
-                    pending.changes = count_changes(&sql)?;
+                    pending.change_seq = change_seq(&sql)?;
                 }
-                Ok(serde_json::to_value(view)?)
+                Some(Ok(serde_json::to_value(view)?))
             }
-            Call::Changes => Ok(serde_json::to_value(read_changes(&sql)?)?),
-            Call::Meta => match &machine.served {
+            Call::Meta => Some(match &machine.served {
                 Some(served) => Ok(serde_json::to_value(served)?),
                 None => Err(refused(409, "not_served", "nothing is served".to_owned())),
-            },
-            Call::Begin { push, now_ms } => machine
-                .begin(*push, now_ms)
+            }),
+            Call::Changes {
+                served_sha256,
+                pending_version,
+            } => {
+                let pending = machine.pending.as_ref().map(|(p, _)| p.meta.bundle.version);
+                Some(
+                    if *served_sha256 == served_sha && *pending_version == pending {
+                        let changes = ChangeList {
+                            change_seq: change_seq(&sql)?,
+                            changes: read_changes(&sql)?,
+                        };
+                        Ok(serde_json::to_value(changes)?)
+                    } else {
+                        Err(refused(
+                            409,
+                            "stale_view",
+                            "the push state moved; read it again".to_owned(),
+                        ))
+                    },
+                )
+            }
+            Call::Claim {
+                version,
+                index,
+                verified_with,
+            } => Some(
+                unchanged(verified_with)
+                    .and_then(|()| machine.claim(*version, *index))
+                    .map(|c| serde_json::to_value(c).unwrap_or_default()),
+            ),
+            _ => None,
+        };
+        if let Some(answer) = read {
+            return respond(answer);
+        }
+        let before = machine.clone();
+        let mut incoming_changes = Vec::new();
+        let answer = match call {
+            Call::Begin {
+                push,
+                now_ms,
+                verified_with,
+            } => unchanged(&verified_with)
+                .and_then(|()| machine.begin(*push, now_ms))
                 .map(|p| serde_json::to_value(p).unwrap_or_default()),
-            Call::Claim { version, index } => machine
-                .claim(version, index)
-                .map(|c| serde_json::to_value(c).unwrap_or_default()),
             Call::Received {
                 version,
                 indices,
@@ -532,27 +593,47 @@ impl worker::DurableObject for PushState {
             Call::Garbage { max, now_ms } => {
                 Ok(serde_json::to_value(machine.take_garbage(max, now_ms))?)
             }
+            Call::View | Call::Meta | Call::Changes { .. } | Call::Claim { .. } => {
+                return worker::Response::error("answered above", 500);
+            }
         };
-        let saved = save(&sql, &before, machine).and_then(|()| {
+        // The changes before the flags that say their page arrived: a failure in between
+        // leaves the page missing (sent again), never stored without its changes.
+        let saved = (|| {
+            if answer.is_ok() && machine.pending.is_some() {
+                record_changes(&sql, &incoming_changes)?;
+            }
+            save(&sql, &before, machine)?;
             if machine.pending.is_none() {
                 // Committed (or nothing pending): the served records are the truth again.
-                sql.exec("DELETE FROM change", None).map(|_| ())
-            } else if answer.is_ok() {
-                record_changes(&sql, &incoming_changes)
-            } else {
-                Ok(())
+                sql.exec("DELETE FROM change", None)?;
             }
-        });
+            Ok(())
+        })();
         if let Err(e) = saved {
             // What is in memory may now differ from storage: reload on the next call.
             *slot = None;
             return Err(e);
         }
-        match answer {
-            Ok(value) => worker::Response::from_json(&value),
-            Err(refusal) => Ok(worker::Response::from_json(&refusal)?.with_status(refusal.status)),
-        }
+        respond(answer)
     }
+}
+
+fn respond(answer: Result<serde_json::Value, Refused>) -> worker::Result<worker::Response> {
+    match answer {
+        Ok(value) => worker::Response::from_json(&value),
+        Err(refusal) => Ok(worker::Response::from_json(&refusal)?.with_status(refusal.status)),
+    }
+}
+
+/// The pending push's changes, and the sequence number they are current at.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangeList {
+    /// Bumped by every page whose changes were recorded.
+    pub change_seq: u64,
+    /// Every change recorded since the last commit (a hash may appear more than once: each
+    /// push that replaced another brought its own).
+    pub changes: Vec<Change>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +654,22 @@ struct Count {
 fn count_changes(sql: &worker::SqlStorage) -> worker::Result<usize> {
     let count: Count = sql.exec("SELECT COUNT(*) AS n FROM change", None)?.one()?;
     Ok(count.n as usize)
+}
+
+#[derive(Deserialize)]
+struct Body {
+    body: String,
+}
+
+/// The change sequence number: never reset, so a cached list is never mistaken for a newer one.
+fn change_seq(sql: &worker::SqlStorage) -> worker::Result<u64> {
+    let rows: Vec<Body> = sql
+        .exec("SELECT body FROM doc WHERE name = 'change_seq'", None)?
+        .to_array()?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.body.parse().ok())
+        .unwrap_or_default())
 }
 
 #[derive(Deserialize)]
@@ -598,6 +695,9 @@ fn read_changes(sql: &worker::SqlStorage) -> worker::Result<Vec<Change>> {
 }
 
 fn record_changes(sql: &worker::SqlStorage, changes: &[Change]) -> worker::Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
     let room = MAX_CHANGES.saturating_sub(count_changes(sql)?);
     if changes.len() > room {
         worker::console_error!(
@@ -607,11 +707,12 @@ fn record_changes(sql: &worker::SqlStorage, changes: &[Change]) -> worker::Resul
     }
     for change in changes.iter().take(room) {
         sql.exec(
-            "INSERT OR REPLACE INTO change (hash, record) VALUES (?, ?)",
+            "INSERT INTO change (hash, record) VALUES (?, ?)",
             vec![change.hash.as_str().into(), json(&change.record).into()],
         )?;
     }
-    Ok(())
+    let next = (change_seq(sql)? + 1).to_string();
+    put(sql, "change_seq", Some(next))
 }
 
 fn load(sql: &worker::SqlStorage) -> worker::Result<Machine> {
@@ -620,7 +721,7 @@ fn load(sql: &worker::SqlStorage) -> worker::Result<Machine> {
         None,
     )?;
     sql.exec(
-        "CREATE TABLE IF NOT EXISTS change (hash TEXT PRIMARY KEY, record TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS change (hash TEXT NOT NULL, record TEXT NOT NULL)",
         None,
     )?;
     let rows: Vec<Row> = sql.exec("SELECT name, body FROM doc", None)?.to_array()?;
