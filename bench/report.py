@@ -73,7 +73,7 @@ def main():
     machine = load_json(os.path.join(args.dir, "machine.json")) or {}
     envoy = load_json(os.path.join(args.dir, "envoy.json"))
     worker = load_json(os.path.join(args.dir, "worker.json"))
-    pushes = load_json(os.path.join(args.dir, "worker_push.json"))
+    push_bench = load_json(os.path.join(args.dir, "worker_push.json"))
     sizes = machine.get("sizes", {})
     out = []
     w = out.append
@@ -426,17 +426,17 @@ def main():
             "todo", "bench/worker_bench did not produce results.") + "\n")
 
     w("## Worker: pushes at scale (workerd via Miniflare)\n")
-    if pushes and pushes.get("rows"):
+    if push_bench and push_bench.get("rows"):
         w(f"`bench/worker_push.mjs`: for each size a fresh Worker (local KV and Durable Object) gets "
           f"a paged bundle of hash-only records from empty, then a change of 1,000 revoked + 1,000 "
           f"added (at the 1,000,000-token limit 1,000 others leave the set), "
-          f"{pushes.get('concurrency', 1)} page requests in flight as the CLI sends them. Wall time "
+          f"{push_bench.get('concurrency', 1)} page requests in flight as the CLI sends them. Wall time "
           f"runs from the first request to the commit; a KV write is a page stored (`page:<sha256>`); "
           f"building and signing the bundle is not in it. KV in Miniflare is local: on Cloudflare "
           f"each request also pays the network.\n")
         w("| push | tokens | pages | pages sent | requests | push time (s) | KV writes | bytes sent (MiB) |")
         w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in pushes["rows"]:
+        for r in push_bench["rows"]:
             w(f"| {r['push']} | {r['tokens']:,} | {r['pages']:,} | {r['pages_sent']:,} | {r['requests']:,} | "
               f"{r['wall_s']:.1f} | {r['kv_pages_stored']:,} | {r['bytes_sent'] / 2**20:.1f} |")
         w("")
