@@ -476,6 +476,7 @@ async fn store_page(
         version,
         index,
         verified_with,
+        now_ms: served::now_ms(),
     };
     let claim: Claim = state::call(env, &call)
         .await
@@ -595,15 +596,24 @@ async fn collect_garbage(env: &Env, kv: &KvStore) {
     let Ok(Ok(digests)) = state::call::<Vec<String>>(env, &call).await else {
         return;
     };
+    let mut gone = Vec::new();
     for chunk in digests.chunks(CONCURRENCY) {
         let deletes = chunk
             .iter()
             .map(|d| async move { kv.delete(&format!("{PAGE_PREFIX}{d}")).await });
-        for result in futures_util::future::join_all(deletes).await {
-            if let Err(e) = result {
-                console_error!("tokengate push: deleting an unused page: {e}");
+        for (digest, result) in chunk
+            .iter()
+            .zip(futures_util::future::join_all(deletes).await)
+        {
+            match result {
+                Ok(()) => gone.push(digest.clone()),
+                Err(e) => console_error!("tokengate push: deleting an unused page: {e}"),
             }
         }
+    }
+    // A push that needs one of these pages again may store it from now on.
+    if !gone.is_empty() {
+        let _ = state::call::<serde_json::Value>(env, &Call::Deleted { digests: gone }).await;
     }
 }
 

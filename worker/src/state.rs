@@ -30,6 +30,9 @@ pub const STATE_NAME: &str = "tokengate";
 /// A page left by a push is deleted from KV no sooner than this after it stopped being
 /// served: isolates may still read it until their next refresh (5 s).
 pub const GARBAGE_AFTER_MS: f64 = 60_000.0;
+/// How long a page handed out for deletion is refused to a push that needs it again, unless
+/// its deletion is confirmed sooner: a re-upload must not land before the delete does.
+pub const DELETING_MS: f64 = 30_000.0;
 
 /// What a push serves, without its token records: stored in the object, sent to isolates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +148,8 @@ pub struct Machine {
     pub garbage: Vec<(String, f64)>,
     /// The latest revoke-all cut-off of the pushes accepted since the last commit.
     pub cut_off: Option<u64>,
+    /// Page digests handed out for deletion from KV, with the time (ms).
+    pub deleting: Vec<(String, f64)>,
 }
 
 /// What a page request must match.
@@ -248,8 +253,8 @@ impl Machine {
         Ok(self.finish_if_complete(now_ms))
     }
 
-    /// What a page request for `version`, page `index`, must match.
-    pub fn claim(&self, version: u64, index: usize) -> Result<Claim, Refused> {
+    /// What a page request for `version`, page `index`, must match, at `now_ms`.
+    pub fn claim(&self, version: u64, index: usize, now_ms: f64) -> Result<Claim, Refused> {
         let not_pending = || {
             refused(
                 409,
@@ -271,6 +276,17 @@ impl Machine {
                 ),
             )
         })?;
+        let deleting = self
+            .deleting
+            .iter()
+            .any(|(d, at)| d == sha256 && now_ms - at < DELETING_MS);
+        if deleting && !received[index] {
+            return Err(refused(
+                503,
+                "temporarily_unavailable",
+                format!("page {index} is being deleted from KV as unused; send it again in a few seconds"),
+            ));
+        }
         Ok(Claim {
             sha256: sha256.clone(),
             bits: pending.meta.pages.len().trailing_zeros(),
@@ -286,7 +302,7 @@ impl Machine {
         now_ms: f64,
     ) -> Result<Progress, Refused> {
         for &index in indices {
-            self.claim(version, index)?;
+            self.claim(version, index, now_ms)?;
         }
         if let Some((_, received)) = &mut self.pending {
             for &index in indices {
@@ -296,7 +312,9 @@ impl Machine {
         Ok(self.finish_if_complete(now_ms))
     }
 
-    /// Up to `max` garbage digests older than [`GARBAGE_AFTER_MS`], removed from the list.
+    /// Up to `max` garbage digests older than [`GARBAGE_AFTER_MS`], moved from the list to
+    /// those being deleted: until [`Self::deleted`] (or [`DELETING_MS`]), a push that needs
+    /// one of them again cannot store it.
     pub fn take_garbage(&mut self, max: usize, now_ms: f64) -> Vec<String> {
         let mut taken = Vec::new();
         self.garbage.retain(|(digest, since)| {
@@ -306,7 +324,15 @@ impl Machine {
             }
             !ripe
         });
+        self.deleting.retain(|(_, at)| now_ms - at < DELETING_MS);
+        self.deleting
+            .extend(taken.iter().map(|d| (d.clone(), now_ms)));
         taken
+    }
+
+    /// These pages are gone from KV: a push may store them again.
+    pub fn deleted(&mut self, digests: &[String]) {
+        self.deleting.retain(|(d, _)| !digests.contains(d));
     }
 
     fn stored_pages(&self) -> HashSet<&str> {
@@ -417,6 +443,8 @@ pub enum Call {
         index: usize,
         /// As for `Begin`.
         verified_with: Option<String>,
+        /// The Worker's clock (ms).
+        now_ms: f64,
     },
     /// → [`Progress`].
     Received {
@@ -443,6 +471,11 @@ pub enum Call {
         max: usize,
         /// The Worker's clock (ms).
         now_ms: f64,
+    },
+    /// These pages handed out by `Garbage` are deleted from KV now.
+    Deleted {
+        /// Their digests.
+        digests: Vec<String>,
     },
 }
 
@@ -559,9 +592,10 @@ impl worker::DurableObject for PushState {
                 version,
                 index,
                 verified_with,
+                now_ms,
             } => Some(
                 unchanged(verified_with)
-                    .and_then(|()| machine.claim(*version, *index))
+                    .and_then(|()| machine.claim(*version, *index, *now_ms))
                     .map(|c| serde_json::to_value(c).unwrap_or_default()),
             ),
             _ => None,
@@ -592,6 +626,10 @@ impl worker::DurableObject for PushState {
             }
             Call::Garbage { max, now_ms } => {
                 Ok(serde_json::to_value(machine.take_garbage(max, now_ms))?)
+            }
+            Call::Deleted { digests } => {
+                machine.deleted(&digests);
+                Ok(serde_json::Value::Null)
             }
             Call::View | Call::Meta | Call::Changes { .. } | Call::Claim { .. } => {
                 return worker::Response::error("answered above", 500);
@@ -759,11 +797,17 @@ fn load(sql: &worker::SqlStorage) -> worker::Result<Machine> {
         .map_err(|e| worker::Error::RustError(format!("push state garbage: {e}")))?
         .unwrap_or_default();
     let cut_off = parse("cut_off")?.and_then(|v| v.as_u64());
+    let deleting = parse("deleting")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| worker::Error::RustError(format!("push state deleting: {e}")))?
+        .unwrap_or_default();
     Ok(Machine {
         served,
         pending,
         garbage,
         cut_off,
+        deleting,
     })
 }
 
@@ -793,6 +837,9 @@ fn save(sql: &worker::SqlStorage, before: &Machine, after: &Machine) -> worker::
     }
     if before.cut_off != after.cut_off {
         put(sql, "cut_off", Some(json(&after.cut_off)))?;
+    }
+    if before.deleting != after.deleting {
+        put(sql, "deleting", Some(json(&after.deleting)))?;
     }
     if before.garbage != after.garbage {
         put(sql, "garbage", Some(json(&after.garbage)))?;
@@ -836,8 +883,8 @@ mod tests {
         let p = m.begin(push(1, &["a", "b"], None), 0.0).unwrap();
         assert_eq!((p.missing, p.committed), (vec![0, 1], false));
         assert_eq!(m.view().served, None);
-        assert_eq!(m.claim(1, 1).unwrap().sha256, "b");
-        assert!(m.claim(2, 0).is_err() && m.claim(1, 2).is_err());
+        assert_eq!(m.claim(1, 1, 0.0).unwrap().sha256, "b");
+        assert!(m.claim(2, 0, 0.0).is_err() && m.claim(1, 2, 0.0).is_err());
         assert!(!m.received(1, &[0], 0.0).unwrap().committed);
         assert!(m.received(1, &[1], 0.0).unwrap().committed);
         assert_eq!(m.view().served.unwrap().version, 1);
@@ -910,5 +957,32 @@ mod tests {
             .unwrap();
         assert_eq!(p.missing, vec![1, 2, 3]);
         assert_eq!(m.take_garbage(10, 170_000.0), vec!["y".to_owned()]);
+        // A push that needs "y" again cannot store it while its deletion may still land.
+        let p = m.begin(push(5, &["a", "y"], None), 170_000.0).unwrap();
+        assert_eq!(p.missing, vec![1]);
+        let refused = m.claim(5, 1, 171_000.0).unwrap_err();
+        assert_eq!(refused.status, 503);
+        assert!(m.received(5, &[1], 171_000.0).is_err());
+        // Once deleted (or after the window), it can.
+        m.deleted(&["y".to_owned()]);
+        assert_eq!(m.claim(5, 1, 171_000.0).unwrap().sha256, "y");
+        // A deletion never confirmed stops holding the page back after the window.
+        let mut fresh = Machine {
+            garbage: vec![("q".to_owned(), 0.0)],
+            ..Machine::default()
+        };
+        assert_eq!(
+            fresh.take_garbage(10, GARBAGE_AFTER_MS),
+            vec!["q".to_owned()]
+        );
+        assert_eq!(
+            fresh
+                .begin(push(1, &["q"], None), GARBAGE_AFTER_MS)
+                .unwrap()
+                .missing,
+            vec![0]
+        );
+        assert!(fresh.claim(1, 0, GARBAGE_AFTER_MS + 1.0).is_err());
+        assert!(fresh.claim(1, 0, GARBAGE_AFTER_MS + DELETING_MS).is_ok());
     }
 }
