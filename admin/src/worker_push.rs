@@ -447,37 +447,3 @@ pub fn push(
     })?;
     Ok(version)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokengate_core::TokenRecord;
-
-    #[test]
-    fn pages_cover_every_lookup_record() {
-        let tokens: Vec<TokenRecord> = (0..600)
-            .map(|i| TokenRecord {
-                name: format!("t{i}"),
-                hash: tokengate_core::token::TokenHash::of(format!("s{i}").as_bytes()).to_hex(),
-                scopes: vec![],
-                created_at: 1,
-                not_before: None,
-                expires_at: None,
-                revoked_at: None,
-                grace_until: None,
-                previous: None,
-            })
-            .collect();
-        let pages = pages::split(&tokens).unwrap();
-        let held: usize = pages
-            .iter()
-            .map(|p| {
-                serde_json::from_str::<Vec<TokenRecord>>(&p.text)
-                    .unwrap()
-                    .len()
-            })
-            .sum();
-        assert_eq!(held, 600);
-        assert_eq!(pages.len(), 4);
-    }
-}

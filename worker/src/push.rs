@@ -350,31 +350,27 @@ async fn push_bundle(
         newer_than: view.served.as_ref().map(|s| s.version),
     };
     expect.check(&raw).map_err(|e| bundle_refusal(&e))?;
-    let paged = raw.tokens.get().trim_start().starts_with('{');
-    let (meta, inline_pages) = if paged {
-        let (bundle, _) = envelope
-            .payload::<PagedTokens>()
-            .map_err(|e| bundle_refusal(&e))?;
-        bundle
-            .tokens
+    // The payload was read once above; only its `tokens` remain to be read, in either form.
+    let tokens = raw.tokens.get();
+    let unreadable = |e: serde_json::Error| refuse(400, "invalid_bundle", format!("tokens: {e}"));
+    let (meta, inline_pages) = if tokens.trim_start().starts_with('{') {
+        let paged: PagedTokens = serde_json::from_str(tokens).map_err(unreadable)?;
+        paged
             .check()
             .map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
-        let Bundle { tokens, .. } = bundle;
         let meta = Meta {
-            bundle: Bundle {
-                tokens: Vec::new(),
-                ..bundle_without_tokens(&raw)
-            },
-            pages: tokens.pages,
-            tokens: tokens.tokens,
-            imported_secrets: tokens.imported_secrets,
+            bundle: bundle_without_tokens(&raw),
+            pages: paged.pages,
+            tokens: paged.tokens,
+            imported_secrets: paged.imported_secrets,
         };
         validate(&meta.bundle)?;
         (meta, Vec::new())
     } else {
-        let (bundle, _) = envelope
-            .payload::<Vec<TokenRecord>>()
-            .map_err(|e| bundle_refusal(&e))?;
+        let bundle = Bundle {
+            tokens: serde_json::from_str::<Vec<TokenRecord>>(tokens).map_err(unreadable)?,
+            ..bundle_without_tokens(&raw)
+        };
         validate(&bundle)?;
         let split = pages::split(&bundle.tokens)
             .map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
@@ -438,7 +434,7 @@ async fn push_bundle(
     answer(&done, written, true)
 }
 
-/// The bundle's members but its tokens (read again as owned records of nothing).
+/// The bundle's members but its tokens.
 fn bundle_without_tokens(raw: &Bundle<&RawValue>) -> Bundle {
     Bundle {
         version: raw.version,

@@ -86,8 +86,6 @@ pub struct Summary {
     pub version: u64,
     /// SHA-256 of its text: the key an isolate fetches the meta by.
     pub sha256: String,
-    /// Token records.
-    pub tokens: usize,
 }
 
 /// The pending push in brief: its cut-off applies before any of its pages is stored.
@@ -170,7 +168,6 @@ impl Machine {
             served: self.served.as_ref().map(|s| Summary {
                 version: s.version(),
                 sha256: s.sha256.clone(),
-                tokens: s.meta.tokens,
             }),
             pending: self.pending.as_ref().map(|(p, received)| PendingView {
                 version: p.version(),
