@@ -256,13 +256,16 @@ class Config:
 
     def __init__(self, name, label, upstream_port, filters=None, start=TOKENGATE_START,
                  bundle=None, token=None, wasm_path=harness.WASM, ecds_file="tokengate.ecds.json",
-                 cpus=ENVOY_CPU, filter="wasm", module_path=harness.MODULE, concurrency=1):
+                 cpus=ENVOY_CPU, filter="wasm", module_path=harness.MODULE, concurrency=1,
+                 usage=True):
         self.name, self.label, self.token, self.bundle = name, label, token, bundle
         self.cpus = cpus
         # Envoy's environment names the environment; the trusted (public) key travels in the
         # ECDS resource, with every bundle pushed (harness.Gateway's trusted_keys): the
         # module's in its bundle reference, the wasm filter's in the VM's key_values.
         env = {"TOKENGATE_ENVIRONMENT": ENVIRONMENT}
+        if not usage:
+            env["TOKENGATE_USAGE"] = "off"  # per-token usage counting off (both filters)
         code = {"module_path": module_path} if filter == "module" else {"wasm_path": wasm_path}
         gw = harness.Gateway(env=env, concurrency=concurrency, log_level="warning", filter=filter,
                              ecds_file=ecds_file, trusted_keys=[PUBLIC_KEY], **code)
@@ -525,7 +528,8 @@ def only_names(only, sizes):
     groups = {
         # The dynamic module's rows, with what its ratios are taken against.
         "module": ["none", "api_key_auth-10"] + [f"module-{n}" for n in sizes]
-                  + ["module-10-noguard"] + [f"reload-module-c{c}" for c in FOOTPRINT_CONCURRENCY],
+                  + ["module-10-noguard", "module-10-nousage"]
+                  + [f"reload-module-c{c}" for c in FOOTPRINT_CONCURRENCY],
     }
     names = set()
     for item in (i.strip() for i in only.split(",")):
@@ -553,7 +557,7 @@ def main():
     ap.add_argument("--only", default="", metavar="NAME,…",
                     help="measure only these configurations and reload tests (e.g. "
                          "floor-wasm,tokengate-10,reload-wasm-c1); `module` = the dynamic "
-                         "module's rows: none, api_key_auth-10, module-<size>, module-10-noguard, "
+                         "module's rows: none, api_key_auth-10, module-<size>, module-10-noguard, module-10-nousage, "
                          "reload-module-c1/c4")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=WASM",
                     help="also measure this build of the tokengate filter (10 tokens)")
@@ -595,6 +599,11 @@ def main():
     configs.append(Config("module-10-noguard", "tokengate dynamic module, 10 tokens, no RBAC guard",
                           up, filters="", start=GUARD_START, bundle=tokens.bundle(10, 1),
                           filter="module"))
+    # Usage counting off: what counting each request's token costs, side by side.
+    configs.append(Config("module-10-nousage", "tokengate dynamic module, 10 tokens, usage counting off",
+                          up, bundle=tokens.bundle(10, 1), filter="module", usage=False))
+    configs.append(Config("tokengate-10-nousage", "tokengate wasm filter, 10 tokens, usage counting off",
+                          up, bundle=tokens.bundle(10, 1), usage=False))
     for variant in args.variant:  # other builds of the same filter (bench/run.sh makes them)
         label, path = variant.split("=", 1)
         configs.append(Config(f"tokengate-10-{label}", f"tokengate wasm filter, 10 tokens, built {label}",

@@ -74,6 +74,7 @@ def main():
     envoy = load_json(os.path.join(args.dir, "envoy.json"))
     worker = load_json(os.path.join(args.dir, "worker.json"))
     push_bench = load_json(os.path.join(args.dir, "worker_push.json"))
+    usage_bench = load_json(os.path.join(args.dir, "worker_usage.json"))
     sizes = machine.get("sizes", {})
     out = []
     w = out.append
@@ -137,6 +138,8 @@ def main():
         (f"dynamic module {big:,} tokens ÷ dynamic module 10 tokens", f"module-{big}", "module-10"),
         ("dynamic module (10 tokens) ÷ no auth", "module-10", "none"),
         ("dynamic module (10 tokens) with RBAC guard ÷ without", "module-10", "module-10-noguard"),
+        ("dynamic module (10 tokens) with usage counting ÷ without", "module-10", "module-10-nousage"),
+        ("wasm filter (10 tokens) with usage counting ÷ without", "tokengate-10", "tokengate-10-nousage"),
         ("diagnostic: dynamic module (10 tokens) without the RBAC guard ÷ native api_key_auth (10 keys)",
          "module-10-noguard", "api_key_auth-10"),
         ("wasm filter (10 tokens) ÷ dynamic module (10 tokens)", "tokengate-10", "module-10"),
@@ -442,6 +445,23 @@ def main():
         w("")
     else:
         w("**TODO — not measured in this run.** bench/worker_push.mjs did not produce results.\n")
+
+    w("## Worker: usage writes (workerd via Miniflare)\n")
+    if usage_bench and usage_bench.get("flushes"):
+        u = usage_bench
+        w(f"`bench/worker_usage.mjs`: one Worker, {u['tokens']} tokens all active in every interval "
+          f"(requests cycle over them, 4 in flight, {u['seconds']} s), flush interval "
+          f"{u['flush_seconds']} s; rows as the usage store's SQLite reports them written "
+          f"(`rowsWritten`, what Durable Object storage bills). Every request was counted once: "
+          f"{u['requests']:,} sent, {u['counted']:,} in the signed usage read.\n")
+        w("| flushes | rows written | rows per active token per flush | rows per active token per hour, "
+          f"default interval ({u['default_flush_seconds']} s), per isolate |")
+        w("| ---: | ---: | ---: | ---: |")
+        w(f"| {u['flushes']} | {u['rows_written']:,} | {u['rows_per_active_token_per_flush']} | "
+          f"{u['rows_per_active_token_per_hour_at_default']} |")
+        w("")
+    else:
+        w("**TODO — not measured in this run.** bench/worker_usage.mjs did not produce results.\n")
 
     # Targets.
     w("## Targets\n")

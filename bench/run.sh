@@ -98,7 +98,7 @@ awk -v l="${LOAD_ENVOY%% *}" 'BEGIN { exit !(l > 0.5) }' \
   && say "WARNING: load average > 0.5: something else is running; figures will be noisier"
 
 # --- measurements --------------------------------------------------------------------------
-rm -f "$OUT/envoy.json" "$OUT/worker.json" "$OUT/worker_push.json"
+rm -f "$OUT/envoy.json" "$OUT/worker.json" "$OUT/worker_push.json" "$OUT/worker_usage.json"
 say "Envoy: CPU per request, interleaved ($ROUNDS rounds), then reload and memory"
 "$PYTHON" "$BENCH_DIR/envoy_bench.py" --out "$OUT/envoy.json" --rounds "$ROUNDS" --duration "$DURATION" \
   --connections "$CONNECTIONS" "${VARIANT_ARGS[@]}"
@@ -114,6 +114,9 @@ if [ "$WORKER_OK" = 1 ]; then
   say "Worker: paged pushes of 100,000 and 1,000,000 tokens, from empty and then changed"
   node "$BENCH_DIR/worker_push.mjs" --sizes 100000,1000000 --out "$OUT/worker_push.json" >/dev/null \
     || say "bench/worker_push.mjs failed in this run: its section stays a TODO"
+  say "Worker: usage store writes per active token"
+  node "$BENCH_DIR/worker_usage.mjs" --out "$OUT/worker_usage.json" \
+    || say "bench/worker_usage.mjs failed in this run: its section stays a TODO"
 fi
 if [ ! -s "$OUT/worker.json" ]; then
   python3 - "$OUT/worker.json" "$WORKER_WHY" <<'EOF'

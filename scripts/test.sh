@@ -20,9 +20,10 @@ say "building the filter (wasm32-wasip1, release)"
 cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
 wasm="target/wasm32-wasip1/release/tokengate_filter.wasm"
 size=$(stat -c %s "$wasm")
-# The budget grew from 300 to 400 KiB with Ed25519 verification and serde's derived readers.
-say "filter size: $size bytes ($wasm); budget 409600 (400 KiB)"
-[ "$size" -le 409600 ] || echo "warning: the filter is over its 400 KiB budget" >&2
+# The budget grew from 300 to 400 KiB with Ed25519 verification and serde's derived readers,
+# and to 420 KiB with usage counting and signed usage reads (+26.6 KB, 386,046 -> 412,647).
+say "filter size: $size bytes ($wasm); budget 430080 (420 KiB)"
+[ "$size" -le 430080 ] || echo "warning: the filter is over its 420 KiB budget" >&2
 
 say "building the dynamic module (native, target/native/libtokengate.so)"
 cargo build -p tokengate-dynamic-module --profile native --locked

@@ -31,8 +31,8 @@ use prost::{Message, Name};
 pub const FILTER_NAME: &str = "tokengate";
 /// The wasm filter's VM environment variable holding the admin's public keys.
 pub const KEYS_VARIABLE: &str = "TOKENGATE_TRUSTED_KEYS";
-/// From Envoy's own environment: only the environment name, never a key.
-const HOST_ENV_KEYS: [&str; 1] = ["TOKENGATE_ENVIRONMENT"];
+/// From Envoy's own environment: the environment name and the usage switch, never a key.
+const HOST_ENV_KEYS: [&str; 2] = ["TOKENGATE_ENVIRONMENT", "TOKENGATE_USAGE"];
 const V8_RUNTIME: &str = "envoy.wasm.runtime.v8";
 /// The module's stats are `tokengate.<name>` (the wasm filter's `wasmcustom.tokengate.<name>`).
 const METRICS_NAMESPACE: &str = "tokengate";

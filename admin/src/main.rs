@@ -12,6 +12,7 @@ mod push;
 mod status;
 mod store;
 mod time;
+mod usage;
 mod worker_push;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -205,6 +206,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Who still uses which token: collect the gates' counts (`usage pull`).
+    Usage {
+        #[command(subcommand)]
+        action: UsageAction,
+    },
+    /// Active tokens no gate has seen for a while (by the last `usage pull`); exits 1 when
+    /// there are any (for cron and CI).
+    Unused {
+        /// How long unused (e.g. 30d); a token created since counts from its creation.
+        #[arg(long = "for")]
+        unused_for: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Tokens expiring within a window; exits 1 when there are any (for cron and CI).
     Expiring {
         #[arg(long)]
@@ -235,6 +250,27 @@ enum PolicyAction {
     Show,
     /// Print the default policy file, a starting point.
     Example,
+}
+
+#[derive(Subcommand)]
+enum UsageAction {
+    /// Ask each gate for its per-token counts (a request signed by the admin key) and merge
+    /// them into the store; pulling twice counts once.
+    Pull {
+        /// An Envoy gate's listener URL, e.g. http://127.0.0.1:10000 (repeatable). Each
+        /// Envoy process counts on its own: name every one.
+        #[arg(long = "envoy-url", env = "TOKENGATE_ENVOY_URL", value_delimiter = ',')]
+        envoy_url: Vec<String>,
+        /// A Worker's base URL (repeatable).
+        #[arg(
+            long = "worker-url",
+            env = "TOKENGATE_WORKER_URL",
+            value_delimiter = ','
+        )]
+        worker_url: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -408,6 +444,7 @@ fn new_token(
         previous_token_id: None,
         previous_hash: None,
         previous_grace_until: None,
+        rotated_at: None,
     })
 }
 
@@ -575,14 +612,29 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             let store = Store::open(&cli.store)?;
             let cut = store.revoke_all_at()?;
             let tokens = store.tokens()?;
+            let usage = usage::summaries(&store, now)?;
+            let of = |t: &Token| usage.get(&t.name).cloned().unwrap_or_default();
             if json {
-                let rows: Vec<_> = tokens.iter().map(|t| token_json(t, now, cut)).collect();
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| token_json(t, now, cut, &of(t)))
+                    .collect();
                 out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let mut rows = vec![["NAME", "TOKEN ID", "STATUS", "SCOPES", "EXPIRES"]
-                    .map(str::to_owned)
-                    .to_vec()];
+                let mut rows = vec![[
+                    "NAME",
+                    "TOKEN ID",
+                    "STATUS",
+                    "SCOPES",
+                    "EXPIRES",
+                    "LAST USED",
+                    "USES",
+                    "USES 30D",
+                ]
+                .map(str::to_owned)
+                .to_vec()];
                 for t in &tokens {
+                    let used = of(t);
                     rows.push(vec![
                         t.name.clone(),
                         t.token_id.clone(),
@@ -590,6 +642,10 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                         t.scopes.join(","),
                         t.expires_at
                             .map_or("never".to_owned(), time::format_instant),
+                        used.last_used
+                            .map_or("never".to_owned(), time::format_instant),
+                        used.uses.to_string(),
+                        used.uses_30d.to_string(),
                     ]);
                 }
                 print_table(&rows)?;
@@ -601,14 +657,45 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             let t = store
                 .token(name)?
                 .with_context(|| format!("no token named {name:?}"))?;
-            let value = token_json(&t, now, store.revoke_all_at()?);
+            let used = usage::summaries(&store, now)?
+                .remove(name)
+                .unwrap_or_default();
+            let mut value = token_json(&t, now, store.revoke_all_at()?, &used);
+            let sources = usage::sources(&store, name)?;
             if json {
+                value["usage_sources"] = sources
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "source": s.source,
+                            "instance": s.instance,
+                            "token_id": s.token_id,
+                            "allowed": s.allowed,
+                            "denied_scope": s.denied_scope,
+                            "last_seen": time::format_instant(s.last_seen),
+                            "pulled_at": time::format_instant(s.pulled_at),
+                        })
+                    })
+                    .collect();
                 out!("{}", serde_json::to_string_pretty(&value)?);
             } else if let Some(map) = value.as_object() {
                 for (k, v) in map {
                     out!(
                         "{k:>22}: {}",
                         v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                    );
+                }
+                for s in &sources {
+                    out!(
+                        "{:>22}: {} ({}, {}): {} allowed, {} denied for scope, last {}, pulled {}",
+                        "seen by",
+                        s.source,
+                        s.instance,
+                        s.token_id,
+                        s.allowed,
+                        s.denied_scope,
+                        time::format_instant(s.last_seen),
+                        time::format_instant(s.pulled_at)
                     );
                 }
             }
@@ -658,6 +745,24 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             if old.imported && old.previous_hash.is_none() {
                 eprintln!("note: {name} was imported; its replacement is a tokengate token");
             }
+            // This rotation ends the grace of the secret the last one replaced: say so if a
+            // gate still saw it after its replacement was issued.
+            if let (Some(previous), Some(grace), Some(rotated_at)) = (
+                &old.previous_token_id,
+                old.previous_grace_until,
+                old.rotated_at,
+            ) {
+                let used = usage::last_used_by_id(&store, previous)?;
+                if let Some(used) = used.filter(|&u| grace > now && u >= rotated_at) {
+                    eprintln!(
+                        "warning: {name}'s previous secret {previous} was still used at {} (its replacement {} was issued at {}); this rotation ends its grace, due at {}: whatever still sends it will be refused after the push",
+                        time::format_instant(used),
+                        old.token_id,
+                        time::format_instant(rotated_at),
+                        time::format_instant(grace)
+                    );
+                }
+            }
             let prefix = old
                 .prefix
                 .clone()
@@ -680,6 +785,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                         &hash.to_hex(),
                         &hash.token_id(),
                         grace_until,
+                        now,
                     )
                 },
             )?;
@@ -907,6 +1013,100 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             }
             Ok(None)
         }
+        Command::Usage {
+            action:
+                UsageAction::Pull {
+                    ref envoy_url,
+                    ref worker_url,
+                    json,
+                },
+        } => {
+            let mut sources = Vec::new();
+            for (kind, urls, flag) in [
+                ("envoy", envoy_url, "--envoy-url"),
+                ("worker", worker_url, "--worker-url"),
+            ] {
+                for url in urls {
+                    let url = status::base_url(url, flag)?;
+                    sources.push(usage::Source { kind, url });
+                }
+            }
+            if sources.is_empty() {
+                bail!("name the gates to pull from: --envoy-url URL and/or --worker-url URL");
+            }
+            let ring = key_source(&cli).load()?;
+            let who = actor(cli.actor.clone(), None);
+            let (pulled, error) = usage::pull(&cli.store, &ring, &sources, now, &who)?;
+            for p in &pulled {
+                eprintln!(
+                    "{} ({}): {} tokens, {} changed, {} new uses{}",
+                    p.source,
+                    p.instance,
+                    p.tokens,
+                    p.changed,
+                    p.new_uses,
+                    match p.unknown {
+                        0 => String::new(),
+                        n => format!(", {n} token ids this store does not know (not recorded)"),
+                    }
+                );
+            }
+            if json {
+                out!("{}", serde_json::to_string_pretty(&pulled)?);
+            }
+            match error {
+                Some(error) => Err(error.context(format!(
+                    "{} of {} gates answered",
+                    pulled.len(),
+                    sources.len()
+                ))),
+                None => Ok(None),
+            }
+        }
+        Command::Unused {
+            ref unused_for,
+            json,
+        } => {
+            let window = time::parse_duration(unused_for)?;
+            let store = Store::open(&cli.store)?;
+            let cut = store.revoke_all_at()?;
+            let usage = usage::summaries(&store, now)?;
+            let since = now.saturating_sub(window);
+            let idle: Vec<(Token, usage::Summary)> = store
+                .tokens()?
+                .into_iter()
+                .filter(|t| matches!(t.status(now, cut), "active" | "rotating"))
+                .map(|t| {
+                    let used = usage.get(&t.name).cloned().unwrap_or_default();
+                    (t, used)
+                })
+                .filter(|(t, used)| used.last_used.unwrap_or(0).max(t.created_at) <= since)
+                .collect();
+            if json {
+                let rows: Vec<_> = idle
+                    .iter()
+                    .map(|(t, used)| token_json(t, now, cut, used))
+                    .collect();
+                out!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if idle.is_empty() {
+                eprintln!("every active token was used within {unused_for}");
+            } else {
+                let mut rows = vec![["NAME", "TOKEN ID", "LAST USED", "CREATED"]
+                    .map(str::to_owned)
+                    .to_vec()];
+                for (t, used) in &idle {
+                    rows.push(vec![
+                        t.name.clone(),
+                        t.token_id.clone(),
+                        used.last_used
+                            .map_or("never".to_owned(), time::format_instant),
+                        time::format_instant(t.created_at),
+                    ]);
+                }
+                print_table(&rows)?;
+            }
+            Ok((!idle.is_empty()).then_some(Negative))
+        }
         Command::Expiring { ref within, json } => {
             let window = time::parse_duration(within)?;
             let store = Store::open(&cli.store)?;
@@ -921,7 +1121,18 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 })
                 .collect();
             if json {
-                let rows: Vec<_> = soon.iter().map(|t| token_json(t, now, cut)).collect();
+                let usage = usage::summaries(&store, now)?;
+                let rows: Vec<_> = soon
+                    .iter()
+                    .map(|t| {
+                        token_json(
+                            t,
+                            now,
+                            cut,
+                            &usage.get(&t.name).cloned().unwrap_or_default(),
+                        )
+                    })
+                    .collect();
                 out!("{}", serde_json::to_string_pretty(&rows)?);
             } else if soon.is_empty() {
                 eprintln!("nothing expires within {within}");
@@ -941,7 +1152,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
     }
 }
 
-fn token_json(t: &Token, now: u64, cut: Option<u64>) -> serde_json::Value {
+fn token_json(t: &Token, now: u64, cut: Option<u64>, used: &usage::Summary) -> serde_json::Value {
     let at = |v: Option<u64>| v.map(time::format_instant);
     serde_json::json!({
         "name": t.name,
@@ -957,6 +1168,10 @@ fn token_json(t: &Token, now: u64, cut: Option<u64>) -> serde_json::Value {
         "description": t.description,
         "previous_token_id": t.previous_token_id,
         "previous_grace_until": at(t.previous_grace_until),
+        "last_used": at(used.last_used),
+        "uses": used.uses,
+        "uses_30d": used.uses_30d,
+        "denied_scope": used.denied_scope,
     })
 }
 

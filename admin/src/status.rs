@@ -19,7 +19,7 @@ const REJECTED_COUNTER: &str = "extension_config_discovery.http_filter.tokengate
 /// How long a push waits for the gate to serve it.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))

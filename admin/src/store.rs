@@ -60,6 +60,33 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         retired_at INTEGER
      );",
+    // 3: usage pulled from the gates, and when a token's secret was last rotated.
+    "ALTER TABLE tokens ADD COLUMN rotated_at INTEGER;
+     -- Per gate instance and token id: the cumulative counts of the last pull (a pull adds
+     -- only what grew since, so pulling twice counts once).
+     CREATE TABLE usage_seen (
+        instance TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        allowed INTEGER NOT NULL,
+        denied_scope INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        pulled_at INTEGER NOT NULL,
+        PRIMARY KEY (instance, token_id)
+     );
+     -- What each pull added, per token: uses over a window are sums of these.
+     CREATE TABLE usage_added (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        pulled_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        name TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        allowed INTEGER NOT NULL,
+        denied_scope INTEGER NOT NULL
+     );
+     CREATE INDEX usage_added_by_name ON usage_added (name, pulled_at);",
 ];
 
 /// An open store, holding the lock file for as long as it lives.
@@ -88,6 +115,8 @@ pub struct Token {
     #[serde(skip)]
     pub previous_hash: Option<String>,
     pub previous_grace_until: Option<u64>,
+    /// When the current secret replaced the previous one (`None`: never rotated).
+    pub rotated_at: Option<u64>,
 }
 
 impl Token {
@@ -240,6 +269,7 @@ fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Token> {
         previous_hash: row.get(11)?,
         previous_grace_until: seconds(row.get(12)?),
         prefix: row.get(13)?,
+        rotated_at: seconds(row.get(14)?),
     })
 }
 
@@ -336,6 +366,11 @@ impl Store {
         Ok(out)
     }
 
+    /// The connection, for reads of a concern that keeps its own queries (usage).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     /// A setting.
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
         Ok(self
@@ -369,7 +404,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = ?1"),
+                &format!("SELECT {TOKEN_COLUMNS}, rotated_at FROM tokens WHERE name = ?1"),
                 [name],
                 token_from_row,
             )
@@ -378,9 +413,9 @@ impl Store {
 
     /// Every token, by name.
     pub fn tokens(&self) -> Result<Vec<Token>> {
-        let mut statement = self
-            .conn
-            .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY name"))?;
+        let mut statement = self.conn.prepare(&format!(
+            "SELECT {TOKEN_COLUMNS}, rotated_at FROM tokens ORDER BY name"
+        ))?;
         let rows = statement.query_map([], token_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -593,12 +628,13 @@ pub fn rotate_token(
     new_hash: &str,
     new_token_id: &str,
     grace_until: u64,
+    now: u64,
 ) -> Result<()> {
     tx.execute(
         "UPDATE tokens SET previous_token_id = token_id, previous_hash = hash, previous_grace_until = ?1,
-                           token_id = ?2, hash = ?3, imported = 0, prefix = ?5
+                           token_id = ?2, hash = ?3, imported = 0, prefix = ?5, rotated_at = ?6
          WHERE name = ?4",
-        params![signed(Some(grace_until)), new_token_id, new_hash, old.name, new_prefix],
+        params![signed(Some(grace_until)), new_token_id, new_hash, old.name, new_prefix, signed(Some(now))],
     )?;
     Ok(())
 }

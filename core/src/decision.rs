@@ -292,7 +292,7 @@ fn internal_error() -> Denial {
     )
 }
 
-fn error_body(error: &str, description: &str) -> String {
+pub(crate) fn error_body(error: &str, description: &str) -> String {
     // Two string members: serialising the strings alone keeps `serde_json::Value` (and its
     // code) out of the filter.
     let quote = |text: &str| serde_json::to_string(text).unwrap_or_default();
@@ -303,7 +303,12 @@ fn error_body(error: &str, description: &str) -> String {
     )
 }
 
-fn denial(status: u16, www_authenticate: Option<String>, error: &str, description: &str) -> Denial {
+pub(crate) fn denial(
+    status: u16,
+    www_authenticate: Option<String>,
+    error: &str,
+    description: &str,
+) -> Denial {
     let mut headers = vec![("content-type", "application/json".to_owned())];
     if let Some(value) = www_authenticate {
         headers.push(("www-authenticate", value));

@@ -115,7 +115,7 @@ impl Index {
 /// than SipHash on short keys; flooding resistance buys nothing here, since the keys come from
 /// a bundle whose signature was verified before its first record is read.
 #[derive(Default)]
-struct LoadHasher(u64);
+pub(crate) struct LoadHasher(u64);
 
 impl Hasher for LoadHasher {
     fn finish(&self) -> u64 {
@@ -137,7 +137,7 @@ impl Hasher for LoadHasher {
     }
 }
 
-type LoadMap<K, V> = HashMap<K, V, BuildHasherDefault<LoadHasher>>;
+pub(crate) type LoadMap<K, V> = HashMap<K, V, BuildHasherDefault<LoadHasher>>;
 
 fn load_hash(bytes: &[u8]) -> u64 {
     BuildHasherDefault::<LoadHasher>::default().hash_one(bytes)

@@ -2,7 +2,7 @@
 //! module and the proxy-wasm filter): each implements [`Effects`] for its host and calls
 //! [`apply`]. Nothing is decided here; a host that cannot make a change fails closed.
 
-use crate::decision::{self, Decision, Reason, Request};
+use crate::decision::{self, Decision, Denial, Reason, Request};
 
 /// What a filter can ask of its proxy for one request.
 pub trait Effects {
@@ -14,6 +14,8 @@ pub trait Effects {
     fn count(&mut self, reason: Reason);
     /// Records [`Decision::log_fields`] where the access log and the RBAC guard read them.
     fn record(&mut self, fields: &str);
+    /// Adds the decision to the gate's usage tally ([`crate::usage::Tally::count`]).
+    fn tally(&mut self, decision: &Decision);
 }
 
 /// Whether the proxy should pass the request on.
@@ -27,12 +29,14 @@ pub enum Verdict {
 
 /// Applies `decision` through `host`: forwards only an Allow whose every header change was
 /// made (a change the proxy refuses turns it into a 503, reason `internal`); anything else
-/// is answered with its denial (a deny without one: 503). Counts and records what was done.
+/// is answered with its denial (a deny without one: 503). Counts, tallies and records what
+/// was done.
 pub fn apply(mut decision: Decision, host: &mut impl Effects) -> Verdict {
     if decision.refusal().is_none() && !edit_headers(host, &decision) {
         decision = decision::unavailable(Reason::Internal);
     }
     host.count(decision.reason);
+    host.tally(&decision);
     host.record(&decision.log_fields());
     match send(host, &decision) {
         true => Verdict::Answered,
@@ -45,13 +49,18 @@ pub fn send(host: &mut impl Effects, decision: &Decision) -> bool {
     let Some(denial) = decision.refusal() else {
         return false;
     };
-    let headers: Vec<(&str, &str)> = denial
+    respond(host, &denial);
+    true
+}
+
+/// Sends `response` (a refusal, or the gate's own answer such as a usage report).
+pub fn respond(host: &mut impl Effects, response: &Denial) {
+    let headers: Vec<(&str, &str)> = response
         .headers
         .iter()
         .map(|(n, v)| (*n, v.as_str()))
         .collect();
-    host.send_response(denial.status, &headers, &denial.body);
-    true
+    host.send_response(response.status, &headers, &response.body);
 }
 
 /// Makes the decision's header changes; `false` as soon as the proxy refuses one.

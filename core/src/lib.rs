@@ -15,6 +15,8 @@
 //! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
 //! - [`host`]: what an Envoy filter does with a decision (headers, response, counters).
 //! - [`pages`]: token sets split into content-addressed pages (the Worker's storage and pushes).
+//! - [`signed`]: signed admin requests (pushes, usage reads).
+//! - [`usage`]: per-token usage counts, the signed read that collects them, the report.
 #![warn(missing_docs)]
 
 pub mod access;
@@ -27,7 +29,9 @@ pub mod host;
 pub mod keys;
 pub mod pages;
 pub mod policy;
+pub mod signed;
 pub mod token;
+pub mod usage;
 
 pub use bundle::{Bundle, BundleError, Expectation, Target, TokenRecord};
 pub use decision::{AccessPending, Decision, Denial, Outcome, Pending, Reason, Request, Step};

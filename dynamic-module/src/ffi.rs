@@ -15,10 +15,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokengate_core::decision::Reason;
-use tokengate_core::Gate;
+use tokengate_core::{Decision, Gate};
 
 use crate::config::{self, Configured};
 use crate::stream::{self, Effects, Host, Verdict, FILTER_STATE_KEY};
+use crate::usage;
 
 /// The ABI version Envoy 1.40 expects (it logs "Dynamic module ABI version v0.2.0 matched").
 const ABI_VERSION: &[u8] = b"v0.2.0\0";
@@ -357,6 +358,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *const c_v
 struct EnvoyStream<'a> {
     envoy: *mut c_void,
     config: &'a FilterConfig,
+    now: Option<u64>,
 }
 
 impl Host for EnvoyStream<'_> {
@@ -452,6 +454,12 @@ impl Effects for EnvoyStream<'_> {
         }
     }
 
+    fn tally(&mut self, decision: &Decision) {
+        if let Some(now) = self.now {
+            usage::count(decision, now);
+        }
+    }
+
     fn record(&mut self, fields: &str) {
         // SAFETY: the running hook's stream; Envoy copies both buffers.
         unsafe {
@@ -473,13 +481,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     // SAFETY: `filter` is a live pointer from `filter_new` (never NULL), destroyed only after
     // the stream's last hook.
     let filter = unsafe { &*filter.cast::<Filter>() };
+    let now = stream::now();
     let mut stream = EnvoyStream {
         envoy,
         config: &filter.config,
+        now,
     };
     // Panics are caught inside: a request whose decision panicked is answered 503.
-    let now = stream::now();
-    match stream::on_request_headers(filter.config.gate.as_deref(), &mut stream, now) {
+    let report = |gate: &Gate, now| usage::report(gate.environment(), now);
+    match stream::on_request_headers(filter.config.gate.as_deref(), &mut stream, now, report) {
         Verdict::Forward => HEADERS_CONTINUE,
         Verdict::Answered => HEADERS_STOP_ITERATION,
     }

@@ -6,6 +6,7 @@
 //! - [`config`]: the filter configuration (a reference to a bundle file: path, SHA-256 and
 //!   the admin's public keys) and the one gate per process every worker thread shares.
 //! - [`stream`]: one request, from Envoy's headers to the decision's effects.
+//! - [`usage`]: the process's per-token usage tally, one table per worker thread.
 //! - `ffi`: the C ABI of Envoy 1.40's dynamic modules; the only `unsafe` code.
 //!
 //! Fail closed: no bundle yet → 503; a refused configuration is rejected (Envoy keeps the
@@ -18,6 +19,7 @@ compile_error!("build the module with `--profile native` (panic = \"unwind\"), n
 
 pub mod config;
 pub mod stream;
+pub mod usage;
 
 #[cfg(not(test))]
 #[allow(unsafe_code)]

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokengate_core::decision::{self, Reason};
 pub use tokengate_core::host::{Effects, Verdict};
-use tokengate_core::{host, Decision, Gate, Request};
+use tokengate_core::{host, usage, Decision, Denial, Gate, Request};
 
 /// The filter state key holding [`Decision::log_fields`] (`%FILTER_STATE(tokengate:PLAIN)%`
 /// in the access log; the RBAC guard reads it too).
@@ -24,16 +24,27 @@ pub trait Host: Effects {
 
 /// Decides the request on `gate` (503 without one) at `now` (unix seconds; `None`, a clock
 /// that cannot be read: 503) and applies the decision through `host` ([`host::apply`]: a
-/// header change the host refuses turns it into a 503). A panic on the way is caught here:
-/// the request is answered 503 (unless it was answered already), never unwinding into Envoy.
-pub fn on_request_headers(gate: Option<&Gate>, host: &mut impl Host, now: Option<u64>) -> Verdict {
+/// header change the host refuses turns it into a 503). A usage read is answered with
+/// `report` (see [`tokengate_core::usage`]). A panic on the way is caught here: the request
+/// is answered 503 (unless it was answered already), never unwinding into Envoy.
+pub fn on_request_headers(
+    gate: Option<&Gate>,
+    host: &mut impl Host,
+    now: Option<u64>,
+    report: impl FnOnce(&Gate, u64) -> Option<usage::Report>,
+) -> Verdict {
     let mut answering = Answering {
         host,
         answered: false,
     };
     let decided = catch_unwind(AssertUnwindSafe(|| {
-        let decision = decide(gate, &answering, now);
-        host::apply(decision, &mut answering)
+        match decide(gate, &answering, now, report) {
+            Step::Decided(decision) => host::apply(decision, &mut answering),
+            Step::Usage(answer) => {
+                host::respond(&mut answering, &answer);
+                Verdict::Answered
+            }
+        }
     }));
     match decided {
         Ok(verdict) => verdict,
@@ -70,17 +81,36 @@ impl<H: Host> Effects for Answering<'_, H> {
     fn record(&mut self, fields: &str) {
         self.host.record(fields)
     }
+    fn tally(&mut self, decision: &Decision) {
+        self.host.tally(decision)
+    }
 }
 
-fn decide<H: Host>(gate: Option<&Gate>, host: &Answering<'_, H>, now: Option<u64>) -> Decision {
+/// What a request gets: a decision, or the gate's answer to a usage read.
+enum Step {
+    Decided(Decision),
+    Usage(Denial),
+}
+
+fn decide<H: Host>(
+    gate: Option<&Gate>,
+    host: &Answering<'_, H>,
+    now: Option<u64>,
+    report: impl FnOnce(&Gate, u64) -> Option<usage::Report>,
+) -> Step {
     let Some(gate) = gate else {
-        return decision::unavailable(Reason::NoBundle);
+        return Step::Decided(decision::unavailable(Reason::NoBundle));
     };
     let (Some(owned), Some(now)) = (host.host.request_headers(), now) else {
-        return decision::unavailable(Reason::Internal);
+        return Step::Decided(decision::unavailable(Reason::Internal));
     };
     let headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (&**n, &**v)).collect();
-    gate.decide(&Request::from_pairs(&headers), now)
+    let request = Request::from_pairs(&headers);
+    if usage::is_usage_read(&request) {
+        let trusted = Some((gate.keys(), gate.environment()));
+        return Step::Usage(usage::answer(&request, trusted, now, || report(gate, now)));
+    }
+    Step::Decided(gate.decide(&request, now))
 }
 
 /// Unix seconds (Envoy offers a module no clock; the OS clock is what its own time reads);
@@ -108,6 +138,7 @@ mod tests {
         headers: Vec<(String, String)>,
         response: Option<Response>,
         counted: Vec<Reason>,
+        tallied: Vec<Option<String>>,
         recorded: Option<String>,
         panic_on_read: bool,
         refuse_edits: bool,
@@ -150,6 +181,14 @@ mod tests {
         fn record(&mut self, fields: &str) {
             self.recorded = Some(fields.to_owned());
         }
+        fn tally(&mut self, decision: &Decision) {
+            self.tallied.push(decision.token_id.clone());
+        }
+    }
+
+    /// No usage report (as with `TOKENGATE_USAGE=off`).
+    fn no_report(_: &Gate, _: u64) -> Option<usage::Report> {
+        None
     }
 
     fn fixture(suite: &conformance::Suite, name: &str) -> Gate {
@@ -185,7 +224,7 @@ mod tests {
                 .collect(),
                 ..FakeEnvoy::default()
             };
-            let verdict = on_request_headers(Some(&gate), &mut envoy, Some(case.now));
+            let verdict = on_request_headers(Some(&gate), &mut envoy, Some(case.now), no_report);
             let reason = envoy.counted.first().map(|r| r.as_str().to_owned());
             assert_eq!(envoy.counted.len(), 1, "{}: counted once", case.name);
             let recorded = envoy.recorded.clone().unwrap_or_default();
@@ -229,7 +268,7 @@ mod tests {
     fn no_gate_answers_503() {
         let mut envoy = FakeEnvoy::default();
         assert_eq!(
-            on_request_headers(None, &mut envoy, Some(0)),
+            on_request_headers(None, &mut envoy, Some(0), no_report),
             Verdict::Answered
         );
         assert_eq!(envoy.response.map(|r| r.0), Some(503));
@@ -245,7 +284,7 @@ mod tests {
             ..FakeEnvoy::default()
         };
         assert_eq!(
-            on_request_headers(Some(&gate), &mut envoy, Some(suite.now)),
+            on_request_headers(Some(&gate), &mut envoy, Some(suite.now), no_report),
             Verdict::Answered
         );
         let (status, headers, body) = envoy.response.unwrap();
@@ -284,7 +323,7 @@ mod tests {
                 ..FakeEnvoy::default()
             };
             assert_eq!(
-                on_request_headers(Some(&gate), &mut envoy, now),
+                on_request_headers(Some(&gate), &mut envoy, now, no_report),
                 Verdict::Answered
             );
             assert_eq!(envoy.response.map(|r| r.0), Some(503));
@@ -297,8 +336,95 @@ mod tests {
             ..FakeEnvoy::default()
         };
         assert_eq!(
-            on_request_headers(Some(&gate), &mut envoy, Some(valid.now)),
+            on_request_headers(Some(&gate), &mut envoy, Some(valid.now), no_report),
             Verdict::Forward
         );
+    }
+
+    /// A usage read signed with the fixtures' key A for `environment` at `t`.
+    fn usage_read(t: u64, environment: &str) -> Vec<(String, String)> {
+        use ed25519_dalek::Signer;
+        use sha2::Digest;
+        let seed: [u8; 32] = sha2::Sha256::digest(b"tokengate conformance key A").into();
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let message = format!("tokengate.usage/v1\n{t}\n{environment}");
+        let signature = tokengate_core::hex::encode(&key.sign(message.as_bytes()).to_bytes());
+        let id = tokengate_core::keys::key_id(key.verifying_key().as_bytes());
+        vec![
+            (":method".to_owned(), "GET".to_owned()),
+            (":path".to_owned(), usage::USAGE_PATH.to_owned()),
+            (":authority".to_owned(), "gate".to_owned()),
+            (
+                "tokengate-signature".to_owned(),
+                format!("t={t},{id}={signature}"),
+            ),
+        ]
+    }
+
+    /// A signed usage read is answered with the process's report, before any policy, and
+    /// counts as no decision; an unsigned one is refused without the report being made.
+    #[test]
+    fn a_usage_read_is_answered_by_the_gate_only_when_signed() {
+        let suite = conformance::load().unwrap();
+        let gate = fixture(&suite, "main");
+        let made = std::cell::Cell::new(0);
+        let report = |gate: &Gate, now| {
+            made.set(made.get() + 1);
+            Some(usage::Tally::default().report("envoy-test", gate.environment(), now))
+        };
+        let mut envoy = FakeEnvoy {
+            headers: usage_read(suite.now, &suite.environment),
+            ..FakeEnvoy::default()
+        };
+        let verdict = on_request_headers(Some(&gate), &mut envoy, Some(suite.now), report);
+        assert_eq!(verdict, Verdict::Answered);
+        let (status, _, body) = envoy.response.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"instance\":\"envoy-test\""));
+        assert!(envoy.counted.is_empty() && envoy.tallied.is_empty());
+        let mut unsigned = FakeEnvoy {
+            headers: usage_read(suite.now, &suite.environment),
+            ..FakeEnvoy::default()
+        };
+        unsigned.headers.pop();
+        on_request_headers(Some(&gate), &mut unsigned, Some(suite.now), report);
+        assert_eq!(unsigned.response.map(|r| r.0), Some(401));
+        assert_eq!(made.get(), 1);
+    }
+
+    /// Every decision is offered to the usage tally, with the token it identified.
+    #[test]
+    fn each_decision_is_tallied_once() {
+        let suite = conformance::load().unwrap();
+        let valid = suite
+            .cases
+            .iter()
+            .find(|c| c.expect.reason == "valid" && c.bundle == "main")
+            .unwrap();
+        let gate = fixture(&suite, "main");
+        let r = &valid.request;
+        let mut envoy = FakeEnvoy {
+            headers: [
+                (":method", &r.method),
+                (":path", &r.path),
+                (":authority", &r.authority),
+            ]
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), v.clone()))
+            .chain(
+                r.headers
+                    .iter()
+                    .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
+            )
+            .collect(),
+            ..FakeEnvoy::default()
+        };
+        on_request_headers(Some(&gate), &mut envoy, Some(valid.now), no_report);
+        let token_id = valid
+            .expect
+            .upstream_headers
+            .get("x-tokengate-token-id")
+            .cloned();
+        assert_eq!(envoy.tallied, vec![token_id]);
     }
 }

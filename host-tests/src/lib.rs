@@ -273,6 +273,17 @@ impl Vm {
         })
     }
 
+    /// Fires the root context's timer once (Envoy calls `on_tick` every tick period the filter
+    /// set).
+    pub fn tick(&mut self) -> Result<()> {
+        let root = self
+            .active_root
+            .ok_or_else(|| Error::msg("no root context is configured"))?;
+        self.refuel()?;
+        self.func::<u32, ()>("proxy_on_tick")?
+            .call(&mut self.store, root)
+    }
+
     /// The value of a metric by name.
     pub fn metric(&self, name: &str) -> Option<u64> {
         self.store

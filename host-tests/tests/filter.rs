@@ -340,3 +340,104 @@ fn invalid_utf8_in_a_header_is_a_denial_not_a_crash() {
     let exchange = vm.request(headers, case.now * SECOND).unwrap();
     assert_eq!(exchange.local_response.map(|r| r.status), Some(401));
 }
+
+/// A usage read of `environment` at `t`, signed with the conformance fixtures' key A (the
+/// key their bundles publish) unless `signed` is false.
+fn usage_read(t: u64, environment: &str, signed: bool) -> Vec<(String, Vec<u8>)> {
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+    let seed: [u8; 32] = sha2::Sha256::digest(b"tokengate conformance key A").into();
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let message = format!("tokengate.usage/v1\n{t}\n{environment}");
+    let signature: String = key
+        .sign(message.as_bytes())
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let id: String = sha2::Sha256::digest(key.verifying_key().as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut headers = vec![
+        (":method".to_owned(), b"GET".to_vec()),
+        (":path".to_owned(), b"/.well-known/tokengate/usage".to_vec()),
+        (":authority".to_owned(), b"gate".to_vec()),
+    ];
+    if signed {
+        let value = format!("t={t},kid_{id}={signature}");
+        headers.push(("tokengate-signature".to_owned(), value.into_bytes()));
+    }
+    headers
+}
+
+/// Two VMs of one Envoy process (shared data in common): what one VM counted reaches a read
+/// served by the other after its tick; a read counts once however often it is made; an
+/// unsigned or stale read is refused.
+#[test]
+fn usage_counted_by_every_vm_reaches_a_signed_read_on_any_of_them() {
+    let shared = SharedData::default();
+    let environment = [
+        ("TOKENGATE_TRUSTED_KEYS", trusted()),
+        ("TOKENGATE_ENVIRONMENT", suite().environment.clone()),
+    ];
+    let environment: Vec<(&str, &str)> =
+        environment.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let bundle = suite().bundle_text("main", "envoy").unwrap();
+    let mut vms: Vec<Vm> = (0..2)
+        .map(|_| {
+            let mut vm = host().start_shared(&environment, &shared).unwrap();
+            assert!(vm.configure(bundle.as_bytes()).unwrap());
+            vm
+        })
+        .collect();
+    let valid = suite()
+        .cases
+        .iter()
+        .find(|c| c.bundle == "main" && c.expect.reason == "valid")
+        .unwrap();
+    let token_id = valid.expect.upstream_headers["x-tokengate-token-id"].clone();
+    let now = valid.now;
+    for _ in 0..3 {
+        let exchange = vms[0].request(headers(valid), now * SECOND).unwrap();
+        assert_eq!(exchange.action, Action::Continue);
+    }
+    vms[1].request(headers(valid), now * SECOND).unwrap();
+    let read = |vm: &mut Vm| {
+        let exchange = vm
+            .request(usage_read(now, &suite().environment, true), now * SECOND)
+            .unwrap();
+        let response = exchange
+            .local_response
+            .expect("a usage read is answered by the gate");
+        let body = String::from_utf8_lossy(&response.body).into_owned();
+        assert_eq!(response.status, 200, "{body}");
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(report["environment"], suite().environment.as_str());
+        report["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["token_id"] == token_id.as_str())
+            .map_or(0, |t| t["allowed"].as_u64().unwrap())
+    };
+    // VM 0 has not flushed: a read on VM 1 sees VM 1's own request only.
+    assert_eq!(read(&mut vms[1]), 1);
+    vms[0].tick().unwrap();
+    assert_eq!(read(&mut vms[1]), 4);
+    assert_eq!(read(&mut vms[0]), 4, "reading again counts nothing twice");
+    for (t, signed, status) in [(now, false, 401), (now - 301, true, 401), (now, true, 200)] {
+        let exchange = vms[0]
+            .request(usage_read(t, &suite().environment, signed), now * SECOND)
+            .unwrap();
+        assert_eq!(
+            exchange.local_response.map(|r| r.status),
+            Some(status),
+            "t={t} signed={signed}"
+        );
+    }
+    let other = vms[0]
+        .request(usage_read(now, "elsewhere", true), now * SECOND)
+        .unwrap();
+    assert_eq!(other.local_response.map(|r| r.status), Some(401));
+}

@@ -11,13 +11,14 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::host::{self, Effects, Verdict};
-use tokengate_core::{Decision, Expectation, Gate, KeySet, Request, Served, Target};
+use tokengate_core::usage::{self, Report, Tally};
+use tokengate_core::{Decision, Denial, Expectation, Gate, KeySet, Request, Served, Target};
 
 /// The VM environment variable holding the admin's public keys (hex, comma-separated): the
 /// ECDS resource carries it in `vm_config.environment_variables.key_values`, so a key
@@ -31,6 +32,20 @@ pub const ENVIRONMENT_VARIABLE: &str = "TOKENGATE_ENVIRONMENT";
 /// Envoy configures first: so the canary refuses a rollback exactly as the worker VMs
 /// would, and Envoy rejects the update as a whole instead of dropping the filter.
 const SERVED_KEY: &str = "tokengate.served";
+
+/// The VM environment variable that turns usage counting off (`off`; from Envoy's
+/// environment through `host_env_keys`).
+pub const USAGE_VARIABLE: &str = "TOKENGATE_USAGE";
+
+/// Shared-data key of the process's usage counts: `<instance>\n<tally>` (see
+/// [`tokengate_core::usage::Tally::encode`]). Each VM counts in its own memory and adds its
+/// counts here every [`FLUSH_PERIOD`] with compare-and-swap, so a usage read, served by any
+/// VM, sees every VM's counts up to one period old (its own up to now).
+const USAGE_KEY: &str = "tokengate.usage";
+/// How often a VM adds its counts to the process's.
+const FLUSH_PERIOD: Duration = Duration::from_secs(1);
+/// Compare-and-swap attempts per flush; the counts left wait for the next one.
+const FLUSH_ATTEMPTS: usize = 4;
 
 /// The property (Envoy filter state `wasm.tokengate`) holding [`Decision::log_fields`].
 pub const PROPERTY: &str = "tokengate";
@@ -99,6 +114,82 @@ thread_local! {
     static SERVING: RefCell<Option<Rc<Gate>>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// This VM's counts since its last flush.
+    static UNFLUSHED: RefCell<Tally> = RefCell::new(Tally::default());
+}
+
+/// Whether this VM counts usage (its environment is read once, not per request).
+fn usage_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var(USAGE_VARIABLE).map_or(true, |v| v != "off"))
+}
+
+/// The process's usage counts: (instance, tally, compare-and-swap token); `None` before the
+/// first VM created them or if they are unreadable.
+fn shared_usage() -> Option<(String, Tally, Option<u32>)> {
+    let (value, cas) = proxy_wasm::hostcalls::get_shared_data(USAGE_KEY).ok()?;
+    let text = String::from_utf8(value?).ok()?;
+    let (instance, tally) = text.split_once('\n')?;
+    Some((instance.to_owned(), Tally::decode(tally)?, cas))
+}
+
+/// Creates the process's usage counts if no VM has yet: a random instance id (WASI's
+/// generator), no counts. Runs before this VM counts anything. Envoy's shared data has no
+/// create-if-absent: two VMs starting at once may both create it, the later one winning,
+/// before either has counted anything.
+fn create_shared_usage() {
+    if matches!(
+        proxy_wasm::hostcalls::get_shared_data(USAGE_KEY),
+        Ok((Some(_), _))
+    ) {
+        return;
+    }
+    let mut bytes = [0u8; 12];
+    // Without WASI's generator, Envoy's clock in nanoseconds still names this process.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = proxy_wasm::hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes[4..].copy_from_slice(&nanos.to_le_bytes());
+    }
+    let value = format!("envoy-{}\n", tokengate_core::hex::encode(&bytes));
+    proxy_wasm::hostcalls::set_shared_data(USAGE_KEY, Some(value.as_bytes()), None).ok();
+}
+
+/// Adds this VM's unflushed counts to the process's (compare-and-swap, a few attempts; what
+/// is left waits for the next flush).
+fn flush_usage() {
+    let pending = UNFLUSHED.with(|u| u.borrow_mut().take());
+    if pending.is_empty() {
+        return;
+    }
+    for _ in 0..FLUSH_ATTEMPTS {
+        let Some((instance, mut tally, cas)) = shared_usage() else {
+            // Not created yet (or unreadable): create it, and try again at the next tick.
+            create_shared_usage();
+            break;
+        };
+        tally.merge(&pending);
+        let value = format!("{instance}\n{}", tally.encode());
+        if proxy_wasm::hostcalls::set_shared_data(USAGE_KEY, Some(value.as_bytes()), cas).is_ok() {
+            return;
+        }
+    }
+    UNFLUSHED.with(|u| u.borrow_mut().merge(&pending));
+}
+
+/// The process's counts as a usage read reports them (this VM's flushed first).
+fn usage_report(environment: &str, now: u64) -> Option<Report> {
+    if !usage_enabled() {
+        return None;
+    }
+    flush_usage();
+    let (instance, tally, _) = shared_usage()?;
+    Some(tally.report(&instance, environment, now))
+}
+
 fn served() -> Option<Served> {
     let (value, _) = proxy_wasm::hostcalls::get_shared_data(SERVED_KEY).ok()?;
     Served::decode(&String::from_utf8_lossy(&value?))
@@ -164,15 +255,30 @@ fn log(level: LogLevel, message: &str) {
     proxy_wasm::hostcalls::log(level, message).ok();
 }
 
-impl Context for GateRoot {}
+impl Context for GateRoot {
+    fn on_done(&mut self) -> bool {
+        flush_usage();
+        true
+    }
+}
 
 impl RootContext for GateRoot {
     fn on_vm_start(&mut self, _: usize) -> bool {
+        if usage_enabled() {
+            create_shared_usage();
+        }
         true
+    }
+
+    fn on_tick(&mut self) {
+        flush_usage();
     }
 
     fn on_configure(&mut self, _: usize) -> bool {
         let started = self.get_current_time();
+        if usage_enabled() {
+            self.set_tick_period(FLUSH_PERIOD);
+        }
         let metrics = Rc::new(Metrics::define());
         self.metrics = Some(Rc::clone(&metrics));
         let config = self.get_plugin_configuration().unwrap_or_default();
@@ -254,6 +360,7 @@ impl RootContext for GateRoot {
         Some(Box::new(GateStream {
             gate: self.gate.clone(),
             metrics: self.metrics.clone().unwrap_or_default(),
+            now: 0,
         }))
     }
 
@@ -265,19 +372,28 @@ impl RootContext for GateRoot {
 struct GateStream {
     gate: Option<Rc<Gate>>,
     metrics: Rc<Metrics>,
+    /// Unix seconds when the request was decided.
+    now: u64,
 }
 
 impl Context for GateStream {}
 
+/// What a request gets: a decision, or the gate's answer to a usage read.
+enum Step {
+    Decided(Decision),
+    Usage(Denial),
+}
+
 impl GateStream {
-    fn decide(&self) -> Decision {
+    fn decide(&mut self) -> Step {
         let Some(gate) = &self.gate else {
-            return decision::unavailable(Reason::NoBundle);
+            return Step::Decided(decision::unavailable(Reason::NoBundle));
         };
         // A clock before 1970 is no time an expiry may be checked against: fail closed.
         let Ok(now) = self.get_current_time().duration_since(UNIX_EPOCH) else {
-            return decision::unavailable(Reason::Internal);
+            return Step::Decided(decision::unavailable(Reason::Internal));
         };
+        self.now = now.as_secs();
         // Header values may hold any byte; a lossy conversion can only make a token invalid.
         // Valid UTF-8 (every well-formed request) keeps its buffer: no copy per header.
         let headers: Vec<(String, String)> = self
@@ -290,7 +406,14 @@ impl GateStream {
             })
             .collect();
         let headers = decision::header_refs(&headers);
-        gate.decide(&Request::from_pairs(&headers), now.as_secs())
+        let request = Request::from_pairs(&headers);
+        let now = now.as_secs();
+        if usage::is_usage_read(&request) {
+            let trusted = Some((gate.keys(), gate.environment()));
+            let report = || usage_report(gate.environment(), now);
+            return Step::Usage(usage::answer(&request, trusted, now, report));
+        }
+        Step::Decided(gate.decide(&request, now))
     }
 }
 
@@ -316,12 +439,24 @@ impl Effects for GateStream {
     fn record(&mut self, fields: &str) {
         self.set_property(vec![PROPERTY], Some(fields.as_bytes()));
     }
+
+    fn tally(&mut self, decision: &Decision) {
+        if usage_enabled() {
+            UNFLUSHED.with(|u| u.borrow_mut().count(decision, self.now));
+        }
+    }
 }
 
 impl HttpContext for GateStream {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let decision = self.decide();
-        match host::apply(decision, self) {
+        let verdict = match self.decide() {
+            Step::Decided(decision) => host::apply(decision, self),
+            Step::Usage(answer) => {
+                host::respond(self, &answer);
+                Verdict::Answered
+            }
+        };
+        match verdict {
             Verdict::Forward => Action::Continue,
             Verdict::Answered => Action::Pause,
         }

@@ -16,6 +16,7 @@ Prints one line per test run, `[filter]` first, and a closing `N passed, M faile
 
 import argparse
 import base64
+import calendar
 import hashlib
 import http.client
 import json
@@ -1108,6 +1109,347 @@ def test_status_shows_current_and_behind():
         # The first store's push is the one Envoy serves: still current.
         assert op.run("status", "--envoy-admin", admin, check=False).returncode == 0
     return f"serves {version}: current for its store, behind for the store that pushed {pushed}"
+
+
+# --- usage: the gates' per-token counts, `usage pull`, list / show / unused / rotate ------
+
+USAGE_PATH = "/.well-known/tokengate/usage"
+USAGE_CONTEXT = "tokengate.usage/v1"
+# A read of every worker's counts: the wasm filter's VMs add theirs to Envoy's shared data
+# every second (the reading VM flushes first, so one worker needs no wait).
+WASM_FLUSH_WAIT = 1.5
+# The policy of the usage tests: one route needs a scope, so a valid token can be refused
+# 403 insufficient_scope (counted as denied_scope).
+USAGE_POLICY = """\
+[credentials]
+sources = ["bearer"]
+forward = false
+
+[[rules]]
+name = "health"
+path = { exact = "/healthz" }
+methods = ["GET", "HEAD"]
+access = "public"
+
+[[rules]]
+name = "orders-read"
+path = { prefix = "/api/orders" }
+access = "token"
+all_of = ["orders:read"]
+
+[[rules]]
+name = "everything-else"
+path = { prefix = "/" }
+access = "token"
+"""
+
+
+def token_id_of(token):
+    return "tid_" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def usage_signature(seed, environment, t=None, context=USAGE_CONTEXT):
+    """`Tokengate-Signature` of a usage read signed by `seed` at `t` (default now) for
+    `environment`: `t=<t>,<key id>=<hex Ed25519 of "<context>\\n<t>\\n<environment>">`."""
+    t = int(time.time()) if t is None else t
+    message = f"{context}\n{t}\n{environment}".encode()
+    signature = Ed25519PrivateKey.from_private_bytes(seed_bytes(seed)).sign(message).hex()
+    return f"t={t},{key_id(public_key(seed))}={signature}"
+
+
+def read_usage(gw, signature=None, method="GET"):
+    """A raw usage read on the listener: (status, headers, body text)."""
+    headers = [("tokengate-signature", signature)] if signature is not None else []
+    status, response_headers, body = gw.request(method, USAGE_PATH, headers)
+    return status, response_headers, body.decode(errors="replace")
+
+
+def error_of(body):
+    try:
+        return json.loads(body).get("error")
+    except ValueError:
+        return None
+
+
+def listener_url(gw):
+    return f"http://127.0.0.1:{gw.listen_port}"
+
+
+def usage_pull(op, *gateways, check=True):
+    """`usage pull --envoy-url <each listener>`; exit 0 required unless check=False."""
+    urls = [a for gw in gateways for a in ("--envoy-url", listener_url(gw))]
+    proc = op.run("usage", "pull", *urls, check=False)
+    if check:
+        assert proc.returncode == 0, f"usage pull exited {proc.returncode}: {proc.stderr}"
+    return proc
+
+
+def pulled_line(proc, gw):
+    """(tokens, changed, new uses) from a pull's stderr line for gw's listener."""
+    found = re.search(rf"envoy {re.escape(listener_url(gw))}/? \((envoy-[^)]+)\): (\d+) tokens, "
+                      rf"(\d+) changed, (\d+) new uses", proc.stderr)
+    assert found, f"no pull line for {listener_url(gw)} in: {proc.stderr!r}"
+    return int(found.group(2)), int(found.group(3)), int(found.group(4))
+
+
+def listed(op):
+    """`list --json` by name."""
+    return {row["name"]: row for row in json.loads(op.run("list", "--json").stdout)}
+
+
+def instant(text):
+    """Unix seconds of an ISO instant `YYYY-MM-DDTHH:MM:SSZ`."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def settle(gw):
+    """Waits until a read sees every worker's counts: the wasm filter's other VMs flush every
+    second; the module's thread tables are merged at the read."""
+    if gw.filter == "wasm" and gw.concurrency > 1:
+        time.sleep(WASM_FLUSH_WAIT)
+
+
+def usage_operator():
+    op = Operator()
+    path = os.path.join(op.dir, "policy.toml")
+    with open(path, "w") as f:
+        f.write(USAGE_POLICY)
+    op.run("policy", "set", path)
+    return op
+
+
+def test_usage_pull_list_unused_and_a_second_pull_changes_nothing():
+    """The issue's "done when": 5 tokens, 3 used (1, 2 and 3 requests, the third also refused
+    once for a scope), one `usage pull`: `list --json` has the exact uses, `last_used` for the
+    three (within the requests and the pull), none for the two others; `unused --for 3s`
+    exits 1 naming exactly the two; a second pull changes nothing; two more uses are two more."""
+    op = usage_operator()
+    with op.gateway() as gw:
+        tokens = {"used-1": op.create("used-1", "--scopes", "orders:read"),
+                  "used-2": op.create("used-2"),
+                  "used-3": op.create("used-3"),
+                  "idle-a": op.create("idle-a"),
+                  "idle-b": op.create("idle-b", "--scopes", "orders:read")}
+        time.sleep(3.5)  # every token older than `unused --for 3s`
+        op.push(gw)
+        eventually(lambda: gw.request("GET", "/healthz")[0] == 200, 2.0, "bundle served")
+        first = time.time()
+        plan = [("used-1", "/api/orders", 200), ("used-2", "/api/x", 200), ("used-2", "/api/x", 200),
+                ("used-3", "/api/x", 200), ("used-3", "/api/y", 200), ("used-3", "/api/x", 200),
+                ("used-3", "/api/orders", 403)]
+        for name, path, want in plan:
+            status, headers, body = gw.request("GET", path, bearer(tokens[name]))
+            assert status == want, f"{name} {path}: {status} {body[:200]!r} (expected {want})"
+            if want == 403:
+                assert error_of(body) == "insufficient_scope", body[:200]
+        # Refusals that are no use of a token: not counted.
+        assert status_of(gw, tokens["idle-a"][:-1] + "x") == 401
+        settle(gw)
+        pulled = usage_pull(op, gw)
+        pulled_at = time.time()
+        assert pulled_line(pulled, gw) == (3, 3, 6), pulled.stderr
+        unused = op.run("unused", "--for", "3s", "--json", check=False)
+        assert unused.returncode == 1, (unused.returncode, unused.stdout, unused.stderr)
+        assert sorted(r["name"] for r in json.loads(unused.stdout)) == ["idle-a", "idle-b"], unused.stdout
+
+        rows = listed(op)
+        expected = {"used-1": (1, 0), "used-2": (2, 0), "used-3": (3, 1), "idle-a": (0, 0), "idle-b": (0, 0)}
+        for name, (uses, denied) in expected.items():
+            row = rows[name]
+            got = (row["uses"], row["uses_30d"], row["denied_scope"])
+            assert got == (uses, uses, denied), f"{name}: uses, uses_30d, denied_scope {got} (expected {(uses, uses, denied)})"
+            if uses:
+                assert row["last_used"] is not None, f"{name}: no last_used"
+                assert int(first) - 1 <= instant(row["last_used"]) <= pulled_at, \
+                    f"{name}: last_used {row['last_used']} not within the requests ({first:.0f}..{pulled_at:.0f})"
+            else:
+                assert row["last_used"] is None, f"{name}: last_used {row['last_used']} (never used)"
+        shown = json.loads(op.run("show", "used-3", "--json").stdout)
+        [source] = shown["usage_sources"]
+        assert source["source"] == f"envoy {listener_url(gw)}" and source["instance"].startswith("envoy-"), source
+        assert (source["token_id"], source["allowed"], source["denied_scope"]) == \
+            (token_id_of(tokens["used-3"]), 3, 1), source
+
+        again = usage_pull(op, gw)
+        assert pulled_line(again, gw) == (3, 0, 0), again.stderr
+        assert listed(op) == rows, "a second pull changed the counts"
+
+        for _ in range(2):
+            assert status_of(gw, tokens["used-2"]) == 200
+        settle(gw)
+        third = usage_pull(op, gw)
+        assert pulled_line(third, gw) == (3, 1, 2), third.stderr
+        now_rows = listed(op)
+        assert now_rows["used-2"]["uses"] == 4, now_rows["used-2"]
+        assert {n: r["uses"] for n, r in now_rows.items() if n != "used-2"} == \
+            {n: r["uses"] for n, r in rows.items() if n != "used-2"}, now_rows
+        unused = op.run("unused", "--for", "1h", "--json", check=False)
+        assert unused.returncode == 0 and json.loads(unused.stdout) == [], (unused.returncode, unused.stdout)
+    return "uses 1/2/3 (+1 denied_scope), 2 unused; second pull 0 new uses; +2 -> 4"
+
+
+def test_usage_read_is_refused_unless_signed_by_the_admin_for_this_environment():
+    """`GET /.well-known/tokengate/usage` on the listener: only a fresh read signed by an
+    admin key for this gate's environment is answered (200, no-store, token ids and counts,
+    no hash, no secret); unsigned, unknown key, another environment, a push signature: 401
+    invalid_signature; signed 400 s ago or ahead: 401 signature_expired; POST: 405. None
+    reaches the upstream, and none is a use of a token."""
+    op = usage_operator()
+    with op.gateway() as gw:
+        token = op.create("svc", "--scopes", "orders:read")
+        scoped_out = op.create("narrow")
+        op.push(gw)
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served")  # one use of svc
+        assert status_of(gw, token) == 200
+        assert status_of(gw, scoped_out, "/api/orders") == 403
+        [seed] = op.seeds()
+        env = op.environment
+        stranger = hashlib.sha256(b"not the admin").hexdigest()
+        now = int(time.time())
+        refusals = [
+            ("unsigned", None, "GET", 401, "invalid_signature"),
+            ("empty header", "", "GET", 401, "invalid_signature"),
+            ("malformed", f"t={now}", "GET", 401, "invalid_signature"),
+            ("a key the bundle does not publish", usage_signature(stranger, env), "GET", 401, "invalid_signature"),
+            ("another environment", usage_signature(seed, "other"), "GET", 401, "invalid_signature"),
+            ("a push signature", usage_signature(seed, env, context="tokengate.push/v2"), "GET", 401,
+             "invalid_signature"),
+            ("signed 400 s ago", usage_signature(seed, env, now - 400), "GET", 401, "signature_expired"),
+            ("signed 400 s ahead", usage_signature(seed, env, now + 400), "GET", 401, "signature_expired"),
+            ("POST", usage_signature(seed, env), "POST", 405, None),
+        ]
+        failures = []
+        for what, signature, method, want, error in refusals:
+            status, headers, body = read_usage(gw, signature, method)
+            if status != want or (error and error_of(body) != error):
+                failures.append(f"{what}: {status} {body[:200]!r} (expected {want} {error})")
+            if echoed(headers) is not None:
+                failures.append(f"{what}: reached the upstream")
+        assert not failures, "\n  ".join(failures)
+
+        status, headers, body = read_usage(gw, usage_signature(seed, env))
+        assert status == 200, f"{status} {body[:300]!r}"
+        assert echoed(headers) is None, "the usage read reached the upstream"
+        assert header_values(headers, "cache-control") == ["no-store"], headers
+        report = json.loads(body)
+        assert set(report) == {"format", "instance", "environment", "taken_at", "tokens"}, report
+        assert report["format"] == USAGE_CONTEXT and report["environment"] == env, report
+        assert re.fullmatch(r"envoy-[0-9a-f]+", report["instance"]), report["instance"]
+        assert abs(report["taken_at"] - time.time()) <= 2, report["taken_at"]
+        by_id = {t["token_id"]: t for t in report["tokens"]}
+        assert set(by_id) == {token_id_of(token), token_id_of(scoped_out)}, report["tokens"]
+        for t in report["tokens"]:
+            assert set(t) == {"token_id", "allowed", "denied_scope", "last_seen"}, t
+        mine, narrow = by_id[token_id_of(token)], by_id[token_id_of(scoped_out)]
+        assert (mine["allowed"], mine["denied_scope"]) == (2, 0), mine
+        assert (narrow["allowed"], narrow["denied_scope"]) == (0, 1), narrow
+        assert now - 10 <= mine["last_seen"] <= time.time() + 1, mine
+        for secret in (token, scoped_out):
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+            assert digest not in body.lower() and secret not in body, "the report holds a hash or a secret"
+        assert not hex_strings(body), f"a 64-hex string in the report: {hex_strings(body)}"
+        # The reads were no use of a token.
+        again = json.loads(read_usage(gw, usage_signature(seed, env))[2])
+        assert {t["token_id"]: t["allowed"] for t in again["tokens"]} == \
+            {token_id_of(token): 2, token_id_of(scoped_out): 0}, again
+        assert again["instance"] == report["instance"]
+    return f"{len(refusals)} refusals; the signed read answered {len(report['tokens'])} tokens"
+
+
+def test_usage_rotate_warns_when_the_previous_secret_is_still_used():
+    """`rotate` ends the grace of the secret the last rotation replaced: when a pull showed
+    that secret used after its replacement was issued, it warns on stderr naming it (and
+    still rotates); when the previous secret was not used since its replacement, no warning."""
+    op = usage_operator()
+    with op.gateway() as gw:
+        s0 = op.create("svc")
+        op.push(gw)
+        eventually(lambda: status_of(gw, s0) == 200, 2.0, "served")
+        s1 = op.run("rotate", "svc", "--grace", "1h").stdout.strip()
+        op.push(gw)
+        eventually(lambda: status_of(gw, s1) == 200, 2.0, "the new secret served")
+        assert status_of(gw, s0) == 200, "the old secret must pass during its grace"
+        settle(gw)
+        usage_pull(op, gw)
+        time.sleep(1.1)  # s1's uses end a second before its own replacement is issued
+        second = op.run("rotate", "svc", "--grace", "1h")
+        s2 = second.stdout.strip()
+        assert "warning" in second.stderr.lower() and token_id_of(s0) in second.stderr, \
+            f"no warning naming {token_id_of(s0)}: {second.stderr!r}"
+        assert s2 and s2 not in (s0, s1), "the rotation did not happen"
+        op.push(gw)
+        eventually(lambda: status_of(gw, s2) == 200, 2.0, "the third secret served")
+        assert status_of(gw, s0) == 401, "a secret two rotations old passed"
+        # s1 (now the previous secret) is not sent again: its last use predates s2.
+        settle(gw)
+        usage_pull(op, gw)
+        third = op.run("rotate", "svc", "--grace", "1h")
+        assert third.stdout.strip() and "warning" not in third.stderr.lower(), \
+            f"a warning though {token_id_of(s1)} was not used after its replacement: {third.stderr!r}"
+    return second.stderr.strip().splitlines()[0][:160]
+
+
+def test_usage_off_answers_404_and_requests_still_pass():
+    """TOKENGATE_USAGE=off in Envoy's environment: requests pass as ever, a signed usage read
+    answers 404 usage_off (an unsigned one still 401), and `usage pull` fails (exit 2)."""
+    op = usage_operator()
+    with gateway(env={"TOKENGATE_ENVIRONMENT": op.environment, "TOKENGATE_USAGE": "off"}) as gw:
+        token = op.create("svc")
+        op.push(gw)
+        eventually(lambda: status_of(gw, token) == 200, 2.0, "served with usage off")
+        [seed] = op.seeds()
+        assert read_usage(gw)[0] == 401
+        status, headers, body = read_usage(gw, usage_signature(seed, op.environment))
+        assert status == 404 and error_of(body) == "usage_off", f"{status} {body[:200]!r}"
+        assert echoed(headers) is None
+        pulled = usage_pull(op, gw, check=False)
+        assert pulled.returncode == 2 and "usage_off" in pulled.stderr, (pulled.returncode, pulled.stderr)
+        assert listed(op)["svc"]["uses"] == 0
+        assert status_of(gw, token) == 200
+    return "404 usage_off; requests 200"
+
+
+def test_usage_counts_every_worker_thread():
+    """With `--concurrency 4` requests on many connections land on every worker: one pull
+    (after the wasm filter's flush period) counts every one of them exactly once."""
+    op = usage_operator()
+    with op.gateway(concurrency=4) as gw:
+        a, b = op.create("svc-a"), op.create("svc-b")
+        op.push(gw)
+        eventually(lambda: status_of(gw, a) == 200 and status_of(gw, b) == 200, 2.0, "served")
+        sent = {"svc-a": 1, "svc-b": 1}
+        statuses, lock = {}, threading.Lock()
+        deadline = time.monotonic() + 30
+
+        def client(i):
+            for j in range(20):  # a new connection per request: spread over the workers
+                if time.monotonic() > deadline:
+                    return
+                name, token = ("svc-a", a) if (i + j) % 3 else ("svc-b", b)
+                try:
+                    status = status_of(gw, token)
+                except (OSError, http.client.HTTPException) as e:
+                    status = type(e).__name__
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if status == 200:
+                        sent[name] += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(statuses) == {200}, statuses
+        workers = {k: v for k, v in gw.stats().items()
+                   if re.fullmatch(rf"listener\.127\.0\.0\.1_{gw.listen_port}\.worker_\d+\.downstream_cx_total", k)}
+        assert sum(1 for v in workers.values() if v) >= 2, f"connections per worker: {workers}"
+        settle(gw)
+        pulled = usage_pull(op, gw)
+        assert pulled_line(pulled, gw) == (2, 2, sum(sent.values())), (pulled.stderr, sent)
+        rows = listed(op)
+        assert {n: rows[n]["uses"] for n in sent} == sent, ({n: rows[n]["uses"] for n in sent}, sent)
+    return f"{sum(sent.values())} requests over {sum(1 for v in workers.values() if v)} workers, all counted"
 
 
 def in_terminal(argv, env, secret, timeout=20.0):

@@ -108,6 +108,7 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
         },
     };
     log_decision(&method, &target, &decision, &headers);
+    crate::usage::count(&decision, served::now_secs());
     // Forward only on Allow: any other decision answers (the core's own rule).
     match decision.refusal() {
         None => forward(req, &origin, &decision, &target).await,
@@ -163,7 +164,7 @@ fn log_decision(method: &str, target: &Target, decision: &Decision, headers: &[(
     );
 }
 
-fn denial_response(denial: &Denial) -> Result<Response> {
+pub fn denial_response(denial: &Denial) -> Result<Response> {
     let headers = worker::Headers::new();
     for (name, value) in &denial.headers {
         headers.set(name, value)?;

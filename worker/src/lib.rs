@@ -8,6 +8,8 @@
 //! Routes (exact paths, checked before any policy):
 //! - `GET /.well-known/tokengate/status`: version, environment, token count, KV reads.
 //! - `POST /.well-known/tokengate/bundle`: signed bundle pushes ([`push`]).
+//! - `GET /.well-known/tokengate/usage`: per-token usage, for a read signed by an admin key
+//!   ([`usage`]).
 //! - everything else: the gate ([`gate`]), then the origin at `ORIGIN_URL`.
 
 mod access;
@@ -15,6 +17,7 @@ mod gate;
 mod push;
 mod served;
 mod state;
+mod usage;
 
 use worker::{event, Context, Env, Request, Response, Result};
 
@@ -34,13 +37,14 @@ const BUNDLE_PATH: &str = "/.well-known/tokengate/bundle";
 const RESERVED_PREFIX: &str = "/.well-known/tokengate/";
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
+async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     let target = gate::split_url(&req.inner().url());
     let path = target.path.split('?').next().unwrap_or_default();
     let method = req.inner().method();
     match path {
         STATUS_PATH if method == "GET" || method == "HEAD" => handle_status(&env).await,
         BUNDLE_PATH if method == "POST" => push::handle_push(req, &env).await,
+        usage::USAGE_PATH => usage::handle_read(&req, &env, &target).await,
         STATUS_PATH | BUNDLE_PATH => json_error(
             405,
             "method_not_allowed",
@@ -50,10 +54,23 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
         _ if path.starts_with(RESERVED_PREFIX) => json_error(
             404,
             "not_found",
-            "unknown tokengate endpoint (status, bundle)",
+            "unknown tokengate endpoint (status, bundle, usage)",
             &[],
         ),
-        _ => gate::handle_gate(req, &env, target).await,
+        _ => {
+            let response = gate::handle_gate(req, &env, target).await;
+            if usage::due(&env) {
+                let env = env.clone();
+                ctx.wait_until(async move {
+                    if let Err(failure) = usage::flush(&env).await {
+                        worker::console_error!(
+                            "tokengate usage: flush failed, kept for the next: {failure}"
+                        );
+                    }
+                });
+            }
+            response
+        }
     }
 }
 
@@ -88,6 +105,11 @@ async fn handle_status(env: &Env) -> Result<Response> {
         },
         Err(failure) => return unavailable(failure),
     };
+    // The usage store's write counts (for the write-cost figures); null if unreadable.
+    let usage = crate::usage::read(env, false)
+        .await
+        .ok()
+        .map(|s| serde_json::json!({"rows_written": s.rows_written, "flushes": s.flushes}));
     let pending = view
         .pending
         .as_ref()
@@ -101,6 +123,7 @@ async fn handle_status(env: &Env) -> Result<Response> {
         "kv_reads": served::kv_reads(),
         "pending": pending,
         "revoke_all_at": revoke_all_at,
+        "usage": usage,
     });
     json_response(200, body, &[])
 }

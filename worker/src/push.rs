@@ -28,8 +28,8 @@
 use serde_json::value::RawValue;
 use tokengate_core::access::Settings;
 use tokengate_core::bundle::{BundleError, Envelope};
-use tokengate_core::keys::MAX_KEYS;
 use tokengate_core::pages::{self, PagedTokens};
+use tokengate_core::signed::{self, SignedError, PUSH_CONTEXT, SIGNATURE_HEADER};
 use tokengate_core::{Bundle, Expectation, Gate, KeySet, Target, TokenRecord};
 use worker::{console_error, console_log, Env, KvStore, Request, Response, Result};
 
@@ -37,14 +37,8 @@ use crate::served::{self, Failure, PAGE_PREFIX};
 use crate::state::{self, Call, Claim, Meta, Progress, Refused, Stored, View};
 use crate::{json_error, json_response, ENVIRONMENT_VAR, TRUSTED_KEYS_VAR};
 
-/// The request header carrying `t=<unix seconds>,<key id>=<hex Ed25519>[,…]`.
-pub const SIGNATURE_HEADER: &str = "tokengate-signature";
-/// What a push request's signatures cover, before `<t>\n<body>`.
-pub const PUSH_CONTEXT: &str = "tokengate.push/v2";
 /// A push body larger than this is refused (413) before it is parsed.
 pub const MAX_PUSH_BYTES: usize = 8 * 1024 * 1024;
-/// How far `t` may be from the Worker's clock, either way.
-pub const WINDOW_SECONDS: u64 = 300;
 /// KV writes in flight at once while storing an inline bundle's pages.
 const CONCURRENCY: usize = 32;
 /// Garbage pages deleted per bundle request: Workers KV allows 1000 operations per
@@ -73,77 +67,13 @@ fn refuse(status: u16, error: &'static str, description: impl Into<String>) -> R
     }
 }
 
-/// A parsed `Tokengate-Signature` header: the time and each `(key id, signature)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestSignatures {
-    /// Unix seconds at signing.
-    pub t: u64,
-    /// `(kid_<16 hex>, <128 hex>)`, distinct key ids.
-    pub signatures: Vec<(String, String)>,
-}
-
-/// Parses `t=<digits>,<kid_16 hex>=<128 hex>[,…]` (spaces after commas allowed). Anything
-/// else (a member it does not know, a repeat, no signature, more than the key limit) is
-/// `None`: a header that could be read two ways is refused.
-pub fn parse_signature_header(value: &str) -> Option<RequestSignatures> {
-    let lower_hex = |text: &str, len: usize| {
-        text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    let mut t = None;
-    let mut signatures: Vec<(String, String)> = Vec::new();
-    for member in value.split(',') {
-        let (name, val) = member.trim().split_once('=')?;
-        if name == "t" {
-            let digits =
-                !val.is_empty() && val.len() <= 19 && val.bytes().all(|b| b.is_ascii_digit());
-            if t.is_some() || !digits {
-                return None;
-            }
-            t = Some(val.parse().ok()?);
-        } else {
-            let id = name.strip_prefix("kid_")?;
-            if !lower_hex(id, 16)
-                || !lower_hex(val, 128)
-                || signatures.iter().any(|(k, _)| k == name)
-            {
-                return None;
-            }
-            signatures.push((name.to_owned(), val.to_owned()));
-        }
+/// A push whose request signature fails.
+fn signed_refusal(error: &SignedError) -> Refusal {
+    Refusal {
+        status: 401,
+        error: error.code().to_owned(),
+        description: error.describe(PUSH_CONTEXT),
     }
-    if signatures.is_empty() || signatures.len() > MAX_KEYS {
-        return None;
-    }
-    Some(RequestSignatures { t: t?, signatures })
-}
-
-/// Checks the request signatures against the trusted keys, then their window.
-pub fn verify_request(
-    trusted: &KeySet,
-    signed: &RequestSignatures,
-    body: &[u8],
-    now: u64,
-) -> std::result::Result<(), Refusal> {
-    let mut message = format!("{PUSH_CONTEXT}\n{}\n", signed.t).into_bytes();
-    message.extend_from_slice(body);
-    let pairs = signed
-        .signatures
-        .iter()
-        .map(|(id, signature)| (id.as_str(), signature.as_str()));
-    trusted
-        .check(&message, pairs)
-        .map_err(|e| refuse(401, "invalid_signature", format!("push signature: {e}")))?;
-    let skew = now.abs_diff(signed.t);
-    if skew > WINDOW_SECONDS {
-        return Err(refuse(
-            401,
-            "signature_expired",
-            format!(
-                "the push was signed {skew} s away from the Worker's clock; at most {WINDOW_SECONDS} s are allowed: sign it again"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// The status and code of a bundle the Worker will not serve.
@@ -261,12 +191,8 @@ async fn push(mut req: Request, env: &Env) -> Result<Outcome> {
     };
     // The header's form, then the declared length: both before a byte of the body is read.
     let header = req.headers().get(SIGNATURE_HEADER)?;
-    let Some(signed) = header.as_deref().and_then(parse_signature_header) else {
-        return Ok(Err(refuse(
-            401,
-            "invalid_signature",
-            format!("{SIGNATURE_HEADER} must be t=<unix seconds>,<key id>=<hex Ed25519 of \"{PUSH_CONTEXT}\\n<t>\\n<body>\">[,…]"),
-        )));
+    let Some(signed) = header.as_deref().and_then(signed::parse_signature_header) else {
+        return Ok(Err(signed_refusal(&SignedError::Malformed)));
     };
     let too_large = || {
         refuse(
@@ -302,8 +228,8 @@ async fn push(mut req: Request, env: &Env) -> Result<Outcome> {
         Ok(keys) => keys,
         Err(e) => return Ok(Err(refuse(500, "server_error", e))),
     };
-    if let Err(refusal) = verify_request(&trusted, &signed, &body, served::now_secs()) {
-        return Ok(Err(refusal));
+    if let Err(e) = signed::verify(&trusted, PUSH_CONTEXT, &signed, &body, served::now_secs()) {
+        return Ok(Err(signed_refusal(&e)));
     }
     let kv = match served::kv(env) {
         Ok(kv) => kv,
@@ -610,87 +536,5 @@ async fn collect_garbage(env: &Env, kv: &KvStore) {
     // A push that needs one of these pages again may store it from now on.
     if !gone.is_empty() {
         let _ = state::call::<serde_json::Value>(env, &Call::Deleted { digests: gone }).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(seed: u8) -> (ed25519_dalek::SigningKey, String, String) {
-        let signing = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
-        let public = tokengate_core::hex::encode(signing.verifying_key().as_bytes());
-        let id = tokengate_core::keys::key_id(signing.verifying_key().as_bytes());
-        (signing, public, id)
-    }
-
-    fn header(signing: &ed25519_dalek::SigningKey, id: &str, t: u64, body: &str) -> String {
-        use ed25519_dalek::Signer;
-        let message = format!("{PUSH_CONTEXT}\n{t}\n{body}");
-        let signature = tokengate_core::hex::encode(&signing.sign(message.as_bytes()).to_bytes());
-        format!("t={t},{id}={signature}")
-    }
-
-    #[test]
-    fn signature_header_parsing() {
-        let sig = "ab".repeat(64);
-        let id = "kid_0123456789abcdef";
-        let parsed = parse_signature_header(&format!("t=17, {id}={sig}")).unwrap();
-        assert_eq!(parsed.t, 17);
-        assert_eq!(parsed.signatures, vec![(id.to_owned(), sig.clone())]);
-        let two = format!("t=17,{id}={sig},kid_fedcba9876543210={sig}");
-        assert_eq!(parse_signature_header(&two).unwrap().signatures.len(), 2);
-        for bad in [
-            String::new(),
-            "t=17".to_owned(),
-            format!("{id}={sig}"),
-            format!("t=-1,{id}={sig}"),
-            format!("t=1,t=2,{id}={sig}"),
-            format!("t=1,{id}={}", "AB".repeat(64)),
-            format!("t=1,{id}={}", "ab".repeat(63)),
-            format!("t=1,{id}={sig},{id}={sig}"),
-            format!("t=1,kid_0123={sig}"),
-            format!("t=1,v1={}", "ab".repeat(32)),
-            format!("t=1;{id}={sig}"),
-        ] {
-            assert_eq!(parse_signature_header(&bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn requests_are_verified_against_trusted_keys_then_windowed() {
-        let (ka, a, id_a) = key(7);
-        let (kb, _, id_b) = key(8);
-        let trusted = KeySet::parse(&a).unwrap();
-        let body = r#"{"x":1}"#;
-        let signed = |k, id: &str, t| parse_signature_header(&header(k, id, t, body)).unwrap();
-        let check = |s: &RequestSignatures, body: &str, now| {
-            verify_request(&trusted, s, body.as_bytes(), now)
-        };
-        assert_eq!(check(&signed(&ka, &id_a, 1000), body, 1000), Ok(()));
-        assert_eq!(check(&signed(&ka, &id_a, 1000), body, 1300), Ok(()));
-        assert_eq!(check(&signed(&ka, &id_a, 1000), body, 700), Ok(()));
-        let stale = check(&signed(&ka, &id_a, 1000), body, 1301).unwrap_err();
-        assert_eq!(
-            (stale.status, stale.error.as_str()),
-            (401, "signature_expired")
-        );
-        let future = check(&signed(&ka, &id_a, 1000), body, 699).unwrap_err();
-        assert_eq!(future.error, "signature_expired");
-        let tampered = check(&signed(&ka, &id_a, 1000), r#"{"x":2}"#, 1000).unwrap_err();
-        assert_eq!(
-            (tampered.status, tampered.error.as_str()),
-            (401, "invalid_signature")
-        );
-        // Another key, and another key under the trusted key's id.
-        let other = check(&signed(&kb, &id_b, 1000), body, 1000).unwrap_err();
-        assert_eq!(other.error, "invalid_signature");
-        let relabelled = check(&signed(&kb, &id_a, 1000), body, 1000).unwrap_err();
-        assert_eq!(relabelled.error, "invalid_signature");
-        // A bundle signature is no push signature: the context differs.
-        use ed25519_dalek::Signer;
-        let bare = tokengate_core::hex::encode(&ka.sign(body.as_bytes()).to_bytes());
-        let bare = parse_signature_header(&format!("t=1000,{id_a}={bare}")).unwrap();
-        assert!(check(&bare, body, 1000).is_err());
     }
 }

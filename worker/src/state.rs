@@ -1,4 +1,4 @@
-//! The push state: one Durable Object (`PushState`, binding `TOKENGATE_STATE`, instance
+//! The push state: one Durable Object (`GateState`, binding `TOKENGATE_STATE`, instance
 //! `tokengate`) that decides, strongly consistently, which bundle is served.
 //!
 //! Workers KV is eventually consistent: a version check against a `meta` read from KV can be
@@ -474,6 +474,18 @@ pub enum Call {
         /// Their digests.
         digests: Vec<String>,
     },
+    /// Usage store: add an isolate's flushes ([`crate::usage`]).
+    UsageAdd {
+        /// The isolate's id.
+        isolate: String,
+        /// Its flushes not yet confirmed, in order.
+        batches: Vec<crate::usage::Batch>,
+    },
+    /// Usage store: its write counts, and every count if `counts`.
+    UsageRead {
+        /// Whether to read every token's counts (else only the store's own figures).
+        counts: bool,
+    },
 }
 
 /// One call to the push state, bounded like a KV read: `Ok(Err(_))` is the object's refusal.
@@ -481,12 +493,21 @@ pub async fn call<R: serde::de::DeserializeOwned>(
     env: &worker::Env,
     call: &Call,
 ) -> Result<Result<R, Refused>, Failure> {
+    call_object(env, STATE_NAME, call).await
+}
+
+/// One call to the object `name` of the state class (the push state, or the usage store).
+pub async fn call_object<R: serde::de::DeserializeOwned>(
+    env: &worker::Env,
+    name: &str,
+    call: &Call,
+) -> Result<Result<R, Refused>, Failure> {
     let state = |e: worker::Error| Failure::State(e.to_string());
     bounded(async {
         let namespace = env
             .durable_object(STATE_BINDING)
             .map_err(|e| Failure::Config(format!("Durable Object binding {STATE_BINDING}: {e}")))?;
-        let stub = namespace.get_by_name(STATE_NAME).map_err(state)?;
+        let stub = namespace.get_by_name(name).map_err(state)?;
         let mut init = worker::RequestInit::new();
         init.with_method(worker::Method::Post)
             .with_body(Some(json(call).into()));
@@ -515,12 +536,12 @@ pub async fn call<R: serde::de::DeserializeOwned>(
 /// The Durable Object. Requests run one at a time between awaits, and every transition is
 /// synchronous (the SQL API is), so each check and its write are one atomic step.
 #[worker::durable_object(fetch)]
-pub struct PushState {
+pub struct GateState {
     state: worker::State,
     machine: std::cell::RefCell<Option<Machine>>,
 }
 
-impl worker::DurableObject for PushState {
+impl worker::DurableObject for GateState {
     fn new(state: worker::State, _env: worker::Env) -> Self {
         Self {
             state,
@@ -532,6 +553,21 @@ impl worker::DurableObject for PushState {
         let call: Call = req.json().await?;
         // Nothing below awaits: the call is one step.
         let sql = self.state.storage().sql();
+        // The usage store is another object of this class: it never loads a push state.
+        match &call {
+            Call::UsageAdd { isolate, batches } => {
+                let added = crate::usage::store::add(&sql, isolate, batches, js_sys::Date::now())?;
+                return respond(
+                    added
+                        .map(serde_json::Value::from)
+                        .map_err(|problem| refused(400, "invalid_usage", problem)),
+                );
+            }
+            Call::UsageRead { counts } => {
+                return worker::Response::from_json(&crate::usage::store::read(&sql, *counts)?)
+            }
+            _ => {}
+        }
         let mut slot = self.machine.borrow_mut();
         if slot.is_none() {
             *slot = Some(load(&sql)?);
@@ -628,7 +664,12 @@ impl worker::DurableObject for PushState {
                 machine.deleted(&digests);
                 Ok(serde_json::Value::Null)
             }
-            Call::View | Call::Meta | Call::Changes { .. } | Call::Claim { .. } => {
+            Call::View
+            | Call::Meta
+            | Call::Changes { .. }
+            | Call::Claim { .. }
+            | Call::UsageAdd { .. }
+            | Call::UsageRead { .. } => {
                 return worker::Response::error("answered above", 500);
             }
         };

@@ -203,6 +203,19 @@ export function pushSignature(seeds, t, bodyText) {
   return [`t=${t}`, ...seeds.map((s) => `${keyId(s)}=${signHex(s, signed)}`)].join(",");
 }
 
+/** What a usage read's signature covers (core/src/signed.rs): context, t, environment. */
+export const USAGE_CONTEXT = "tokengate.usage/v1";
+export const usageMessage = (t, environment) => `${USAGE_CONTEXT}\n${t}\n${environment}`;
+
+/**
+ * The Tokengate-Signature header value of a usage read: `t=<t>,<kid>=<hex>,…`, each key's
+ * Ed25519 over "tokengate.usage/v1\n<t>\n" + the environment.
+ */
+export function usageSignature(seeds, t, environment) {
+  const signed = usageMessage(t, environment);
+  return [`t=${t}`, ...seeds.map((s) => `${keyId(s)}=${signHex(s, signed)}`)].join(",");
+}
+
 /** A payload with the tests' usual policy: /healthz public, /api needs orders:read. */
 export function bundle({ version, environment, tokens, rules, sources, ...rest }) {
   return {

@@ -174,7 +174,7 @@ function compatibilityDate() {
 // --- the Worker ------------------------------------------------------------------------
 /** The Worker's Durable Object binding and class (wrangler.toml): the push state. */
 export const STATE_BINDING = "TOKENGATE_STATE";
-export const STATE_CLASS = "PushState";
+export const STATE_CLASS = "GateState";
 
 /** The path of a page request: the pending push `version`'s page `index`. */
 export const pageTarget = (version, index) => `${BUNDLE_PATH}?version=${version}&page=${index}`;
