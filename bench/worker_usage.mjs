@@ -6,8 +6,8 @@
 //
 // One Worker in real workerd (Miniflare), flush interval --flush seconds (production default:
 // 60); requests cycle over --tokens tokens for --seconds seconds, so every token is active in
-// every interval (the worst case per token). The store's own counts (status `usage`:
-// rows_written, flushes) give the rows written per active token per flush; at one flush per
+// every interval (the worst case per token). The store's own counts (rows_written, flushes,
+// read from the Durable Object through Miniflare) give the rows written per active token per flush; at one flush per
 // interval per isolate, that times 3600 / 60 is the hourly write cost at the default interval.
 // A signed usage read at the end checks that every request was counted, once.
 import fs from "node:fs";
@@ -72,7 +72,7 @@ try {
   });
   if (read.status !== 200) throw new Error(`usage read: ${read.status} ${read.body}`);
   const counted = JSON.parse(read.body).tokens.reduce((n, u) => n + u.allowed, 0);
-  const { usage } = await worker.status();
+  const usage = await worker.usageStore();
   const perFlushPerToken = usage.rows_written / usage.flushes / TOKENS;
   const result = {
     tokens: TOKENS,

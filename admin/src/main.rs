@@ -1069,9 +1069,19 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
         } => {
             let window = time::parse_duration(unused_for)?;
             let store = Store::open(&cli.store)?;
+            let since = now.saturating_sub(window);
+            // "Unused for D" needs usage pulled within D: older figures would call tokens
+            // used since then unused.
+            match usage::last_pull(&store)? {
+                Some(at) if at >= since => {}
+                Some(at) => bail!(
+                    "the last usage pull was at {}, more than {unused_for} ago: run `tokengate usage pull` first",
+                    time::format_instant(at)
+                ),
+                None => bail!("no usage was ever pulled: run `tokengate usage pull` first"),
+            }
             let cut = store.revoke_all_at()?;
             let usage = usage::summaries(&store, now)?;
-            let since = now.saturating_sub(window);
             let idle: Vec<(Token, usage::Summary)> = store
                 .tokens()?
                 .into_iter()

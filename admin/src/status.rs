@@ -22,6 +22,8 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // A gate never redirects: a redirect would carry a signed request elsewhere.
+        .max_redirects(0)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
         .into()

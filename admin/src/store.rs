@@ -86,7 +86,13 @@ const MIGRATIONS: &[&str] = &[
         allowed INTEGER NOT NULL,
         denied_scope INTEGER NOT NULL
      );
-     CREATE INDEX usage_added_by_name ON usage_added (name, pulled_at);",
+     CREATE INDEX usage_added_by_name ON usage_added (name, pulled_at);
+     -- Every secret's token id and the token it belongs to, kept after rotation: usage
+     -- reported for a replaced secret is still its token's.
+     CREATE TABLE token_ids (token_id TEXT PRIMARY KEY, name TEXT NOT NULL);
+     INSERT INTO token_ids (token_id, name) SELECT token_id, name FROM tokens;
+     INSERT OR IGNORE INTO token_ids (token_id, name)
+        SELECT previous_token_id, name FROM tokens WHERE previous_token_id IS NOT NULL;",
 ];
 
 /// An open store, holding the lock file for as long as it lives.
@@ -607,7 +613,7 @@ pub fn insert_token(tx: &Transaction<'_>, token: &Token) -> Result<()> {
         ],
     );
     match result {
-        Ok(_) => Ok(()),
+        Ok(_) => record_token_id(tx, &token.token_id, &token.name),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
@@ -618,6 +624,15 @@ pub fn insert_token(tx: &Transaction<'_>, token: &Token) -> Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Records which token a secret's id belongs to (for usage reported under it later).
+fn record_token_id(tx: &Transaction<'_>, token_id: &str, name: &str) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO token_ids (token_id, name) VALUES (?1, ?2)",
+        params![token_id, name],
+    )?;
+    Ok(())
 }
 
 /// Replaces a token's secret by rotation: the old hash stays valid until `grace_until`.
@@ -636,6 +651,7 @@ pub fn rotate_token(
          WHERE name = ?4",
         params![signed(Some(grace_until)), new_token_id, new_hash, old.name, new_prefix, signed(Some(now))],
     )?;
+    record_token_id(tx, new_token_id, &old.name)?;
     Ok(())
 }
 

@@ -151,34 +151,54 @@ pub fn sources(store: &Store, name: &str) -> Result<Vec<SourceCounts>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Reads one gate's report: a GET signed by every published key the ring holds.
+/// The largest report read: a line per token, up to the 1,000,000 tokens a bundle holds.
+const MAX_REPORT_BYTES: u64 = 256 * 1024 * 1024;
+/// Attempts per gate while it answers 429 (it checks at most 10 reads a second).
+const ATTEMPTS: usize = 3;
+
+/// Reads one gate's report: a GET signed (at the time it is sent) by every published key the
+/// ring holds.
 fn fetch(
     source: &Source,
     environment: &str,
     ring: &Keyring,
     published: &[String],
-    now: u64,
 ) -> Result<Report> {
-    let message = format!("{USAGE_CONTEXT}\n{now}\n{environment}");
-    let signatures: Vec<String> = ring
-        .sign(message.as_bytes(), published)?
-        .into_iter()
-        .map(|s| format!("{}={}", s.key_id, s.signature))
-        .collect();
     let url = format!("{}{USAGE_PATH}", source.url);
-    let mut response = status::agent()
-        .get(&url)
-        .header(
-            SIGNATURE_HEADER,
-            &format!("t={now},{}", signatures.join(",")),
-        )
-        .call()
-        .with_context(|| format!("asking {} for its usage", source.label()))?;
-    let code = response.status().as_u16();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .with_context(|| format!("reading {url}"))?;
+    let mut attempt = 0;
+    let (code, text) = loop {
+        attempt += 1;
+        let t = crate::time::now();
+        let message = format!("{USAGE_CONTEXT}\n{t}\n{environment}");
+        let signatures: Vec<String> = ring
+            .sign(message.as_bytes(), published)?
+            .into_iter()
+            .map(|s| format!("{}={}", s.key_id, s.signature))
+            .collect();
+        let mut response = status::agent()
+            .get(&url)
+            .header(SIGNATURE_HEADER, &format!("t={t},{}", signatures.join(",")))
+            .call()
+            .with_context(|| format!("asking {} for its usage", source.label()))?;
+        let code = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_REPORT_BYTES)
+            .read_to_string()
+            .with_context(|| format!("reading {url}"))?;
+        match (code, retry_after) {
+            (429, Some(wait)) if attempt < ATTEMPTS => {
+                std::thread::sleep(std::time::Duration::from_secs(wait.clamp(1, 5)));
+            }
+            _ => break (code, text),
+        }
+    };
     if code != 200 {
         let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         bail!(
@@ -224,31 +244,22 @@ fn fetch(
     Ok(report)
 }
 
-/// Which name each token id belongs to: current and previous secrets, and ids seen before
-/// (a secret replaced twice keeps its name).
+/// Which name each token id belongs to: every secret a token has had (the store records each
+/// id at creation and rotation, so a secret replaced twice between pulls keeps its name).
 fn names(tx: &Transaction<'_>) -> Result<HashMap<String, String>> {
-    let mut names = HashMap::new();
-    let mut seen = tx.prepare("SELECT DISTINCT token_id, name FROM usage_seen")?;
-    for row in seen.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-        let (id, name) = row?;
-        names.insert(id, name);
-    }
-    let mut tokens = tx.prepare("SELECT name, token_id, previous_token_id FROM tokens")?;
-    let rows = tokens.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<String>>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (name, id, previous) = row?;
-        names.insert(id, name.clone());
-        if let Some(previous) = previous {
-            names.insert(previous, name);
-        }
-    }
-    Ok(names)
+    let mut ids = tx.prepare("SELECT token_id, name FROM token_ids")?;
+    let rows = ids.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// When usage was last pulled from any gate (`None`: never).
+pub fn last_pull(store: &Store) -> Result<Option<u64>> {
+    let at: Option<i64> = store.connection().query_row(
+        "SELECT MAX(at) FROM audit WHERE action = 'usage.pull'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(at.map(unsigned))
 }
 
 /// Adds what grew since the last pull of this instance.
@@ -339,7 +350,7 @@ pub fn pull(
     let mut first_error = None;
     let mut reports = Vec::new();
     for source in sources {
-        match fetch(source, &environment, ring, &published, now) {
+        match fetch(source, &environment, ring, &published) {
             Ok(report) => reports.push((source.label(), report)),
             Err(error) => {
                 eprintln!("tokengate: {}: {error:#}", source.label());

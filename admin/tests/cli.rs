@@ -833,3 +833,132 @@ fn push_envoy_with_the_module_writes_a_bundle_file_per_ecds_file_and_prunes_only
     assert!(std::path::Path::new(other["bundle"].as_str().unwrap()).exists());
     assert_eq!(files("b.json").len(), 1);
 }
+
+/// A gate on 127.0.0.1 that answers each request with the next of `answers` (status, extra
+/// headers, body) and then stops; its base URL.
+fn fake_gate(answers: Vec<(u16, Vec<(&'static str, String)>, String)>) -> String {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for (status, headers, body) in answers {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let timeout = Some(std::time::Duration::from_secs(10));
+            stream.set_read_timeout(timeout).unwrap();
+            // The request head (a GET has no body), read up to its blank line.
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                request.push(byte[0]);
+            }
+            let mut head = format!(
+                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+                body.len()
+            );
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            stream
+                .write_all(format!("{head}\r\n{body}").as_bytes())
+                .ok();
+        }
+    });
+    url
+}
+
+fn report(environment: &str, lines: &[(&str, u64, u64)]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let tokens: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|(id, allowed, last_seen)| {
+            serde_json::json!({"token_id": id, "allowed": allowed, "denied_scope": 0, "last_seen": last_seen})
+        })
+        .collect();
+    serde_json::json!({"format": "tokengate.usage/v1", "instance": "envoy-fake", "environment": environment,
+        "taken_at": now, "tokens": tokens})
+    .to_string()
+}
+
+/// `usage pull` merges what a gate reports once, whatever it answers again; a report it
+/// cannot trust (another environment, a redirect, a regressed count) changes nothing; and
+/// `unused` refuses to answer from figures older than its window.
+#[test]
+fn usage_pull_counts_each_use_once_and_refuses_what_it_cannot_trust() {
+    let env = Env::new("usage");
+    let refused = env.fails(&["unused", "--for", "1d"], "");
+    assert!(refused.contains("usage pull"), "{refused}");
+    env.ok(&["create", "used"]);
+    env.ok(&["create", "idle"]);
+    let listed: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    let id = |name: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()["token_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let used = id("used");
+    let seen = 1_800_000_000;
+    let uses = |env: &Env| {
+        let listed: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+        let row = |name: &str| {
+            let t = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == name)
+                .unwrap();
+            (
+                t["uses"].as_u64().unwrap(),
+                t["last_used"].as_str().map(str::to_owned),
+            )
+        };
+        (row("used"), row("idle"))
+    };
+    let ok = (
+        200,
+        Vec::new(),
+        report(
+            "test",
+            &[(&used, 5, seen), ("tid_00000000deadbeef", 3, seen)],
+        ),
+    );
+    let regressed = (200, Vec::new(), report("test", &[(&used, 3, seen + 5)]));
+    let gate = fake_gate(vec![ok.clone(), ok, regressed]);
+    for _ in 0..3 {
+        env.ok(&["usage", "pull", "--envoy-url", &gate]);
+    }
+    let ((count, last), (idle, idle_last)) = uses(&env);
+    assert_eq!((count, idle, idle_last), (5, 0, None));
+    assert_eq!(last.as_deref(), Some("2027-01-15T08:00:00Z"));
+    let audit = env.audit_len();
+    let elsewhere = fake_gate(vec![(200, Vec::new(), report("prod", &[(&used, 9, seen)]))]);
+    let refused = env.fails(&["usage", "pull", "--envoy-url", &elsewhere], "");
+    assert!(refused.contains("environment"), "{refused}");
+    let moved = (
+        302,
+        vec![("location", format!("{elsewhere}/x"))],
+        String::new(),
+    );
+    let redirect = fake_gate(vec![moved]);
+    let refused = env.fails(&["usage", "pull", "--worker-url", &redirect], "");
+    assert!(
+        refused.contains("302"),
+        "a redirect is not followed: {refused}"
+    );
+    assert_eq!(uses(&env).0 .0, 5);
+    assert_eq!(env.audit_len(), audit, "a refused pull records nothing");
+    assert_eq!(
+        env.run(&["unused", "--for", "1d"], "").status.code(),
+        Some(0)
+    );
+}

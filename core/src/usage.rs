@@ -223,25 +223,82 @@ impl Report {
     }
 }
 
-/// The answer to a usage read ([`is_usage_read`]): `report()` if [`authorize`] lets it
-/// through (`None` from it: this gate does not count usage, 404 `usage_off`), else the
-/// refusal.
+/// Usage reads a gate checks per second at most (an Envoy process, a wasm VM, a Worker
+/// isolate): anyone can send one, and verifying its Ed25519 signature costs ~50 µs natively,
+/// a hundred times the decision of a request. Past it: 429, with no signature checked.
+pub const MAX_READS_PER_SECOND: u32 = 10;
+
+/// Counts the usage reads of the current second (see [`MAX_READS_PER_SECOND`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadLimiter {
+    second: u64,
+    reads: u32,
+}
+
+impl ReadLimiter {
+    /// No read yet.
+    pub const fn new() -> Self {
+        Self {
+            second: 0,
+            reads: 0,
+        }
+    }
+
+    /// Whether one more read may be checked at `now` (unix seconds); counts it if so.
+    pub fn admit(&mut self, now: u64) -> bool {
+        if now != self.second {
+            *self = Self {
+                second: now,
+                reads: 0,
+            };
+        }
+        self.reads += 1;
+        self.reads <= MAX_READS_PER_SECOND
+    }
+}
+
+/// Why a gate that authorized a read has no report to give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreported {
+    /// Counting is off at this gate (`TOKENGATE_USAGE=off`): 404 `usage_off`.
+    Off,
+    /// The counts cannot be read right now (what, for the gate's log): 503.
+    Unavailable(String),
+}
+
+/// What a host keeps for usage reads: its limiter and its counts.
+pub trait Counter {
+    /// [`ReadLimiter::admit`] on the host's limiter.
+    fn admit(&mut self, now: u64) -> bool;
+    /// The host's report, as the gate of `environment` answers it at `now`.
+    fn report(&mut self, environment: &str, now: u64) -> Result<Report, Unreported>;
+}
+
+/// The answer to a usage read ([`is_usage_read`]): the host's report if [`authorize`] lets
+/// the read through, else the refusal.
 pub fn answer(
     request: &Request<'_>,
     trusted: Option<(&KeySet, &str)>,
     now: u64,
-    report: impl FnOnce() -> Option<Report>,
+    host: &mut impl Counter,
 ) -> Denial {
-    if let Err(refusal) = authorize(request, trusted, now) {
+    if let Err(refusal) = authorize(request, trusted, now, |now| host.admit(now)) {
         return refusal;
     }
-    match report() {
-        Some(report) => report.answer(),
-        None => denial(
+    let environment = trusted.map_or("", |(_, environment)| environment);
+    match host.report(environment, now) {
+        Ok(report) => report.answer(),
+        Err(Unreported::Off) => denial(
             404,
             None,
             "usage_off",
             "this gate does not count usage (TOKENGATE_USAGE=off)",
+        ),
+        Err(Unreported::Unavailable(_)) => denial(
+            503,
+            None,
+            "temporarily_unavailable",
+            "the gate's usage counts cannot be read right now; retry",
         ),
     }
 }
@@ -253,13 +310,14 @@ pub fn is_usage_read(request: &Request<'_>) -> bool {
 
 /// Checks a usage read against the admin's keys `trusted` and the gate's `environment` at
 /// `now`: `Ok` when the gate should answer with its report, else the refusal to send (405
-/// for a method other than GET, 401 for a missing, malformed, untrusted, failing or stale
-/// signature, 503 with no keys or environment to check it against). Only for requests
-/// [`is_usage_read`] accepts.
+/// for a method other than GET, 429 when `admit` (the host's [`ReadLimiter`]) says no, 401
+/// for a missing, malformed, untrusted, failing or stale signature, 503 with no keys or
+/// environment to check it against). Only for requests [`is_usage_read`] accepts.
 pub fn authorize(
     request: &Request<'_>,
     trusted: Option<(&KeySet, &str)>,
     now: u64,
+    admit: impl FnOnce(u64) -> bool,
 ) -> Result<(), Denial> {
     if request.method != "GET" {
         let mut refusal = denial(
@@ -279,6 +337,16 @@ pub fn authorize(
             "the gate has no trusted keys or environment to check a usage read against yet",
         ));
     };
+    if !admit(now) {
+        let mut refusal = denial(
+            429,
+            None,
+            "too_many_requests",
+            "too many usage reads this second; retry",
+        );
+        refusal.headers.push(("retry-after", "1".to_owned()));
+        return Err(refusal);
+    }
     // A repeated signature header could be read two ways: refused like a malformed one.
     let mut headers = request
         .headers
@@ -408,7 +476,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.as_str(), v.as_str()))
                 .collect();
-            authorize(&read(method, &pairs), trusted, now).map_err(|d| {
+            authorize(&read(method, &pairs), trusted, now, |_| true).map_err(|d| {
                 let error: serde_json::Value = serde_json::from_str(&d.body).unwrap();
                 (d.status, error["error"].as_str().unwrap().to_owned())
             })
@@ -432,11 +500,28 @@ mod tests {
             status(std::slice::from_ref(&good), "POST", 1000).map_err(|e| e.0),
             Err(405)
         );
-        let no_keys = authorize(&read("GET", &[]), None, 1000).unwrap_err();
+        let no_keys = authorize(&read("GET", &[]), None, 1000, |_| true).unwrap_err();
         assert_eq!(no_keys.status, 503);
         assert!(is_usage_read(&read("GET", &[])));
         let mut elsewhere = read("GET", &[]);
         elsewhere.path = "/.well-known/tokengate/usage/x";
         assert!(!is_usage_read(&elsewhere));
+    }
+
+    #[test]
+    fn reads_past_the_limit_are_refused_before_any_signature_is_checked() {
+        let mut limiter = ReadLimiter::default();
+        let admitted = (0..15).filter(|_| limiter.admit(100)).count();
+        assert_eq!(admitted, MAX_READS_PER_SECOND as usize);
+        assert!(limiter.admit(101), "a new second, a new allowance");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let keys = KeySet::parse(&crate::hex::encode(key.verifying_key().as_bytes())).unwrap();
+        let refused = authorize(&read("GET", &[]), Some((&keys, "prod")), 100, |_| false);
+        let refused = refused.unwrap_err();
+        assert_eq!(refused.status, 429);
+        assert!(refused
+            .headers
+            .iter()
+            .any(|(n, v)| *n == "retry-after" && v == "1"));
     }
 }

@@ -488,8 +488,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         now,
     };
     // Panics are caught inside: a request whose decision panicked is answered 503.
-    let report = |gate: &Gate, now| usage::report(gate.environment(), now);
-    match stream::on_request_headers(filter.config.gate.as_deref(), &mut stream, now, report) {
+    let gate = filter.config.gate.as_deref();
+    match stream::on_request_headers(gate, &mut stream, now, &mut usage::Process) {
         Verdict::Forward => HEADERS_CONTINUE,
         Verdict::Answered => HEADERS_STOP_ITERATION,
     }

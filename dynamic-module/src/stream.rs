@@ -24,21 +24,21 @@ pub trait Host: Effects {
 
 /// Decides the request on `gate` (503 without one) at `now` (unix seconds; `None`, a clock
 /// that cannot be read: 503) and applies the decision through `host` ([`host::apply`]: a
-/// header change the host refuses turns it into a 503). A usage read is answered with
-/// `report` (see [`tokengate_core::usage`]). A panic on the way is caught here: the request
+/// header change the host refuses turns it into a 503). A usage read is answered from
+/// `counts` (see [`tokengate_core::usage`]). A panic on the way is caught here: the request
 /// is answered 503 (unless it was answered already), never unwinding into Envoy.
 pub fn on_request_headers(
     gate: Option<&Gate>,
     host: &mut impl Host,
     now: Option<u64>,
-    report: impl FnOnce(&Gate, u64) -> Option<usage::Report>,
+    counts: &mut impl usage::Counter,
 ) -> Verdict {
     let mut answering = Answering {
         host,
         answered: false,
     };
     let decided = catch_unwind(AssertUnwindSafe(|| {
-        match decide(gate, &answering, now, report) {
+        match decide(gate, &answering, now, counts) {
             Step::Decided(decision) => host::apply(decision, &mut answering),
             Step::Usage(answer) => {
                 host::respond(&mut answering, &answer);
@@ -96,7 +96,7 @@ fn decide<H: Host>(
     gate: Option<&Gate>,
     host: &Answering<'_, H>,
     now: Option<u64>,
-    report: impl FnOnce(&Gate, u64) -> Option<usage::Report>,
+    counts: &mut impl usage::Counter,
 ) -> Step {
     let Some(gate) = gate else {
         return Step::Decided(decision::unavailable(Reason::NoBundle));
@@ -108,7 +108,7 @@ fn decide<H: Host>(
     let request = Request::from_pairs(&headers);
     if usage::is_usage_read(&request) {
         let trusted = Some((gate.keys(), gate.environment()));
-        return Step::Usage(usage::answer(&request, trusted, now, || report(gate, now)));
+        return Step::Usage(usage::answer(&request, trusted, now, counts));
     }
     Step::Decided(gate.decide(&request, now))
 }
@@ -186,9 +186,25 @@ mod tests {
         }
     }
 
-    /// No usage report (as with `TOKENGATE_USAGE=off`).
-    fn no_report(_: &Gate, _: u64) -> Option<usage::Report> {
-        None
+    /// A host's usage side: reads admitted and reports made.
+    #[derive(Default)]
+    struct FakeCounts {
+        reports: usize,
+        refuse_reads: bool,
+    }
+
+    impl usage::Counter for FakeCounts {
+        fn admit(&mut self, _: u64) -> bool {
+            !self.refuse_reads
+        }
+        fn report(
+            &mut self,
+            environment: &str,
+            now: u64,
+        ) -> Result<usage::Report, usage::Unreported> {
+            self.reports += 1;
+            Ok(usage::Tally::default().report("envoy-test", environment, now))
+        }
     }
 
     fn fixture(suite: &conformance::Suite, name: &str) -> Gate {
@@ -224,7 +240,12 @@ mod tests {
                 .collect(),
                 ..FakeEnvoy::default()
             };
-            let verdict = on_request_headers(Some(&gate), &mut envoy, Some(case.now), no_report);
+            let verdict = on_request_headers(
+                Some(&gate),
+                &mut envoy,
+                Some(case.now),
+                &mut FakeCounts::default(),
+            );
             let reason = envoy.counted.first().map(|r| r.as_str().to_owned());
             assert_eq!(envoy.counted.len(), 1, "{}: counted once", case.name);
             let recorded = envoy.recorded.clone().unwrap_or_default();
@@ -268,7 +289,7 @@ mod tests {
     fn no_gate_answers_503() {
         let mut envoy = FakeEnvoy::default();
         assert_eq!(
-            on_request_headers(None, &mut envoy, Some(0), no_report),
+            on_request_headers(None, &mut envoy, Some(0), &mut FakeCounts::default()),
             Verdict::Answered
         );
         assert_eq!(envoy.response.map(|r| r.0), Some(503));
@@ -284,7 +305,12 @@ mod tests {
             ..FakeEnvoy::default()
         };
         assert_eq!(
-            on_request_headers(Some(&gate), &mut envoy, Some(suite.now), no_report),
+            on_request_headers(
+                Some(&gate),
+                &mut envoy,
+                Some(suite.now),
+                &mut FakeCounts::default()
+            ),
             Verdict::Answered
         );
         let (status, headers, body) = envoy.response.unwrap();
@@ -323,7 +349,7 @@ mod tests {
                 ..FakeEnvoy::default()
             };
             assert_eq!(
-                on_request_headers(Some(&gate), &mut envoy, now, no_report),
+                on_request_headers(Some(&gate), &mut envoy, now, &mut FakeCounts::default()),
                 Verdict::Answered
             );
             assert_eq!(envoy.response.map(|r| r.0), Some(503));
@@ -336,7 +362,12 @@ mod tests {
             ..FakeEnvoy::default()
         };
         assert_eq!(
-            on_request_headers(Some(&gate), &mut envoy, Some(valid.now), no_report),
+            on_request_headers(
+                Some(&gate),
+                &mut envoy,
+                Some(valid.now),
+                &mut FakeCounts::default()
+            ),
             Verdict::Forward
         );
     }
@@ -367,16 +398,12 @@ mod tests {
     fn a_usage_read_is_answered_by_the_gate_only_when_signed() {
         let suite = conformance::load().unwrap();
         let gate = fixture(&suite, "main");
-        let made = std::cell::Cell::new(0);
-        let report = |gate: &Gate, now| {
-            made.set(made.get() + 1);
-            Some(usage::Tally::default().report("envoy-test", gate.environment(), now))
-        };
+        let mut counts = FakeCounts::default();
         let mut envoy = FakeEnvoy {
             headers: usage_read(suite.now, &suite.environment),
             ..FakeEnvoy::default()
         };
-        let verdict = on_request_headers(Some(&gate), &mut envoy, Some(suite.now), report);
+        let verdict = on_request_headers(Some(&gate), &mut envoy, Some(suite.now), &mut counts);
         assert_eq!(verdict, Verdict::Answered);
         let (status, _, body) = envoy.response.unwrap();
         assert_eq!(status, 200, "{body}");
@@ -387,9 +414,20 @@ mod tests {
             ..FakeEnvoy::default()
         };
         unsigned.headers.pop();
-        on_request_headers(Some(&gate), &mut unsigned, Some(suite.now), report);
+        on_request_headers(Some(&gate), &mut unsigned, Some(suite.now), &mut counts);
         assert_eq!(unsigned.response.map(|r| r.0), Some(401));
-        assert_eq!(made.get(), 1);
+        assert_eq!(counts.reports, 1);
+        let mut limited = FakeEnvoy {
+            headers: usage_read(suite.now, &suite.environment),
+            ..FakeEnvoy::default()
+        };
+        let mut busy = FakeCounts {
+            refuse_reads: true,
+            ..FakeCounts::default()
+        };
+        on_request_headers(Some(&gate), &mut limited, Some(suite.now), &mut busy);
+        assert_eq!(limited.response.map(|r| r.0), Some(429));
+        assert_eq!(busy.reports, 0);
     }
 
     /// Every decision is offered to the usage tally, with the token it identified.
@@ -419,7 +457,12 @@ mod tests {
             .collect(),
             ..FakeEnvoy::default()
         };
-        on_request_headers(Some(&gate), &mut envoy, Some(valid.now), no_report);
+        on_request_headers(
+            Some(&gate),
+            &mut envoy,
+            Some(valid.now),
+            &mut FakeCounts::default(),
+        );
         let token_id = valid
             .expect
             .upstream_headers

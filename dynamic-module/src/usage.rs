@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use tokengate_core::usage::{Report, Tally};
+use tokengate_core::usage::{Counter, ReadLimiter, Report, Tally, Unreported};
 use tokengate_core::Decision;
 
 /// The environment variable that turns usage counting off (`off`).
@@ -75,6 +75,22 @@ pub fn report(environment: &str, now: u64) -> Option<Report> {
         all.merge(&lock(table));
     }
     Some(all.report(instance(), environment, now))
+}
+
+/// The process's usage reads this second (one limiter for every worker thread).
+static READS: Mutex<ReadLimiter> = Mutex::new(ReadLimiter::new());
+
+/// This process's counts and read limiter, as a usage read asks for them.
+pub struct Process;
+
+impl Counter for Process {
+    fn admit(&mut self, now: u64) -> bool {
+        lock(&READS).admit(now)
+    }
+
+    fn report(&mut self, environment: &str, now: u64) -> Result<Report, Unreported> {
+        report(environment, now).ok_or(Unreported::Off)
+    }
 }
 
 #[cfg(test)]

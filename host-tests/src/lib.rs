@@ -99,6 +99,9 @@ pub struct Exchange {
     pub fuel: u64,
 }
 
+/// VMs started so far in this process (seeds each VM's random generator).
+static NEXT_VM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A compiled filter, ready to start VMs.
 pub struct Host {
     engine: Engine,
@@ -148,7 +151,9 @@ impl Host {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            random_state: 0x9E37_79B9_7F4A_7C15,
+            // Each VM its own sequence, as each has its own draws from the OS in Envoy.
+            random_state: 0x9E37_79B9_7F4A_7C15
+                ^ NEXT_VM.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ..HostState::default()
         };
         let mut store = Store::new(&self.engine, state);

@@ -441,3 +441,25 @@ fn usage_counted_by_every_vm_reaches_a_signed_read_on_any_of_them() {
         .unwrap();
     assert_eq!(other.local_response.map(|r| r.status), Some(401));
 }
+
+/// Anyone can send a usage read, and checking its signature is costly: past 10 a second a VM
+/// answers 429 without checking; the next second it checks again.
+#[test]
+fn usage_reads_past_ten_a_second_are_refused_unchecked() {
+    let mut vm = configured("main");
+    let now = suite().cases[0].now;
+    let statuses: Vec<u32> = (0..12)
+        .map(|_| {
+            let read = usage_read(now, &suite().environment, true);
+            let exchange = vm.request(read, now * SECOND).unwrap();
+            exchange.local_response.map_or(0, |r| r.status)
+        })
+        .collect();
+    assert_eq!(statuses[..10], [200; 10]);
+    assert_eq!(statuses[10..], [429, 429]);
+    let later = vm.request(
+        usage_read(now + 1, &suite().environment, true),
+        (now + 1) * SECOND,
+    );
+    assert_eq!(later.unwrap().local_response.map(|r| r.status), Some(200));
+}

@@ -17,7 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::host::{self, Effects, Verdict};
-use tokengate_core::usage::{self, Report, Tally};
+use tokengate_core::usage::{self, ReadLimiter, Report, Tally, Unreported};
 use tokengate_core::{Decision, Denial, Expectation, Gate, KeySet, Request, Served, Target};
 
 /// The VM environment variable holding the admin's public keys (hex, comma-separated): the
@@ -37,15 +37,20 @@ const SERVED_KEY: &str = "tokengate.served";
 /// environment through `host_env_keys`).
 pub const USAGE_VARIABLE: &str = "TOKENGATE_USAGE";
 
-/// Shared-data key of the process's usage counts: `<instance>\n<tally>` (see
-/// [`tokengate_core::usage::Tally::encode`]). Each VM counts in its own memory and adds its
-/// counts here every [`FLUSH_PERIOD`] with compare-and-swap, so a usage read, served by any
-/// VM, sees every VM's counts up to one period old (its own up to now).
-const USAGE_KEY: &str = "tokengate.usage";
-/// How often a VM adds its counts to the process's.
+/// Shared-data key of the process's usage registry: `<instance>\n<vm id>\n<vm id>…`, the
+/// process's counter set and every VM that has counts. Each VM keeps its counts since it
+/// started in [`USAGE_SHARDS`] parts, by token id, and writes the parts that changed under
+/// `<USAGE_KEY>.<vm id>.<part>` every [`FLUSH_PERIOD`]: keys only it writes, so no
+/// compare-and-swap, and a flush costs what changed, not the process's whole table. A usage
+/// read, served by any VM, merges every VM's parts: other VMs' counts up to one period old,
+/// its own up to now. `v1`: another encoding gets another key.
+const USAGE_KEY: &str = "tokengate.usage.v1";
+/// Parts of a VM's counts (by token id).
+const USAGE_SHARDS: usize = 16;
+/// How often a VM writes its changed counts.
 const FLUSH_PERIOD: Duration = Duration::from_secs(1);
-/// Compare-and-swap attempts per flush; the counts left wait for the next one.
-const FLUSH_ATTEMPTS: usize = 4;
+/// Compare-and-swap attempts to join the registry; a VM not in it tries again next flush.
+const REGISTER_ATTEMPTS: usize = 4;
 
 /// The property (Envoy filter state `wasm.tokengate`) holding [`Decision::log_fields`].
 pub const PROPERTY: &str = "tokengate";
@@ -114,9 +119,22 @@ thread_local! {
     static SERVING: RefCell<Option<Rc<Gate>>> = const { RefCell::new(None) };
 }
 
+/// This VM's usage counts since it started, in parts, and which parts changed since its
+/// last flush.
+struct VmUsage {
+    id: String,
+    parts: Vec<Tally>,
+    changed: u32,
+}
+
 thread_local! {
-    /// This VM's counts since its last flush.
-    static UNFLUSHED: RefCell<Tally> = RefCell::new(Tally::default());
+    static VM_USAGE: RefCell<VmUsage> = RefCell::new(VmUsage {
+        id: random_hex(),
+        parts: vec![Tally::default(); USAGE_SHARDS],
+        changed: 0,
+    });
+    /// This VM's usage reads this second.
+    static READS: RefCell<ReadLimiter> = const { RefCell::new(ReadLimiter::new()) };
 }
 
 /// Whether this VM counts usage (its environment is read once, not per request).
@@ -125,28 +143,9 @@ fn usage_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var(USAGE_VARIABLE).map_or(true, |v| v != "off"))
 }
 
-/// The process's usage counts: (instance, tally, compare-and-swap token); `None` before the
-/// first VM created them or if they are unreadable.
-fn shared_usage() -> Option<(String, Tally, Option<u32>)> {
-    let (value, cas) = proxy_wasm::hostcalls::get_shared_data(USAGE_KEY).ok()?;
-    let text = String::from_utf8(value?).ok()?;
-    let (instance, tally) = text.split_once('\n')?;
-    Some((instance.to_owned(), Tally::decode(tally)?, cas))
-}
-
-/// Creates the process's usage counts if no VM has yet: a random instance id (WASI's
-/// generator), no counts. Runs before this VM counts anything. Envoy's shared data has no
-/// create-if-absent: two VMs starting at once may both create it, the later one winning,
-/// before either has counted anything.
-fn create_shared_usage() {
-    if matches!(
-        proxy_wasm::hostcalls::get_shared_data(USAGE_KEY),
-        Ok((Some(_), _))
-    ) {
-        return;
-    }
+/// 12 random bytes in hex (WASI's generator; without it, Envoy's clock in nanoseconds).
+fn random_hex() -> String {
     let mut bytes = [0u8; 12];
-    // Without WASI's generator, Envoy's clock in nanoseconds still names this process.
     if getrandom::fill(&mut bytes).is_err() {
         let nanos = proxy_wasm::hostcalls::get_current_time()
             .ok()
@@ -154,40 +153,114 @@ fn create_shared_usage() {
             .map_or(0, |d| d.as_nanos() as u64);
         bytes[4..].copy_from_slice(&nanos.to_le_bytes());
     }
-    let value = format!("envoy-{}\n", tokengate_core::hex::encode(&bytes));
-    proxy_wasm::hostcalls::set_shared_data(USAGE_KEY, Some(value.as_bytes()), None).ok();
+    tokengate_core::hex::encode(&bytes)
 }
 
-/// Adds this VM's unflushed counts to the process's (compare-and-swap, a few attempts; what
-/// is left waits for the next flush).
-fn flush_usage() {
-    let pending = UNFLUSHED.with(|u| u.borrow_mut().take());
-    if pending.is_empty() {
-        return;
-    }
-    for _ in 0..FLUSH_ATTEMPTS {
-        let Some((instance, mut tally, cas)) = shared_usage() else {
-            // Not created yet (or unreadable): create it, and try again at the next tick.
-            create_shared_usage();
-            break;
-        };
-        tally.merge(&pending);
-        let value = format!("{instance}\n{}", tally.encode());
+/// Which part of a VM's counts holds this token id.
+fn part_of(token_id: &str) -> usize {
+    let hash = token_id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    hash as usize % USAGE_SHARDS
+}
+
+fn part_key(vm: &str, part: usize) -> String {
+    format!("{USAGE_KEY}.{vm}.{part}")
+}
+
+/// The registry: (instance, VM ids, compare-and-swap token); `None` before any VM made it.
+fn registry() -> Option<(String, Vec<String>, Option<u32>)> {
+    let (value, cas) = proxy_wasm::hostcalls::get_shared_data(USAGE_KEY).ok()?;
+    let text = String::from_utf8(value?).ok()?;
+    let mut lines = text.lines();
+    let instance = lines.next()?.to_owned();
+    Some((instance, lines.map(str::to_owned).collect(), cas))
+}
+
+/// Puts this VM in the registry (making the registry if no VM has yet); `false` if it could
+/// not. Envoy's shared data has no create-if-absent: two VMs making it at once may lose one
+/// entry, which the next flush's check puts back.
+fn register(vm: &str) -> bool {
+    for _ in 0..REGISTER_ATTEMPTS {
+        let (instance, mut vms, cas) =
+            registry().unwrap_or_else(|| (format!("envoy-{}", random_hex()), Vec::new(), None));
+        if vms.iter().any(|v| v == vm) {
+            return true;
+        }
+        vms.push(vm.to_owned());
+        let value = format!("{instance}\n{}", vms.join("\n"));
         if proxy_wasm::hostcalls::set_shared_data(USAGE_KEY, Some(value.as_bytes()), cas).is_ok() {
-            return;
+            return true;
         }
     }
-    UNFLUSHED.with(|u| u.borrow_mut().merge(&pending));
+    false
 }
 
-/// The process's counts as a usage read reports them (this VM's flushed first).
-fn usage_report(environment: &str, now: u64) -> Option<Report> {
-    if !usage_enabled() {
-        return None;
+/// Writes this VM's changed parts (and makes sure the registry names it).
+fn flush_usage() {
+    VM_USAGE.with(|usage| {
+        let mut usage = usage.borrow_mut();
+        if usage.changed == 0 || !register(&usage.id) {
+            return;
+        }
+        for part in 0..USAGE_SHARDS {
+            if usage.changed & (1 << part) == 0 {
+                continue;
+            }
+            let value = usage.parts[part].encode();
+            let key = part_key(&usage.id, part);
+            if proxy_wasm::hostcalls::set_shared_data(&key, Some(value.as_bytes()), None).is_ok() {
+                usage.changed &= !(1 << part);
+            }
+        }
+    });
+}
+
+/// This VM's side of usage reads.
+struct VmCounts;
+
+impl usage::Counter for VmCounts {
+    fn admit(&mut self, now: u64) -> bool {
+        READS.with(|reads| reads.borrow_mut().admit(now))
     }
-    flush_usage();
-    let (instance, tally, _) = shared_usage()?;
-    Some(tally.report(&instance, environment, now))
+
+    /// Every VM's counts, this VM's flushed first.
+    fn report(&mut self, environment: &str, now: u64) -> Result<Report, Unreported> {
+        if !usage_enabled() {
+            return Err(Unreported::Off);
+        }
+        flush_usage();
+        let unreadable = |what: &str| Unreported::Unavailable(format!("usage shared data: {what}"));
+        let Some((instance, vms, _)) = registry() else {
+            // No VM has counted anything yet.
+            let instance = register_empty()?;
+            return Ok(Tally::default().report(&instance, environment, now));
+        };
+        let mut all = Tally::default();
+        for vm in &vms {
+            for part in 0..USAGE_SHARDS {
+                let key = part_key(vm, part);
+                let Ok((value, _)) = proxy_wasm::hostcalls::get_shared_data(&key) else {
+                    return Err(unreadable(&key));
+                };
+                let Some(value) = value else { continue };
+                let text = String::from_utf8(value).map_err(|_| unreadable(&key))?;
+                all.merge(&Tally::decode(&text).ok_or_else(|| unreadable(&key))?);
+            }
+        }
+        Ok(all.report(&instance, environment, now))
+    }
+}
+
+/// The registry with no VM in it yet, so the instance a read reports stays the process's.
+fn register_empty() -> Result<String, Unreported> {
+    if registry().is_none() {
+        let value = format!("envoy-{}", random_hex());
+        proxy_wasm::hostcalls::set_shared_data(USAGE_KEY, Some(value.as_bytes()), None).ok();
+    }
+    registry()
+        .map(|(instance, _, _)| instance)
+        .ok_or_else(|| Unreported::Unavailable("usage shared data: no registry".to_owned()))
 }
 
 fn served() -> Option<Served> {
@@ -264,9 +337,6 @@ impl Context for GateRoot {
 
 impl RootContext for GateRoot {
     fn on_vm_start(&mut self, _: usize) -> bool {
-        if usage_enabled() {
-            create_shared_usage();
-        }
         true
     }
 
@@ -410,8 +480,7 @@ impl GateStream {
         let now = now.as_secs();
         if usage::is_usage_read(&request) {
             let trusted = Some((gate.keys(), gate.environment()));
-            let report = || usage_report(gate.environment(), now);
-            return Step::Usage(usage::answer(&request, trusted, now, report));
+            return Step::Usage(usage::answer(&request, trusted, now, &mut VmCounts));
         }
         Step::Decided(gate.decide(&request, now))
     }
@@ -441,8 +510,17 @@ impl Effects for GateStream {
     }
 
     fn tally(&mut self, decision: &Decision) {
+        let Some(token_id) = decision.token_id.as_deref() else {
+            return;
+        };
         if usage_enabled() {
-            UNFLUSHED.with(|u| u.borrow_mut().count(decision, self.now));
+            VM_USAGE.with(|usage| {
+                let mut usage = usage.borrow_mut();
+                let part = part_of(token_id);
+                if usage.parts[part].count(decision, self.now) {
+                    usage.changed |= 1 << part;
+                }
+            });
         }
     }
 }

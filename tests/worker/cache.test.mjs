@@ -56,7 +56,7 @@ export default function (suite, { origin }) {
     assert.equal((await peer.gate("GET", "/api/orders", { headers: bearer(live) })).status, 503, "the other isolate too");
   });
 
-  suite.test("status: version, the pushed text's SHA-256, environment, tokens, the trusted key ids, kv_reads, pending, revoke_all_at, the usage store's write counts, and nothing else", async () => {
+  suite.test("status: version, the pushed text's SHA-256, environment, tokens, the trusted key ids, kv_reads, pending, revoke_all_at, and nothing else", async () => {
     liveRecord = record("live", live, ["orders:read"], { created_at });
     const tokens = [liveRecord, record("other", other, [], { created_at }), record("stale", stale, ["orders:read"], { created_at })];
     const text1 = publish(bundle({ version: 1, environment: ENV, tokens }), [key]);
@@ -71,11 +71,9 @@ export default function (suite, { origin }) {
       "pending",
       "revoke_all_at",
       "tokens",
-      "usage",
       "version",
     ]);
     assert.equal(status.version, 1);
-    assert.deepEqual(Object.keys(status.usage).sort(), ["flushes", "rows_written"]);
     assert.equal(status.bundle_sha256, sha256Hex(text1));
     assert.equal(status.tokens, 3);
     assert.equal(status.pending, null);

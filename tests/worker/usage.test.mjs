@@ -51,9 +51,17 @@ async function readUsage(worker, { seeds = worker.seeds, t = nowSecs(), environm
   return res;
 }
 
-/** The report of a signed read, asserting a 200. */
+/**
+ * The report of a signed read, asserting a 200. A gate checks at most 10 reads a second and
+ * answers 429 (Retry-After: 1) past that: this waits and reads again, as the CLI does.
+ */
 async function report(worker) {
-  const res = await readUsage(worker);
+  let res = await readUsage(worker);
+  for (let i = 0; i < 3 && res.status === 429; i++) {
+    assert.equal(res.headers.find(([n]) => n.toLowerCase() === "retry-after")?.[1], "1");
+    await sleep(1000);
+    res = await readUsage(worker);
+  }
   assert.equal(res.status, 200, `usage read: ${res.status} ${res.body.slice(0, 300)}`);
   return res.json;
 }
@@ -231,15 +239,15 @@ export default function (suite, { origin }) {
     // Exactly the tokens used: x (the first test), a, b.
     const ids = body.tokens.map((t) => t.token_id).sort();
     assert.deepEqual(ids, [tokenId(tokens.a), tokenId(tokens.b), tokenId(tokens.x)].sort());
-    const usage = (await worker.status()).usage;
-    assert.ok(usage && usage.flushes >= 1 && usage.rows_written >= 1, `status usage: ${JSON.stringify(usage)}`);
+    const usage = await worker.usageStore();
+    assert.ok(usage.flushes >= 1 && usage.rows_written >= 1, `usage store: ${JSON.stringify(usage)}`);
+    assert.equal((await worker.status()).usage, undefined, "the public status shows usage figures");
   });
 
   suite.test("another isolate's counts arrive after its flush interval, once", async () => {
     await ensurePushed();
     const peer = worker.peer;
-    const before = (await worker.status()).usage;
-    assert.ok(before, "the status has no usage figures");
+    const before = await worker.usageStore();
     const began = Date.now();
     for (let i = 0; i < 2; i++) assert.equal((await call(peer, tokens.p1)).status, 200, "p1 at the peer");
     assert.equal((await call(peer, tokens.p2, "/admin/x")).status, 403, "p2 at the peer's /admin");
@@ -256,13 +264,14 @@ export default function (suite, { origin }) {
     assert.equal((await call(peer, tokens.p1)).status, 200, "p1 at the peer, after the interval");
     const deadline = Date.now() + 5000;
     let arrived = null;
+    // Polled 4 times a second: a gate checks at most 10 usage reads a second.
     for (let i = 0; i < 100 && Date.now() < deadline; i++) {
       const body = await report(worker);
       if (line(body, tokens.p1)) {
         arrived = body;
         break;
       }
-      await sleep(100);
+      await sleep(250);
     }
     assert.ok(arrived, "the peer's counts did not reach the first Worker's reads within 5 s of its flush");
     const waited = Date.now() - began;
@@ -276,11 +285,10 @@ export default function (suite, { origin }) {
       assert.equal(again.instance, arrived.instance, `${who}: another instance`);
       assert.deepEqual(byId(again), byId(arrived), `${who}: the counts moved without requests`);
     }
-    const after = (await worker.status()).usage;
+    const after = await worker.usageStore();
     assert.ok(after.flushes >= before.flushes + 1, `flushes ${before.flushes} -> ${after.flushes}`);
     assert.ok(after.rows_written >= before.rows_written + 1, `rows_written ${before.rows_written} -> ${after.rows_written}`);
     assert.ok(after.flushes >= 1 && after.rows_written >= 1);
-    assert.deepEqual((await peer.status()).usage, after, "the peer's status shows other usage figures");
     return `${within ? "absent before the interval, " : ""}arrived after ${waited} ms; flushes ${before.flushes} -> ${after.flushes}, rows ${before.rows_written} -> ${after.rows_written}`;
   });
 

@@ -105,11 +105,6 @@ async fn handle_status(env: &Env) -> Result<Response> {
         },
         Err(failure) => return unavailable(failure),
     };
-    // The usage store's write counts (for the write-cost figures); null if unreadable.
-    let usage = crate::usage::read(env, false)
-        .await
-        .ok()
-        .map(|s| serde_json::json!({"rows_written": s.rows_written, "flushes": s.flushes}));
     let pending = view
         .pending
         .as_ref()
@@ -123,7 +118,6 @@ async fn handle_status(env: &Env) -> Result<Response> {
         "kv_reads": served::kv_reads(),
         "pending": pending,
         "revoke_all_at": revoke_all_at,
-        "usage": usage,
     });
     json_response(200, body, &[])
 }

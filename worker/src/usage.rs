@@ -39,6 +39,8 @@ pub const MAX_FLUSH_SECONDS: u64 = 600;
 pub const USAGE_OBJECT: &str = "usage";
 /// Failed flushes an isolate keeps to send again; past this the oldest is dropped (logged).
 pub const MAX_OUTBOX: usize = 60;
+/// Flushes sent in one call to the store (the rest go in the next calls).
+const BATCHES_PER_CALL: usize = 10;
 /// Isolates the store remembers flush numbers of for this long after their last flush; an
 /// isolate's outbox spans at most [`MAX_OUTBOX`] intervals, far less.
 const FORGET_ISOLATE_MS: f64 = 86_400_000.0;
@@ -60,6 +62,8 @@ thread_local! {
     static LAST_FLUSH_MS: Cell<f64> = const { Cell::new(0.0) };
     static FLUSHING: Cell<bool> = const { Cell::new(false) };
     static FLUSH_INTERVAL_MS: Cell<Option<f64>> = const { Cell::new(None) };
+    /// This isolate's usage reads this second.
+    static READS: RefCell<usage::ReadLimiter> = const { RefCell::new(usage::ReadLimiter::new()) };
     static ISOLATE: String = random_id("isolate");
 }
 
@@ -109,13 +113,14 @@ pub fn due(env: &Env) -> bool {
     due
 }
 
-/// Sends this isolate's counts (and any flush that failed before) to the usage store.
+/// Sends this isolate's counts (and any flush that failed before) to the usage store, at
+/// most [`BATCHES_PER_CALL`] flushes per call, in order.
 pub async fn flush(env: &Env) -> std::result::Result<(), Failure> {
     if FLUSHING.replace(true) {
         return Ok(());
     }
     let counts = UNFLUSHED.with(|u| u.borrow_mut().take());
-    let batches = OUTBOX.with(|o| {
+    OUTBOX.with(|o| {
         let mut outbox = o.borrow_mut();
         if !counts.is_empty() {
             let seq = NEXT_SEQ.get();
@@ -130,24 +135,38 @@ pub async fn flush(env: &Env) -> std::result::Result<(), Failure> {
             console_error!("tokengate usage: the usage store was unreachable for {dropped} flushes too many; their counts are lost");
             outbox.drain(..dropped);
         }
-        outbox.clone()
     });
-    let result = if batches.is_empty() {
-        Ok(())
-    } else {
-        let isolate = ISOLATE.with(Clone::clone);
-        let call = Call::UsageAdd { isolate, batches };
-        match state::call_object::<serde_json::Value>(env, USAGE_OBJECT, &call).await {
-            Ok(Ok(_)) => {
-                OUTBOX.with(|o| o.borrow_mut().clear());
-                Ok(())
-            }
-            Ok(Err(refused)) => Err(Failure::State(refused.description)),
-            Err(failure) => Err(failure),
-        }
-    };
+    let result = send_outbox(env).await;
     FLUSHING.set(false);
     result
+}
+
+async fn send_outbox(env: &Env) -> std::result::Result<(), Failure> {
+    let isolate = ISOLATE.with(Clone::clone);
+    loop {
+        let batches: Vec<Batch> =
+            OUTBOX.with(|o| o.borrow().iter().take(BATCHES_PER_CALL).cloned().collect());
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let call = Call::UsageAdd {
+            isolate: isolate.clone(),
+            batches,
+        };
+        // The store answers the last flush number it has applied for this isolate.
+        let last = match state::call_object::<u64>(env, USAGE_OBJECT, &call).await {
+            Ok(Ok(last)) => last,
+            Ok(Err(refused)) => return Err(Failure::State(refused.description)),
+            Err(failure) => return Err(failure),
+        };
+        let before = OUTBOX.with(|o| o.borrow().len());
+        OUTBOX.with(|o| o.borrow_mut().retain(|b| b.seq > last));
+        if OUTBOX.with(|o| o.borrow().len()) == before {
+            return Err(Failure::State(format!(
+                "the usage store applied up to flush {last}, none of those sent"
+            )));
+        }
+    }
 }
 
 /// What the usage store answers a read.
@@ -187,7 +206,8 @@ pub async fn handle_read(req: &Request, env: &Env, target: &gate::Target) -> Res
     };
     let trusted = keys.as_ref().zip(environment.as_deref());
     let now = served::now_secs();
-    if let Err(refusal) = usage::authorize(&request, trusted, now) {
+    let admit = |now| READS.with(|reads| reads.borrow_mut().admit(now));
+    if let Err(refusal) = usage::authorize(&request, trusted, now, admit) {
         return gate::denial_response(&refusal);
     }
     let environment = environment.unwrap_or_default();
@@ -278,13 +298,15 @@ pub mod store {
     }
 
     /// Applies `batches` of `isolate` (each once: a number at or below the last applied is
-    /// skipped); `Err` text for a batch that does not parse (nothing of it is applied).
+    /// skipped), all in this one synchronous step (the object's writes between awaits commit
+    /// together); `Err` text for a batch that does not parse (nothing of it is applied).
     pub fn add(
         sql: &worker::SqlStorage,
         isolate: &str,
         batches: &[Batch],
         now_ms: f64,
     ) -> worker::Result<std::result::Result<u64, String>> {
+        // Returns the last flush number applied for the isolate (this call's or an earlier).
         setup(sql)?;
         let rows: Vec<Seq> = sql
             .exec(
@@ -293,7 +315,6 @@ pub mod store {
             )?
             .to_array()?;
         let mut last = rows.first().map_or(0, |r| r.seq as u64);
-        let mut applied = 0;
         for batch in batches {
             if batch.seq <= last {
                 continue;
@@ -329,13 +350,12 @@ pub mod store {
             // This figure's own row counts as the one row its update writes.
             bump(sql, "rows_written", written + 1)?;
             last = batch.seq;
-            applied += 1;
         }
         sql.exec(
             "DELETE FROM usage_flush WHERE at < ?",
             vec![(now_ms - FORGET_ISOLATE_MS).into()],
         )?;
-        Ok(Ok(applied))
+        Ok(Ok(last))
     }
 
     /// The store's instance (drawn on the first read) and figures, with every count if

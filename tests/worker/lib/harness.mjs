@@ -328,6 +328,22 @@ export class Worker {
     return null;
   }
 
+  /**
+   * The usage store's own figures ({instance, rows_written, flushes}), asked of the Durable
+   * Object directly (as an operator could in the dashboard): no route of the Worker exposes them.
+   */
+  async usageStore() {
+    const namespace = await this.mf.getDurableObjectNamespace(STATE_BINDING, "tokengate");
+    const stub = namespace.get(namespace.idFromName("usage"));
+    const res = await stub.fetch("https://state/", {
+      method: "POST",
+      body: JSON.stringify({ op: "usage_read", counts: false }),
+    });
+    const text = await res.text();
+    assert.equal(res.status, 200, `usage store: ${res.status} ${text}`);
+    return JSON.parse(text);
+  }
+
   async status() {
     const res = await this.request("GET", STATUS_PATH);
     assert.equal(res.status, 200, `status endpoint: ${res.status} ${res.body}`);
