@@ -387,6 +387,8 @@ pub fn push(
     let sender = Sender {
         agent: ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A redirect would carry a signed push elsewhere: the Worker never redirects.
+            .max_redirects(0)
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into(),

@@ -834,9 +834,12 @@ fn push_envoy_with_the_module_writes_a_bundle_file_per_ecds_file_and_prunes_only
     assert_eq!(files("b.json").len(), 1);
 }
 
-/// A gate on 127.0.0.1 that answers each request with the next of `answers` (status, extra
-/// headers, body) and then stops; its base URL.
-fn fake_gate(answers: Vec<(u16, Vec<(&'static str, String)>, String)>) -> String {
+/// An HTTP answer: status, extra headers, body.
+type Answer = (u16, Vec<(&'static str, String)>, String);
+
+/// A gate on 127.0.0.1 that answers each request with the next of `answers` and then stops;
+/// its base URL.
+fn fake_gate(answers: Vec<Answer>) -> String {
     use std::io::Read;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

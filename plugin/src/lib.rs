@@ -196,11 +196,13 @@ fn register(vm: &str) -> bool {
     false
 }
 
-/// Writes this VM's changed parts (and makes sure the registry names it).
+/// Writes this VM's changed parts, and makes sure the registry names it (an entry lost to a
+/// concurrent creation of the registry is put back at the next flush).
 fn flush_usage() {
     VM_USAGE.with(|usage| {
         let mut usage = usage.borrow_mut();
-        if usage.changed == 0 || !register(&usage.id) {
+        let counted = usage.parts.iter().any(|part| !part.is_empty());
+        if !counted || !register(&usage.id) {
             return;
         }
         for part in 0..USAGE_SHARDS {

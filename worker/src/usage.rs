@@ -45,6 +45,11 @@ const BATCHES_PER_CALL: usize = 10;
 /// isolate's outbox spans at most [`MAX_OUTBOX`] intervals, far less.
 const FORGET_ISOLATE_MS: f64 = 86_400_000.0;
 
+/// A kept flush older than this is dropped, not sent (logged): the store forgets an isolate's
+/// flush numbers a day after its last flush, and an isolate idle that long could otherwise
+/// have a flush applied twice.
+const MAX_BATCH_AGE_MS: f64 = 12.0 * 3_600_000.0;
+
 /// One flush: the isolate's counts since its previous one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Batch {
@@ -52,6 +57,9 @@ pub struct Batch {
     pub seq: u64,
     /// [`Tally::encode`].
     pub tally: String,
+    /// When the isolate made it (ms; not sent).
+    #[serde(skip)]
+    pub made_ms: f64,
 }
 
 thread_local! {
@@ -128,7 +136,14 @@ pub async fn flush(env: &Env) -> std::result::Result<(), Failure> {
             outbox.push(Batch {
                 seq,
                 tally: counts.encode(),
+                made_ms: served::now_ms(),
             });
+        }
+        let cutoff = served::now_ms() - MAX_BATCH_AGE_MS;
+        let kept = outbox.len();
+        outbox.retain(|batch| batch.made_ms >= cutoff);
+        if outbox.len() < kept {
+            console_error!("tokengate usage: {} flushes kept longer than 12 hours were dropped; their counts are lost", kept - outbox.len());
         }
         if outbox.len() > MAX_OUTBOX {
             let dropped = outbox.len() - MAX_OUTBOX;
@@ -377,7 +392,7 @@ pub mod store {
             .and_then(|m| m.text.clone())
         {
             Some(instance) => instance,
-            // Only a usage read names the instance: a status read writes nothing.
+            // Only a read of the counts names the instance.
             None if !counts => String::new(),
             None => {
                 let instance = random_id("worker");
