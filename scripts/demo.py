@@ -120,6 +120,16 @@ def main():
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
+    step("tokengate usage pull: who used which token, asked of both gates (a read signed by the "
+         "admin key; the gates answer token ids and counts only)")
+    pulled = subprocess.run([CLI, "usage", "pull", "--envoy-url", f"http://127.0.0.1:{gw.listen_port}",
+                             "--worker-url", worker_url], capture_output=True, text=True)
+    if pulled.returncode != 0:
+        sys.exit(f"tokengate usage pull: {pulled.stderr}")
+    for line in pulled.stderr.strip().splitlines():
+        print("  " + line)
+    print(cli("list"))
+
     step("what Envoy recorded (access log: the token name, never the token)")
     time.sleep(0.3)
     for line in gw.access_log_lines()[-4:]:
@@ -135,6 +145,7 @@ Try it yourself (Envoy pid {gw.pid}, admin on 127.0.0.1:{gw.admin_port}):
   curl -i http://127.0.0.1:{worker_port}/api/orders/1 -H 'X-Internal-Token: {legacy}'
   curl -s http://127.0.0.1:{worker_port}/.well-known/tokengate/status
   export TOKENGATE_STORE={os.environ['TOKENGATE_STORE']}
+  {CLI} usage pull --envoy-url http://127.0.0.1:{gw.listen_port} --worker-url {worker_url} && {CLI} unused --for 1m
   {CLI} revoke ci-deploy --reason demo && {CLI} push envoy --file {gw.ecds_path} --admin http://127.0.0.1:{gw.admin_port}
   curl -s http://127.0.0.1:{gw.admin_port}/stats/prometheus | grep tokengate_
 """)

@@ -207,6 +207,24 @@ mod tests {
         }
     }
 
+    /// A vector's request as Envoy hands it over: pseudo-headers, then its headers (names in
+    /// lower case).
+    fn headers_of(r: &conformance::Request) -> Vec<(String, String)> {
+        [
+            (":method", &r.method),
+            (":path", &r.path),
+            (":authority", &r.authority),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v.clone()))
+        .chain(
+            r.headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
+        )
+        .collect()
+    }
+
     fn fixture(suite: &conformance::Suite, name: &str) -> Gate {
         let trusted = KeySet::from_hex(&suite.trusted_keys).unwrap();
         let text = suite.bundle_text(name, "envoy").unwrap();
@@ -223,21 +241,8 @@ mod tests {
         let suite = conformance::load().unwrap();
         let count = conformance::run_all(&suite, |case| {
             let gate = fixture(&suite, &case.bundle);
-            let r = &case.request;
             let mut envoy = FakeEnvoy {
-                headers: [
-                    (":method", &r.method),
-                    (":path", &r.path),
-                    (":authority", &r.authority),
-                ]
-                .into_iter()
-                .map(|(n, v)| (n.to_owned(), v.clone()))
-                .chain(
-                    r.headers
-                        .iter()
-                        .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
-                )
-                .collect(),
+                headers: headers_of(&case.request),
                 ..FakeEnvoy::default()
             };
             let verdict = on_request_headers(
@@ -331,17 +336,7 @@ mod tests {
             .iter()
             .find(|c| c.expect.reason == "valid" && c.bundle == "main")
             .unwrap();
-        let r = &valid.request;
-        let headers: Vec<(String, String)> = [(":method", &r.method), (":path", &r.path)]
-            .into_iter()
-            .chain([(":authority", &r.authority)])
-            .map(|(n, v)| (n.to_owned(), v.clone()))
-            .chain(
-                r.headers
-                    .iter()
-                    .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
-            )
-            .collect();
+        let headers = headers_of(&valid.request);
         for (refuse_edits, now) in [(true, Some(valid.now)), (false, None)] {
             let mut envoy = FakeEnvoy {
                 headers: headers.clone(),
@@ -440,21 +435,8 @@ mod tests {
             .find(|c| c.expect.reason == "valid" && c.bundle == "main")
             .unwrap();
         let gate = fixture(&suite, "main");
-        let r = &valid.request;
         let mut envoy = FakeEnvoy {
-            headers: [
-                (":method", &r.method),
-                (":path", &r.path),
-                (":authority", &r.authority),
-            ]
-            .into_iter()
-            .map(|(n, v)| (n.to_owned(), v.clone()))
-            .chain(
-                r.headers
-                    .iter()
-                    .map(|(n, v)| (n.to_ascii_lowercase(), v.clone())),
-            )
-            .collect(),
+            headers: headers_of(&valid.request),
             ..FakeEnvoy::default()
         };
         on_request_headers(

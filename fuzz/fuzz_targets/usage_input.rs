@@ -24,5 +24,6 @@ fuzz_target!(|data: &[u8]| {
         authority: "gate",
         headers: &headers,
     };
-    assert!(usage::authorize(&request, Some((&keys, "prod")), 1_700_000_000).is_err());
+    let admit_all = |_| true;
+    assert!(usage::authorize(&request, Some((&keys, "prod")), 1_700_000_000, admit_all).is_err());
 });
