@@ -417,6 +417,11 @@ def bundle_files(gw):
             for name in sorted(os.listdir(gw.bundle_dir))}
 
 
+def mistyped(token):
+    """The token with its last character changed (its checksum then fails)."""
+    return token[:-1] + ("x" if token[-1] != "x" else "y")
+
+
 def bearer(token):
     return [("authorization", f"Bearer {token}")]
 
@@ -921,7 +926,7 @@ def test_access_log_and_stats_for_allowed_and_denied():
         eventually(lambda: status_of(gw, token) == 200, 2.0, "served")
         before = gw.stats()
         assert gw.request("GET", "/api/orders", bearer(token))[0] == 200
-        assert gw.request("GET", f"/api/orders?access_token={token}", bearer(token[:-1] + "x"))[0] == 401
+        assert gw.request("GET", f"/api/orders?access_token={token}", bearer(mistyped(token)))[0] == 401
         after = gw.stats()
         for name in (gw.stat_name("allowed.valid"), gw.stat_name("denied.checksum")):
             assert after.get(name, 0) == before.get(name, 0) + 1, name
@@ -1243,7 +1248,7 @@ def test_usage_pull_list_unused_and_a_second_pull_changes_nothing():
             if want == 403:
                 assert error_of(body) == "insufficient_scope", body[:200]
         # Refusals that are no use of a token: not counted.
-        assert status_of(gw, tokens["idle-a"][:-1] + "x") == 401
+        assert status_of(gw, mistyped(tokens["idle-a"])) == 401
         settle(gw)
         pulled = usage_pull(op, gw)
         pulled_at = time.time()
