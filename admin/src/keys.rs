@@ -157,6 +157,25 @@ impl Keyring {
         }
         Ok(signatures)
     }
+
+    /// A `Tokengate-Signature` value for a signed request to a gate at `t`: every published
+    /// key this ring holds, over `<context>\n<t>\n<body>` (`tokengate_core::signed`).
+    pub fn sign_request(
+        &self,
+        context: &str,
+        t: u64,
+        body: &[u8],
+        published: &[String],
+    ) -> Result<String> {
+        let mut message = format!("{context}\n{t}\n").into_bytes();
+        message.extend_from_slice(body);
+        let signatures: Vec<String> = self
+            .sign(&message, published)?
+            .into_iter()
+            .map(|s| format!("{}={}", s.key_id, s.signature))
+            .collect();
+        Ok(format!("t={t},{}", signatures.join(",")))
+    }
 }
 
 /// A new private key from the OS CSPRNG.

@@ -19,9 +19,6 @@ use crate::keys::Keyring;
 use crate::store::{self, Actor, Store};
 use crate::Issued;
 
-/// What a push request's signatures cover, before `<t>\n<body>`.
-pub const PUSH_CONTEXT: &str = "tokengate.push/v2";
-
 /// Writes `bytes` to `path` atomically. `path` must be new or a regular file: a rename
 /// would replace a device, a directory entry of another kind, or a symlink itself.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {

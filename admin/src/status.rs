@@ -68,6 +68,15 @@ pub struct EnvoyStatus {
     pub rejected: u64,
 }
 
+/// A response's `Retry-After` in whole seconds, if it has one.
+pub(crate) fn retry_after(response: &ureq::http::Response<ureq::Body>) -> Option<u64> {
+    response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
 /// GETs `url` and reads its JSON body; any status but 200 is an error naming `what`.
 fn get_json<T: serde::de::DeserializeOwned>(url: &str, what: &str) -> Result<T> {
     let mut response = agent()

@@ -169,23 +169,14 @@ fn fetch(
     let (code, text) = loop {
         attempt += 1;
         let t = crate::time::now();
-        let message = format!("{USAGE_CONTEXT}\n{t}\n{environment}");
-        let signatures: Vec<String> = ring
-            .sign(message.as_bytes(), published)?
-            .into_iter()
-            .map(|s| format!("{}={}", s.key_id, s.signature))
-            .collect();
+        let signature = ring.sign_request(USAGE_CONTEXT, t, environment.as_bytes(), published)?;
         let mut response = status::agent()
             .get(&url)
-            .header(SIGNATURE_HEADER, &format!("t={t},{}", signatures.join(",")))
+            .header(SIGNATURE_HEADER, &signature)
             .call()
             .with_context(|| format!("asking {} for its usage", source.label()))?;
         let code = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let retry_after = status::retry_after(&response);
         let text = response
             .body_mut()
             .with_config()

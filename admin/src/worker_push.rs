@@ -22,10 +22,10 @@ use anyhow::{bail, Context, Result};
 use tokengate_core::access::Settings;
 use tokengate_core::bundle::{self, Bundle};
 use tokengate_core::pages::{self, Page, PagedTokens};
+use tokengate_core::signed::{PUSH_CONTEXT, SIGNATURE_HEADER};
 use tokengate_core::Target;
 
 use crate::keys::Keyring;
-use crate::push::PUSH_CONTEXT;
 use crate::store::{self, Actor, Store};
 use crate::Issued;
 
@@ -78,32 +78,19 @@ impl Sender<'_> {
                     DEADLINE.as_secs() / 60
                 );
             }
-            let t = crate::time::now();
-            let mut message = format!("{PUSH_CONTEXT}\n{t}\n").into_bytes();
-            message.extend_from_slice(body);
-            let signatures: Vec<String> = self
-                .ring
-                .sign(&message, &self.published)?
-                .into_iter()
-                .map(|s| format!("{}={}", s.key_id, s.signature))
-                .collect();
+            let signature =
+                self.ring
+                    .sign_request(PUSH_CONTEXT, crate::time::now(), body, &self.published)?;
             let sent = self
                 .agent
                 .post(&url)
                 .header("content-type", "application/json")
-                .header(
-                    "tokengate-signature",
-                    &format!("t={t},{}", signatures.join(",")),
-                )
+                .header(SIGNATURE_HEADER, &signature)
                 .send(body);
             let (wait, why) = match sent {
                 Ok(mut response) => {
                     let status = response.status().as_u16();
-                    let retry_after = response
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    let retry_after = crate::status::retry_after(&response);
                     let text = response.body_mut().read_to_string().unwrap_or_default();
                     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
                     let answer = Answer { status, json };

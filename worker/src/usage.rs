@@ -235,7 +235,7 @@ pub async fn handle_read(req: &Request, env: &Env, target: &gate::Target) -> Res
         worker::Delay::from(std::time::Duration::from_millis(50)).await;
     }
     let stored = match flush(env).await {
-        Ok(()) => read(env, true).await,
+        Ok(()) => read(env).await,
         Err(failure) => Err(failure),
     };
     match stored.and_then(|s| {
@@ -258,9 +258,10 @@ pub async fn handle_read(req: &Request, env: &Env, target: &gate::Target) -> Res
     }
 }
 
-/// The usage store's figures, and its counts if `counts` (else its tally is empty).
-pub async fn read(env: &Env, counts: bool) -> std::result::Result<Stored, Failure> {
-    match state::call_object::<Stored>(env, USAGE_OBJECT, &Call::UsageRead { counts }).await {
+/// The usage store's counts and figures.
+pub async fn read(env: &Env) -> std::result::Result<Stored, Failure> {
+    let call = Call::UsageRead { counts: true };
+    match state::call_object::<Stored>(env, USAGE_OBJECT, &call).await {
         Ok(Ok(stored)) => Ok(stored),
         Ok(Err(refused)) => Err(Failure::State(refused.description)),
         Err(failure) => Err(failure),
