@@ -50,7 +50,7 @@ def sha(token: str) -> str:
 
 
 def record(name, token, scopes, created=NOW - 30 * DAY, not_before=None, expires=None,
-           revoked=None, previous=None, grace=None):
+           revoked=None, previous=None, grace=None, rate=None):
     """A token record as the CLI writes it: optional members only when set; the token id
     is not in it (targets derive it from the hash)."""
     out = {"name": name, "hash": sha(token), "scopes": scopes, "created_at": created}
@@ -60,12 +60,22 @@ def record(name, token, scopes, created=NOW - 30 * DAY, not_before=None, expires
             out[member] = value
     if previous is not None:
         out["previous"] = {"hash": sha(previous), "grace_until": grace}
+    if rate is not None:
+        out["rate_limit"] = rate
     return out
 
 
-def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=(), cf_access=False):
-    return {"name": name, "path": path, "methods": list(methods), "host": host,
-            "access": access, "all_of": list(all_of), "any_of": list(any_of), "cf_access": cf_access}
+def rule(name, path, access="token", methods=(), host=None, all_of=(), any_of=(), cf_access=False,
+         rate=None):
+    out = {"name": name, "path": path, "methods": list(methods), "host": host,
+           "access": access, "all_of": list(all_of), "any_of": list(any_of), "cf_access": cf_access}
+    if rate is not None:
+        out["rate_limit"] = rate
+    return out
+
+
+def per_minute(requests):
+    return {"requests": requests, "per": "minute"}
 
 
 def compact(value) -> str:
@@ -118,7 +128,9 @@ T = {name: make_token(prefix, name) for name, prefix in [
     ("future", "sk_live"), ("rotated-old", "sk_live"), ("rotated-new", "sk_live"),
     ("no-scopes", "sk_live"), ("at-cutoff", "sk_live"), ("after-cutoff", "sk_live"),
     ("never-issued", "sk_live"), ("query-user", "sk_live"), ("revoked-by-all", "sk_live"),
-    ("revoked-before-all", "sk_live")]}
+    ("revoked-before-all", "sk_live"), ("limit-a", "sk_live"), ("pair-1", "sk_live"),
+    ("pair-2", "sk_live"), ("capped", "sk_live"), ("roomy", "sk_live"),
+    ("capped-public", "sk_live")]}
 LEGACY = hashlib.sha256(b"legacy INTERNAL_SERVICE_TOKEN").hexdigest()  # 64 hex chars
 
 POLICY = [
@@ -159,6 +171,23 @@ REVOKE_ALL_TOKENS = [
            revoked=CUTOFF - 5),
 ]
 
+# Rate limits: per minute, the one period every target counts (the Worker's Cloudflare
+# binding has 10 s and 60 s windows only). Each sequence has tokens of its own, so a target
+# on a real clock can run them all in one window.
+LIMITS_POLICY = [
+    rule("health", {"exact": "/healthz"}, "public", methods=["GET"]),
+    rule("limited", {"prefix": "/limited"}, rate=per_minute(3)),
+    rule("api", {"prefix": "/api"}),
+]
+LIMITS_TOKENS = [
+    record("limit-a", T["limit-a"], ["orders:read"]),
+    record("pair-1", T["pair-1"], ["orders:read"]),
+    record("pair-2", T["pair-2"], ["orders:read"]),
+    record("capped", T["capped"], [], rate=per_minute(2)),  # stricter than the rule's 3
+    record("roomy", T["roomy"], [], rate=per_minute(100)),  # the rule's 3 is stricter
+    record("capped-public", T["capped-public"], [], rate=per_minute(1)),
+]
+
 BUNDLES = {
     "main": lambda t: bundle(10, MAIN_TOKENS, POLICY, SOURCES, target=t),
     "revoke-all": lambda t: bundle(11, REVOKE_ALL_TOKENS, POLICY, SOURCES,
@@ -170,6 +199,7 @@ BUNDLES = {
     # Mid-rotation: both keys published and signing, so a gate trusting either one loads it.
     "rotation": lambda t: bundle(14, MAIN_TOKENS, POLICY, SOURCES, target=t,
                                  keys=[pub(KEY_A), pub(KEY_B)]),
+    "limits": lambda t: bundle(15, LIMITS_TOKENS, LIMITS_POLICY, SOURCES, target=t),
 }
 SIGNED_BY = {"rotation": [KEY_A, KEY_B]}  # every other fixture: KEY_A alone
 
@@ -443,6 +473,68 @@ case("credential forwarded when configured", bundle="forward", headers=bearer(T[
 names = [c["name"] for c in cases]
 assert len(names) == len(set(names)), "case names must be unique"
 
+# --- sequences: requests in order against one gate, at seconds into a window ---------------
+# `at` counts from the start of an epoch-aligned minute (NOW is one). Counters start empty;
+# `reset` is the seconds to the window's end at `at`, which a runner on a real clock
+# recomputes from the second it sent the request in. A sequence's tokens are its own.
+sequences = []
+
+
+def seq(name, steps):
+    sequences.append({"name": name, "bundle": "limits", "steps": steps})
+
+
+def ok(token, path="/limited/x", at=0):
+    headers = bearer(T[token]) if token else []
+    expect = {"status": 200, "reason": "valid" if token else "public",
+              "response_absent": ["retry-after", "ratelimit", "ratelimit-policy"]}
+    if token:
+        expect["upstream_headers"] = {"x-tokengate-subject": token}
+    return {"at": at, "request": {"method": "GET", "path": path, "authority": "api.internal",
+                                  "headers": [list(h) for h in headers]}, "expect": expect}
+
+
+def limited(token, policy, quota, path="/limited/x", at=1):
+    reset = 60 - at % 60
+    return {"at": at, "reset": reset,
+            "request": {"method": "GET", "path": path, "authority": "api.internal",
+                        "headers": [list(h) for h in bearer(T[token])]},
+            "expect": {"status": 429, "reason": "rate_limited", "error": "rate_limited",
+                       "response_headers": {
+                           "retry-after": str(reset),
+                           "ratelimit-policy": f'"{policy}";q={quota};w=60',
+                           "ratelimit": f'"{policy}";r=0;t={reset}'},
+                       "response_absent": ["www-authenticate"],
+                       "upstream_absent": ["x-tokengate-subject"]}}
+
+
+seq("a rule's limit: three pass, the fourth in the minute is 429, the next minute passes again",
+    [ok("limit-a"), ok("limit-a"), ok("limit-a"), limited("limit-a", "limited", 3),
+     limited("limit-a", "limited", 3, at=30), ok("limit-a", at=61), ok("limit-a", at=62),
+     ok("limit-a", at=62), limited("limit-a", "limited", 3, at=63)])
+seq("two tokens under one rule have independent limits",
+    [ok("pair-1"), ok("pair-1"), ok("pair-1"), ok("pair-2"), limited("pair-1", "limited", 3),
+     ok("pair-2", at=1), ok("pair-2", at=1), limited("pair-2", "limited", 3, at=2)])
+seq("a token's own limit applies where it is stricter, counted across rules",
+    [ok("capped"), ok("capped", path="/api/orders"),
+     limited("capped", "token", 2, path="/api/orders"), limited("capped", "token", 2)])
+seq("a rule's limit applies where it is stricter than the token's own",
+    [ok("roomy"), ok("roomy"), ok("roomy"), limited("roomy", "limited", 3),
+     ok("roomy", path="/api/orders", at=1), ok("roomy", path="/api/orders", at=1)])
+seq("public routes are not limited, with or without a limited token",
+    [ok(None, path="/healthz"), ok(None, path="/healthz"),
+     {**ok(None, path="/healthz"), "request": {**ok(None, path="/healthz")["request"],
+                                              "headers": [list(h) for h in bearer(T["capped-public"])]}},
+     {**ok(None, path="/healthz"), "request": {**ok(None, path="/healthz")["request"],
+                                              "headers": [list(h) for h in bearer(T["capped-public"])]}},
+     ok("capped-public", path="/api/orders", at=1),
+     limited("capped-public", "token", 1, path="/api/orders", at=2)])
+seq_names = [q["name"] for q in sequences]
+assert len(seq_names) == len(set(seq_names)), "sequence names must be unique"
+seq_tokens = [sorted({h[1] for step in q["steps"] for h in step["request"]["headers"]}) for q in sequences]
+assert all(not set(a) & set(b) for i, a in enumerate(seq_tokens) for b in seq_tokens[i + 1:]), \
+    "each sequence has tokens of its own"
+
 # --- bundles every target must refuse ----------------------------------------------------
 TRUSTED = [pub(KEY_A)]
 
@@ -526,6 +618,17 @@ def refusals(target):
         refusal("bad rule path", signed(bundle(20, [], [rule("r", {"prefix": "/api/../x"})], SOURCES,
                                               target=target))),
         refusal("no credential sources", signed(bundle(20, [], POLICY, [], target=target))),
+        refusal("a rule's rate limit of zero requests", signed(bundle(
+            20, [], [rule("r", {"prefix": "/api"}, rate=per_minute(0))], SOURCES, target=target))),
+        refusal("a rate limit on a public rule", signed(bundle(
+            20, [], [rule("r", {"prefix": "/api"}, "public", rate=per_minute(5))], SOURCES,
+            target=target))),
+        refusal("a rate limit per day", signed(bundle(
+            20, [], [rule("r", {"prefix": "/api"}, rate={"requests": 5, "per": "day"})], SOURCES,
+            target=target))),
+        refusal("a token's rate limit over a million requests", signed(bundle(
+            20, [record("x", T["root"], [], rate=per_minute(1_000_001))], POLICY, SOURCES,
+            target=target))),
         # Signed as v2 signs, so the envelope's format is the only thing wrong.
         refusal("wrong format", envelope(main_text, [sign(KEY_A, main_text)], fmt="tokengate.bundle/v3")),
     ]
@@ -544,6 +647,7 @@ suite = {
     "bundles": {name: {t: publish(make(t), SIGNED_BY.get(name, [KEY_A])) for t in ("envoy", "worker")}
                 for name, make in BUNDLES.items()},
     "cases": cases,
+    "sequences": sequences,
     "refusals": REFUSALS,
 }
 text = json.dumps(suite, indent=1, ensure_ascii=False) + "\n"
@@ -553,4 +657,4 @@ if "--check" in sys.argv:
         sys.exit("conformance/vectors.json is stale: run python3 conformance/generate.py")
 else:
     out.write_text(text)
-print(f"{len(cases)} cases, {len(REFUSALS)} refusals", file=sys.stderr)
+print(f"{len(cases)} cases, {len(sequences)} sequences, {len(REFUSALS)} refusals", file=sys.stderr)

@@ -21,9 +21,10 @@ cargo build -p tokengate-plugin --target wasm32-wasip1 --release --locked
 wasm="target/wasm32-wasip1/release/tokengate_filter.wasm"
 size=$(stat -c %s "$wasm")
 # The budget grew from 300 to 400 KiB with Ed25519 verification and serde's derived readers,
-# and to 420 KiB with usage counting and signed usage reads (+33 KB, 386,046 -> 419,333).
-say "filter size: $size bytes ($wasm); budget 430080 (420 KiB)"
-[ "$size" -le 430080 ] || echo "warning: the filter is over its 420 KiB budget" >&2
+# and to 420 KiB with usage counting and signed usage reads (+33 KB, 386,046 -> 419,333), and
+# to 440 KiB with rate limits (the policy's and tokens' limits, shared-data counters: +19 KB).
+say "filter size: $size bytes ($wasm); budget 450560 (440 KiB)"
+[ "$size" -le 450560 ] || echo "warning: the filter is over its 440 KiB budget" >&2
 
 say "building the dynamic module (native, target/native/libtokengate.so)"
 cargo build -p tokengate-dynamic-module --profile native --locked

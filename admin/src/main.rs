@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokengate_core::bundle::{self, Bundle, CredentialConfig};
+use tokengate_core::rate::RateLimit;
 use tokengate_core::{token, Expectation, Gate, KeySet, Outcome, Request, Target};
 
 use crate::store::{Actor, Store, Token};
@@ -85,6 +86,10 @@ enum Command {
         prefix: String,
         #[command(flatten)]
         lifetime: Lifetime,
+        /// The token's own rate limit, wherever it is used: `100/s`, `600/min`, `5000/h` (a
+        /// rule's, if stricter, applies instead).
+        #[arg(long)]
+        rate: Option<RateLimit>,
         #[arg(long, default_value = "")]
         description: String,
         /// Why, for the audit trail.
@@ -101,6 +106,9 @@ enum Command {
         from_env: Option<String>,
         #[command(flatten)]
         lifetime: Lifetime,
+        /// The token's own rate limit: `100/s`, `600/min`, `5000/h`.
+        #[arg(long)]
+        rate: Option<RateLimit>,
         #[arg(long, default_value = "")]
         description: String,
         #[arg(long)]
@@ -425,6 +433,7 @@ fn new_token(
     scopes: &[String],
     (not_before, expires_at): (Option<u64>, Option<u64>),
     prefix: Option<&str>,
+    rate_limit: Option<RateLimit>,
     description: &str,
     now: u64,
 ) -> Result<Token> {
@@ -445,6 +454,7 @@ fn new_token(
         previous_hash: None,
         previous_grace_until: None,
         rotated_at: None,
+        rate_limit,
     })
 }
 
@@ -534,6 +544,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             ref scopes,
             ref prefix,
             ref lifetime,
+            rate,
             ref description,
             ref reason,
         } => {
@@ -550,10 +561,11 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 scopes,
                 (not_before, expires_at),
                 Some(prefix),
+                rate,
                 description,
                 now,
             )?;
-            let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "expires_at": expires_at});
+            let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "expires_at": expires_at, "rate_limit": rate.map(|r| r.to_string())});
             store.transaction(
                 &actor(cli.actor.clone(), reason.clone()),
                 "token.create",
@@ -574,6 +586,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             ref scopes,
             ref from_env,
             ref lifetime,
+            rate,
             ref description,
             ref reason,
         } => {
@@ -590,10 +603,11 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 scopes,
                 (not_before, expires_at),
                 None,
+                rate,
                 description,
                 now,
             )?;
-            let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "imported": true});
+            let details = serde_json::json!({"token_id": record.token_id, "scopes": scopes, "imported": true, "rate_limit": rate.map(|r| r.to_string())});
             store.transaction(
                 &actor(cli.actor.clone(), reason.clone()),
                 "token.import",
@@ -1178,6 +1192,7 @@ fn token_json(t: &Token, now: u64, cut: Option<u64>, used: &usage::Summary) -> s
         "description": t.description,
         "previous_token_id": t.previous_token_id,
         "previous_grace_until": at(t.previous_grace_until),
+        "rate_limit": t.rate_limit.map(|limit| limit.to_string()),
         "last_used": at(used.last_used),
         "uses": used.uses,
         "uses_30d": used.uses_30d,
@@ -1280,7 +1295,20 @@ pub(crate) fn build_bundle(
     let policy = store
         .policy()?
         .context("no policy is set (tokengate policy set FILE)")?;
-    let tokens = store.tokens()?.iter().map(|t| t.record(now)).collect();
+    let tokens: Vec<_> = store.tokens()?.iter().map(|t| t.record(now)).collect();
+    if target == Target::Worker {
+        // The Worker counts with Cloudflare's Rate Limiting binding, over 60 s windows only.
+        if let Some(token) = tokens.iter().find(|t| {
+            t.rate_limit
+                .is_some_and(|limit| limit.per != tokengate_core::rate::Period::Minute)
+        }) {
+            anyhow::bail!(
+                "token {:?} has a rate limit of {}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding); nothing was pushed",
+                token.name,
+                token.rate_limit.map(|l| l.to_string()).unwrap_or_default()
+            );
+        }
+    }
     Ok(Bundle {
         version,
         issued_at: now,

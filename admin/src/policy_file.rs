@@ -35,7 +35,9 @@ fn rule_of(error: &PolicyError) -> Option<&str> {
     match error {
         PolicyError::BadRuleName(rule)
         | PolicyError::DuplicateRuleName(rule)
-        | PolicyError::ScopesOnPublicRule(rule) => Some(rule),
+        | PolicyError::ScopesOnPublicRule(rule)
+        | PolicyError::RateLimitOnPublicRule(rule)
+        | PolicyError::BadRateLimit(rule) => Some(rule),
         PolicyError::BadPath { rule, .. }
         | PolicyError::BadMethod { rule, .. }
         | PolicyError::BadHost { rule }
@@ -63,8 +65,24 @@ pub fn parse(path: &str, text: &str) -> Result<PolicyFile> {
         }
     })?;
     if let Err(error) = policy::validate(&file.policy()) {
-        let line = rule_of(&error)
-            .and_then(|rule| line_of(text, &format!("\"{rule}\"")))
+        let rule_line = rule_of(&error).and_then(|rule| line_of(text, &format!("\"{rule}\"")));
+        // A limit's error points at the rule's `rate_limit` line.
+        let limit_line = rule_line
+            .filter(|_| {
+                matches!(
+                    error,
+                    PolicyError::RateLimitOnPublicRule(_) | PolicyError::BadRateLimit(_)
+                )
+            })
+            .and_then(|after| {
+                text.lines()
+                    .enumerate()
+                    .skip(after)
+                    .find(|(_, line)| line.trim_start().starts_with("rate_limit"))
+                    .map(|(i, _)| i + 1)
+            });
+        let line = limit_line
+            .or(rule_line)
             .map_or(String::new(), |l| format!(":{l}"));
         return Err(anyhow!("{path}{line}: {error}"));
     }
@@ -133,6 +151,33 @@ mod tests {
         let error = parse("p.toml", &bad_access).unwrap_err().to_string();
         assert!(
             error.starts_with("p.toml:18:") && error.contains("certs_url"),
+            "{error}"
+        );
+        let limited = DEFAULT_POLICY.replace(
+            "access = \"token\"",
+            "access = \"token\"\nrate_limit = { requests = 600, per = \"minute\" }",
+        );
+        let file = parse("p.toml", &limited).unwrap();
+        assert_eq!(
+            file.rules[1].rate_limit.map(|l| l.to_string()).as_deref(),
+            Some("600/minute")
+        );
+        let zero = limited.replace("requests = 600", "requests = 0");
+        let error = parse("p.toml", &zero).unwrap_err().to_string();
+        assert!(error.starts_with("p.toml:16:"), "{error}");
+        let per_day = limited.replace("\"minute\"", "\"day\"");
+        let error = parse("p.toml", &per_day).unwrap_err().to_string();
+        assert!(
+            error.starts_with("p.toml:16:") && error.contains("day"),
+            "{error}"
+        );
+        let public = DEFAULT_POLICY.replace(
+            "access = \"public\"",
+            "access = \"public\"\nrate_limit = { requests = 5, per = \"second\" }",
+        );
+        let error = parse("p.toml", &public).unwrap_err().to_string();
+        assert!(
+            error.starts_with("p.toml:11:") && error.contains("public"),
             "{error}"
         );
         let bad_source = DEFAULT_POLICY.replace("\"bearer\",", "\"cookie:x\",");

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 use tokengate_core::bundle::{PreviousToken, TokenRecord};
+use tokengate_core::rate::RateLimit;
 
 use crate::policy_file::PolicyFile;
 
@@ -93,6 +94,8 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO token_ids (token_id, name) SELECT token_id, name FROM tokens;
      INSERT OR IGNORE INTO token_ids (token_id, name)
         SELECT previous_token_id, name FROM tokens WHERE previous_token_id IS NOT NULL;",
+    // 4: a token's own rate limit, as `100/second`.
+    "ALTER TABLE tokens ADD COLUMN rate_limit TEXT;",
 ];
 
 /// An open store, holding the lock file for as long as it lives.
@@ -123,6 +126,8 @@ pub struct Token {
     pub previous_grace_until: Option<u64>,
     /// When the current secret replaced the previous one (`None`: never rotated).
     pub rotated_at: Option<u64>,
+    /// The token's own rate limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Token {
@@ -163,6 +168,7 @@ impl Token {
             revoked_at: self.revoked_at,
             grace_until: None,
             previous,
+            rate_limit: self.rate_limit,
         }
     }
 }
@@ -257,7 +263,7 @@ fn signed(value: Option<u64>) -> Option<i64> {
     value.and_then(|v| i64::try_from(v).ok())
 }
 
-const TOKEN_COLUMNS: &str = "name, token_id, hash, scopes, created_at, not_before, expires_at, revoked_at, imported, description, previous_token_id, previous_hash, previous_grace_until, prefix";
+const TOKEN_COLUMNS: &str = "name, token_id, hash, scopes, created_at, not_before, expires_at, revoked_at, imported, description, previous_token_id, previous_hash, previous_grace_until, prefix, rate_limit";
 
 fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Token> {
     Ok(Token {
@@ -275,7 +281,18 @@ fn token_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Token> {
         previous_hash: row.get(11)?,
         previous_grace_until: seconds(row.get(12)?),
         prefix: row.get(13)?,
-        rotated_at: seconds(row.get(14)?),
+        rate_limit: row
+            .get::<_, Option<String>>(14)?
+            .map(|text| text.parse())
+            .transpose()
+            .map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    14,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+        rotated_at: seconds(row.get(15)?),
     })
 }
 
@@ -594,7 +611,7 @@ pub fn insert_token(tx: &Transaction<'_>, token: &Token) -> Result<()> {
         bail!("that secret is already in the store (as another token); nothing was changed");
     }
     let result = tx.execute(
-        &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
         params![
             token.name,
             token.token_id,
@@ -610,6 +627,7 @@ pub fn insert_token(tx: &Transaction<'_>, token: &Token) -> Result<()> {
             token.previous_hash,
             signed(token.previous_grace_until),
             token.prefix,
+            token.rate_limit.map(|limit| limit.to_string()),
         ],
     );
     match result {

@@ -22,6 +22,9 @@ pub struct Suite {
     pub bundles: BTreeMap<String, BTreeMap<String, String>>,
     /// Decision cases.
     pub cases: Vec<Case>,
+    /// Requests in order against one gate whose outcomes depend on the ones before (rate
+    /// limits).
+    pub sequences: Vec<Sequence>,
     /// Bundles every target must refuse.
     pub refusals: Vec<Refusal>,
 }
@@ -90,6 +93,114 @@ pub struct Expect {
     /// The path the upstream must receive (when it differs from the request's).
     #[serde(default)]
     pub upstream_path: Option<String>,
+}
+
+/// Requests sent in order to one gate, at seconds into an epoch-aligned window, with
+/// counters that start empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sequence {
+    /// What the sequence checks.
+    pub name: String,
+    /// The fixture bundle it runs against.
+    pub bundle: String,
+    /// The requests, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One request of a sequence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Seconds from the start of a window (the suite's `now` is one): steps at 60 or more
+    /// are in a later window.
+    pub at: u64,
+    /// For a 429: seconds to the window's end at `at`, as `retry-after` and the `t` of
+    /// `ratelimit` give it. A runner on a real clock sets it from its clock
+    /// ([`Step::reset_at`]).
+    #[serde(default)]
+    pub reset: Option<u64>,
+    /// The request.
+    pub request: Request,
+    /// The expectation.
+    pub expect: Expect,
+}
+
+/// Window length the sequences count in (every fixture limit is per minute).
+pub const SEQUENCE_WINDOW: u64 = 60;
+
+impl Step {
+    /// The step as a case at `now`, named after its sequence and position.
+    pub fn case(&self, sequence: &Sequence, index: usize, now: u64) -> Case {
+        Case {
+            name: format!("{} (step {}, +{}s)", sequence.name, index + 1, self.at),
+            bundle: sequence.bundle.clone(),
+            now,
+            clock_edge: false,
+            proxy_may_reject: false,
+            request: self.request.clone(),
+            expect: self.expect.clone(),
+        }
+    }
+
+    /// The step as sent at `second` seconds into its window instead of `at`: a 429's
+    /// expected `retry-after` and `ratelimit` follow.
+    pub fn reset_at(&self, second: u64) -> Step {
+        let mut step = self.clone();
+        if let Some(reset) = self.reset {
+            let actual = SEQUENCE_WINDOW - second % SEQUENCE_WINDOW;
+            step.reset = Some(actual);
+            for (name, value) in step.expect.response_headers.iter_mut() {
+                if name == "retry-after" {
+                    *value = actual.to_string();
+                } else if name == "ratelimit" {
+                    *value = value.replace(&format!(";t={reset}"), &format!(";t={actual}"));
+                }
+            }
+        }
+        step
+    }
+}
+
+/// Runs every sequence: `start` gives a runner fresh counters and the sequence's bundle,
+/// `run` sends one step at the suite's `now` plus its `at`; one report of all failures.
+pub fn run_sequences<G>(
+    suite: &Suite,
+    mut start: impl FnMut(&Sequence) -> Result<G, String>,
+    mut run: impl FnMut(&mut G, &Case) -> Result<Observed, String>,
+) -> Result<usize, String> {
+    let mut failures = Vec::new();
+    let mut steps = 0;
+    for sequence in &suite.sequences {
+        let mut gate = match start(sequence) {
+            Ok(gate) => gate,
+            Err(error) => {
+                failures.push(format!("{}: runner error: {error}", sequence.name));
+                continue;
+            }
+        };
+        for (index, step) in sequence.steps.iter().enumerate() {
+            steps += 1;
+            let case = step.case(sequence, index, suite.now + step.at);
+            match run(&mut gate, &case) {
+                Ok(seen) => {
+                    if let Err(problem) = check(&case, &seen) {
+                        failures.push(problem);
+                    }
+                }
+                Err(error) => failures.push(format!("{}: runner error: {error}", case.name)),
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(steps)
+    } else {
+        Err(format!(
+            "{} of {steps} sequence steps failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        ))
+    }
 }
 
 /// A bundle a target must refuse.

@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use crate::credentials::SourceError;
 use crate::keys::{self, KeyError, KeySet, SignatureError};
 use crate::policy::{Policy, PolicyError};
+use crate::rate::RateLimit;
 
 /// The `format` of every v2 envelope.
 pub const FORMAT: &str = "tokengate.bundle/v2";
@@ -124,6 +125,10 @@ pub struct TokenRecord {
     /// The token this one replaced by rotation, valid until the end of its grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<PreviousToken>,
+    /// The token's own rate limit, wherever it is used (a rule's, if stricter, applies
+    /// instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The token a rotation replaced. It keeps the name and scopes of the record it hangs off,
@@ -370,6 +375,9 @@ pub enum BundleError {
     DuplicateName(String),
     /// Two records share a hash.
     DuplicateHash(String),
+    /// A Worker bundle has a rate limit per second or per hour (named: a rule or a token),
+    /// which Cloudflare's Rate Limiting binding cannot count.
+    WorkerRateLimit(String),
 }
 
 impl BundleError {
@@ -422,6 +430,10 @@ impl fmt::Display for BundleError {
             Self::Token { name, problem } => write!(f, "token {name:?}: {problem}"),
             Self::DuplicateName(n) => write!(f, "two tokens are named {n:?}"),
             Self::DuplicateHash(id) => write!(f, "two tokens share one hash (token id {id})"),
+            Self::WorkerRateLimit(what) => write!(
+                f,
+                "{what}: the Worker enforces rate limits per minute only (Cloudflare's Rate Limiting binding counts over 60 s)"
+            ),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::access::{self, Assertion, KeyCheck};
 use crate::credentials::{self, Found};
 use crate::gate::{Gate, Record};
 use crate::policy::{self, Access};
+use crate::rate::Limit;
 use crate::token::{self, Shape, TokenHash, MAX_TOKEN_LEN};
 
 /// The identity headers the upstream receives; any inbound header with this prefix is removed.
@@ -118,11 +119,13 @@ pub enum Reason {
     /// A Cloudflare Access assertion that failed a check (alg, kid, signature, iss, aud, exp,
     /// nbf, subject).
     AccessInvalid,
+    /// A valid token over the rate limit of its rule or its own.
+    RateLimited,
 }
 
 impl Reason {
     /// Every reason, for hosts that define one counter each up front.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Self::Public,
         Self::Valid,
         Self::NoRule,
@@ -144,6 +147,7 @@ impl Reason {
         Self::Internal,
         Self::Access,
         Self::AccessInvalid,
+        Self::RateLimited,
     ];
 
     /// A stable snake_case name, used in metrics, logs and the conformance vectors.
@@ -170,6 +174,7 @@ impl Reason {
             Self::Internal => "internal",
             Self::Access => "access",
             Self::AccessInvalid => "access_invalid",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -236,6 +241,9 @@ pub struct Decision {
     /// The `:path` to forward when it differs from the one received (normalised, query
     /// credentials removed).
     pub rewrite_path: Option<String>,
+    /// On an Allow: the rate limit the host must charge before forwarding
+    /// ([`crate::rate::enforce`]). Until it is charged the decision is not forwarded.
+    pub rate_limit: Option<Limit>,
 }
 
 impl Decision {
@@ -250,6 +258,7 @@ impl Decision {
             remove_headers,
             add_headers: Vec::new(),
             rewrite_path: None,
+            rate_limit: None,
         }
     }
 
@@ -271,11 +280,12 @@ impl Decision {
         self.refusal().map_or(200, |d| d.status)
     }
 
-    /// What the host answers instead of forwarding. Only an Allow forwards (`None`); any
-    /// other outcome answers its denial, or a 503 should it carry none: fail closed.
+    /// What the host answers instead of forwarding. Only an Allow whose rate limit, if any,
+    /// was charged forwards (`None`); any other outcome answers its denial, or a 503 should
+    /// it carry none: fail closed.
     pub fn refusal(&self) -> Option<Cow<'_, Denial>> {
         match (self.outcome, &self.denial) {
-            (Outcome::Allow, None) => None,
+            (Outcome::Allow, None) if self.rate_limit.is_none() => None,
             (Outcome::Deny, Some(denial)) => Some(Cow::Borrowed(denial)),
             _ => Some(Cow::Owned(internal_error())),
         }
@@ -515,6 +525,7 @@ impl Gate {
                 remove_headers: remove,
                 add_headers: Vec::new(),
                 rewrite_path: None,
+                rate_limit: None,
             });
         }
 
@@ -635,6 +646,7 @@ impl Gate {
             remove_headers,
             add_headers: Vec::new(),
             rewrite_path: rewrite_path.clone(),
+            rate_limit: None,
         };
         // A record from outside the gate (KV) must be the one asked for.
         let Some(record) = record.filter(|r| r.hash == hash) else {
@@ -667,6 +679,8 @@ impl Gate {
             ));
         }
         let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
+        decision.rate_limit =
+            Limit::of(&rule.name, rule.rate_limit, &record.name, record.rate_limit);
         decision.add_headers = vec![
             (SUBJECT_HEADER, decision.subject.clone().unwrap_or_default()),
             (
@@ -706,6 +720,7 @@ impl Gate {
             remove_headers: remove.clone(),
             add_headers: Vec::new(),
             rewrite_path: rewrite_path.clone(),
+            rate_limit: None,
         };
         let identity = match assertion.check(key, settings, now) {
             Ok(identity) => identity,
@@ -786,8 +801,19 @@ mod tests {
             remove_headers: Vec::new(),
             add_headers: Vec::new(),
             rewrite_path: None,
+            rate_limit: None,
         };
         assert!(allow.refusal().is_none());
+        // An allow whose rate limit was never charged is not forwarded either.
+        let uncharged = Decision {
+            rate_limit: Some(Limit {
+                key: "t/ci".into(),
+                rate: "1/s".parse().unwrap(),
+                policy: "token".into(),
+            }),
+            ..allow.clone()
+        };
+        assert_eq!(uncharged.refusal().map(|d| d.status), Some(503));
         assert_eq!(allow.status(), 200);
         // Neither a deny that lost its denial nor an allow that carries one forwards: both
         // answer, the first with the 503 of a gate that cannot decide.

@@ -15,10 +15,11 @@ use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::bundle::{Bundle, BundleError, Envelope, Expectation, TokenRecord, MAX_TOKENS};
+use crate::bundle::{Bundle, BundleError, Envelope, Expectation, Target, TokenRecord, MAX_TOKENS};
 use crate::credentials::{self, Source};
 use crate::keys::KeySet;
 use crate::policy::{self, Policy};
+use crate::rate::{Period, RateLimit};
 use crate::token::TokenHash;
 
 /// A set of scopes as the gate holds it; records with the same scopes share one.
@@ -64,6 +65,7 @@ pub struct Record {
     pub(crate) expires_at: Option<u64>,
     pub(crate) revoked_at: Option<u64>,
     pub(crate) grace_until: Option<u64>,
+    pub(crate) rate_limit: Option<RateLimit>,
 }
 
 /// Record positions by token hash. The table holds 4-byte positions and compares the records'
@@ -273,6 +275,19 @@ fn check_settings<T>(bundle: &Bundle<T>) -> Result<Vec<Source>, BundleError> {
         return Err(BundleError::BadEnvironment(bundle.environment.clone()));
     }
     policy::validate(&bundle.policy).map_err(BundleError::Policy)?;
+    if bundle.target == Target::Worker {
+        // Cloudflare's Rate Limiting binding counts over 10 or 60 seconds only.
+        let unenforceable = bundle.policy.rules.iter().find(|rule| {
+            rule.rate_limit
+                .is_some_and(|limit| limit.per != Period::Minute)
+        });
+        if let Some(rule) = unenforceable {
+            return Err(BundleError::WorkerRateLimit(format!(
+                "rule {:?}",
+                rule.name
+            )));
+        }
+    }
     credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)
 }
 
@@ -300,6 +315,8 @@ struct RecordText<'a> {
     grace_until: Option<u64>,
     #[serde(default, borrow)]
     previous: Option<PreviousText<'a>>,
+    #[serde(default)]
+    rate_limit: Option<RateLimit>,
 }
 
 #[derive(Deserialize)]
@@ -441,6 +458,7 @@ impl<'a> RecordText<'a> {
                 hash: Cow::Borrowed(&p.hash),
                 grace_until: p.grace_until,
             }),
+            rate_limit: token.rate_limit,
         }
     }
 }
@@ -547,6 +565,10 @@ impl Record {
             expires_at: earliest(self.expires_at, other.expires_at),
             revoked_at: earliest(self.revoked_at, other.revoked_at),
             grace_until: earliest(self.grace_until, other.grace_until),
+            rate_limit: match (self.rate_limit, other.rate_limit) {
+                (Some(mine), Some(theirs)) => Some(mine.stricter(theirs)),
+                (mine, theirs) => mine.or(theirs),
+            },
         }
     }
 }
@@ -644,6 +666,9 @@ fn check_record(
             return Err(problem("not_before is not before expires_at"));
         }
     }
+    if let Some(reason) = token.rate_limit.and_then(|limit| limit.problem()) {
+        return Err(problem(reason));
+    }
     Ok(Record {
         hash,
         name: token.name.as_ref().into(),
@@ -653,6 +678,7 @@ fn check_record(
         expires_at: token.expires_at,
         revoked_at: token.revoked_at,
         grace_until,
+        rate_limit: token.rate_limit,
     })
 }
 
@@ -680,6 +706,7 @@ mod tests {
             revoked_at: None,
             grace_until: None,
             previous: None,
+            rate_limit: None,
         };
         Bundle {
             version,

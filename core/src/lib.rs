@@ -10,6 +10,7 @@
 //! - [`bundle`]: the signed `tokengate.bundle/v2` document.
 //! - [`gate`]: a verified bundle loaded into a [`Gate`].
 //! - [`policy`]: ordered rules, path normalisation, scope grants.
+//! - [`rate`]: rate limits per token (which applies, the fixed-window count, the 429).
 //! - [`credentials`]: where a request's credential is read from.
 //! - [`decision`]: `Gate::decide(request, now)`.
 //! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
@@ -29,6 +30,7 @@ pub mod host;
 pub mod keys;
 pub mod pages;
 pub mod policy;
+pub mod rate;
 pub mod signed;
 pub mod token;
 pub mod usage;

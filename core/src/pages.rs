@@ -293,6 +293,7 @@ mod tests {
             revoked_at: None,
             grace_until: None,
             previous: None,
+            rate_limit: None,
         }
     }
 

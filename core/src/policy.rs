@@ -8,6 +8,8 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rate::RateLimit;
+
 /// Rules a bundle may hold.
 pub const MAX_RULES: usize = 512;
 /// Scopes one token or rule may hold.
@@ -48,6 +50,10 @@ pub struct Rule {
     /// Whether a valid Cloudflare Access assertion is an identity here too (Worker only).
     #[serde(default)]
     pub cf_access: bool,
+    /// Requests each token may make here per window (the token's own limit, if stricter,
+    /// applies instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// How a rule matches the normalised path.
@@ -108,6 +114,10 @@ pub enum PolicyError {
     },
     /// A public rule lists scopes.
     ScopesOnPublicRule(String),
+    /// A public rule has a rate limit (limits are per token; a public route has none).
+    RateLimitOnPublicRule(String),
+    /// A rate limit allows no request, or more than [`crate::rate::MAX_REQUESTS`].
+    BadRateLimit(String),
 }
 
 impl fmt::Display for PolicyError {
@@ -131,6 +141,15 @@ impl fmt::Display for PolicyError {
                 "rule {rule:?}: required scope {scope:?} must be like 'orders:read' (wildcards are for tokens only)"
             ),
             Self::ScopesOnPublicRule(rule) => write!(f, "rule {rule:?} is public but lists scopes"),
+            Self::RateLimitOnPublicRule(rule) => write!(
+                f,
+                "rule {rule:?} is public but has a rate limit (limits are per token)"
+            ),
+            Self::BadRateLimit(rule) => write!(
+                f,
+                "rule {rule:?}: rate_limit requests must be 1 to {}",
+                crate::rate::MAX_REQUESTS
+            ),
         }
     }
 }
@@ -179,6 +198,14 @@ pub fn validate(policy: &Policy) -> Result<(), PolicyError> {
         }
         if rule.access == Access::Public && !(rule.all_of.is_empty() && rule.any_of.is_empty()) {
             return Err(PolicyError::ScopesOnPublicRule(rule.name.clone()));
+        }
+        if let Some(limit) = rule.rate_limit {
+            if rule.access == Access::Public {
+                return Err(PolicyError::RateLimitOnPublicRule(rule.name.clone()));
+            }
+            if limit.problem().is_some() {
+                return Err(PolicyError::BadRateLimit(rule.name.clone()));
+            }
         }
         let scopes = rule.all_of.iter().chain(&rule.any_of);
         if rule.all_of.len() + rule.any_of.len() > MAX_SCOPES {

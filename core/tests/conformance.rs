@@ -2,8 +2,10 @@
 //! through `Gate::load`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers: a failure is the report
 
+use std::collections::HashMap;
 use tokengate_conformance::{self as conformance, Observed};
-use tokengate_core::{Expectation, Gate, KeySet, Outcome, Request, Target};
+
+use tokengate_core::{rate, Expectation, Gate, KeySet, Request, Target};
 
 fn gate(suite: &conformance::Suite, name: &str) -> Gate {
     let trusted = KeySet::from_hex(&suite.trusted_keys).unwrap();
@@ -42,45 +44,86 @@ fn every_vector_passes_in_the_core() {
     );
     let count = conformance::run_all(&suite, |case| {
         let gate = gate(&suite, &case.bundle);
-        let r = &case.request;
-        let decision = gate.decide(
-            &Request {
-                method: &r.method,
-                path: &r.path,
-                authority: &r.authority,
-                headers: &tokengate_core::decision::header_refs(&r.headers),
-            },
-            case.now,
-        );
-        let allowed = decision.outcome == Outcome::Allow;
-        let denial = decision
-            .denial
-            .clone()
-            .unwrap_or_else(|| tokengate_core::Denial {
-                status: 200,
-                headers: vec![],
-                body: String::new(),
-            });
-        Ok(Observed {
-            status: decision.status(),
-            reason: Some(decision.reason.as_str().to_owned()),
-            response_headers: denial
-                .headers
-                .iter()
-                .map(|(n, v)| ((*n).to_owned(), v.clone()))
-                .collect(),
-            body: denial.body,
-            upstream_headers: allowed.then(|| forwarded(&decision, &r.headers)),
-            upstream_path: allowed.then(|| {
-                decision
-                    .rewrite_path
-                    .clone()
-                    .unwrap_or_else(|| r.path.clone())
-            }),
-        })
+        Ok(observe(&gate, case, &mut Unlimited))
     })
     .unwrap_or_else(|report| panic!("{report}"));
     println!("{count} conformance cases passed in the core");
+}
+
+/// Counters for cases, whose bundles have no limits: any charge is a failure to count.
+struct Unlimited;
+
+impl rate::Counters for Unlimited {
+    fn charge(&mut self, _: &rate::Limit, _: u64) -> Option<rate::Admission> {
+        None
+    }
+}
+
+/// Counters as a host keeps them: one window per key.
+#[derive(Default)]
+struct Windows(HashMap<String, rate::Window>);
+
+impl rate::Counters for Windows {
+    fn charge(&mut self, limit: &rate::Limit, now: u64) -> Option<rate::Admission> {
+        let state = self.0.entry(limit.key.clone()).or_default();
+        let (next, admission) = rate::admit(*state, limit.rate, now);
+        *state = next;
+        Some(admission)
+    }
+}
+
+#[test]
+fn every_sequence_passes_in_the_core() {
+    let suite = conformance::load().unwrap();
+    assert!(!suite.sequences.is_empty());
+    let count = conformance::run_sequences(
+        &suite,
+        |sequence| Ok((gate(&suite, &sequence.bundle), Windows::default())),
+        |(gate, counters), case| Ok(observe(gate, case, counters)),
+    )
+    .unwrap_or_else(|report| panic!("{report}"));
+    println!("{count} sequence steps passed in the core");
+}
+
+/// What the client and the upstream see of the core's decision on `case`.
+fn observe(gate: &Gate, case: &conformance::Case, counters: &mut impl rate::Counters) -> Observed {
+    let r = &case.request;
+    let decision = gate.decide(
+        &Request {
+            method: &r.method,
+            path: &r.path,
+            authority: &r.authority,
+            headers: &tokengate_core::decision::header_refs(&r.headers),
+        },
+        case.now,
+    );
+    let decision = rate::enforce(decision, counters, case.now);
+    let allowed = decision.refusal().is_none();
+    let denial = decision
+        .denial
+        .clone()
+        .unwrap_or_else(|| tokengate_core::Denial {
+            status: 200,
+            headers: vec![],
+            body: String::new(),
+        });
+    Observed {
+        status: decision.status(),
+        reason: Some(decision.reason.as_str().to_owned()),
+        response_headers: denial
+            .headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.clone()))
+            .collect(),
+        body: denial.body,
+        upstream_headers: allowed.then(|| forwarded(&decision, &r.headers)),
+        upstream_path: allowed.then(|| {
+            decision
+                .rewrite_path
+                .clone()
+                .unwrap_or_else(|| r.path.clone())
+        }),
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ use tokengate_core::decision::Reason;
 use tokengate_core::{Decision, Gate};
 
 use crate::config::{self, Configured};
+use crate::limits;
 use crate::stream::{self, Effects, Host, Verdict, FILTER_STATE_KEY};
 use crate::usage;
 
@@ -489,7 +490,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     };
     // Panics are caught inside: a request whose decision panicked is answered 503.
     let gate = filter.config.gate.as_deref();
-    match stream::on_request_headers(gate, &mut stream, now, &mut usage::Process) {
+    match stream::on_request_headers(
+        gate,
+        &mut stream,
+        now,
+        &mut usage::Process,
+        &mut &*limits::PROCESS,
+    ) {
         Verdict::Forward => HEADERS_CONTINUE,
         Verdict::Answered => HEADERS_STOP_ITERATION,
     }

@@ -7,6 +7,7 @@
 //!   the admin's public keys) and the one gate per process every worker thread shares.
 //! - [`stream`]: one request, from Envoy's headers to the decision's effects.
 //! - [`usage`]: the process's per-token usage tally, one table per worker thread.
+//! - [`limits`]: the process's rate-limit counters, one lock-free map every thread shares.
 //! - `ffi`: the C ABI of Envoy 1.40's dynamic modules; the only `unsafe` code.
 //!
 //! Fail closed: no bundle yet → 503; a refused configuration is rejected (Envoy keeps the
@@ -18,6 +19,7 @@
 compile_error!("build the module with `--profile native` (panic = \"unwind\"), not --release");
 
 pub mod config;
+pub mod limits;
 pub mod stream;
 pub mod usage;
 

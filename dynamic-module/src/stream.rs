@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokengate_core::decision::{self, Reason};
 pub use tokengate_core::host::{Effects, Verdict};
-use tokengate_core::{host, usage, Decision, Denial, Gate, Request};
+use tokengate_core::{host, rate, usage, Decision, Denial, Gate, Request};
 
 /// The filter state key holding [`Decision::log_fields`] (`%FILTER_STATE(tokengate:PLAIN)%`
 /// in the access log; the RBAC guard reads it too).
@@ -24,21 +24,23 @@ pub trait Host: Effects {
 
 /// Decides the request on `gate` (503 without one) at `now` (unix seconds; `None`, a clock
 /// that cannot be read: 503) and applies the decision through `host` ([`host::apply`]: a
-/// header change the host refuses turns it into a 503). A usage read is answered from
-/// `counts` (see [`tokengate_core::usage`]). A panic on the way is caught here: the request
+/// header change the host refuses turns it into a 503). An allowed request on a limited
+/// rule or token is charged to `limits` first ([`rate::enforce`]: over the limit, 429). A
+/// usage read is answered from `counts` (see [`tokengate_core::usage`]). A panic on the way is caught here: the request
 /// is answered 503 (unless it was answered already), never unwinding into Envoy.
 pub fn on_request_headers(
     gate: Option<&Gate>,
     host: &mut impl Host,
     now: Option<u64>,
     counts: &mut impl usage::Counter,
+    limits: &mut impl rate::Counters,
 ) -> Verdict {
     let mut answering = Answering {
         host,
         answered: false,
     };
     let decided = catch_unwind(AssertUnwindSafe(|| {
-        match decide(gate, &answering, now, counts) {
+        match decide(gate, &answering, now, counts, limits) {
             Step::Decided(decision) => host::apply(decision, &mut answering),
             Step::Usage(answer) => {
                 host::respond(&mut answering, &answer);
@@ -97,6 +99,7 @@ fn decide<H: Host>(
     host: &Answering<'_, H>,
     now: Option<u64>,
     counts: &mut impl usage::Counter,
+    limits: &mut impl rate::Counters,
 ) -> Step {
     let Some(gate) = gate else {
         return Step::Decided(decision::unavailable(Reason::NoBundle));
@@ -110,7 +113,7 @@ fn decide<H: Host>(
         let trusted = Some((gate.keys(), gate.environment()));
         return Step::Usage(usage::answer(&request, trusted, now, counts));
     }
-    Step::Decided(gate.decide(&request, now))
+    Step::Decided(rate::enforce(gate.decide(&request, now), limits, now))
 }
 
 /// Unix seconds (Envoy offers a module no clock; the OS clock is what its own time reads);
@@ -125,6 +128,7 @@ pub fn now() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits;
     use tokengate_conformance::{self as conformance, Observed};
     use tokengate_core::{Expectation, KeySet, Target};
 
@@ -236,65 +240,118 @@ mod tests {
         Gate::load(text.as_bytes(), &trusted, &expect).unwrap()
     }
 
+    /// One request through the adapter, as the client and the upstream see it.
+    fn observe(
+        gate: &Gate,
+        case: &conformance::Case,
+        limits: &mut impl rate::Counters,
+    ) -> Result<Observed, String> {
+        let mut envoy = FakeEnvoy {
+            headers: headers_of(&case.request),
+            ..FakeEnvoy::default()
+        };
+        let verdict = on_request_headers(
+            Some(gate),
+            &mut envoy,
+            Some(case.now),
+            &mut FakeCounts::default(),
+            limits,
+        );
+        let reason = envoy.counted.first().map(|r| r.as_str().to_owned());
+        assert_eq!(envoy.counted.len(), 1, "{}: counted once", case.name);
+        let recorded = envoy.recorded.clone().unwrap_or_default();
+        assert!(recorded.starts_with(&format!("reason={} ", reason.clone().unwrap_or_default())));
+        Ok(match (verdict, envoy.response) {
+            (Verdict::Answered, Some((status, response_headers, body))) => Observed {
+                status,
+                reason,
+                response_headers,
+                body,
+                ..Observed::default()
+            },
+            (Verdict::Forward, None) => {
+                let path = envoy.headers.iter().find(|(n, _)| n == ":path");
+                Observed {
+                    status: 200,
+                    reason,
+                    upstream_path: path.map(|(_, v)| v.clone()),
+                    upstream_headers: Some(
+                        envoy
+                            .headers
+                            .into_iter()
+                            .filter(|(n, _)| !n.starts_with(':'))
+                            .collect(),
+                    ),
+                    ..Observed::default()
+                }
+            }
+            (verdict, response) => {
+                return Err(format!("{verdict:?} with a response: {response:?}"))
+            }
+        })
+    }
+
     #[test]
     fn every_conformance_vector_through_the_module_adapter() {
         let suite = conformance::load().unwrap();
+        let counters = limits::CounterSet::default();
         let count = conformance::run_all(&suite, |case| {
-            let gate = fixture(&suite, &case.bundle);
-            let mut envoy = FakeEnvoy {
-                headers: headers_of(&case.request),
-                ..FakeEnvoy::default()
-            };
-            let verdict = on_request_headers(
-                Some(&gate),
-                &mut envoy,
-                Some(case.now),
-                &mut FakeCounts::default(),
-            );
-            let reason = envoy.counted.first().map(|r| r.as_str().to_owned());
-            assert_eq!(envoy.counted.len(), 1, "{}: counted once", case.name);
-            let recorded = envoy.recorded.clone().unwrap_or_default();
-            assert!(
-                recorded.starts_with(&format!("reason={} ", reason.clone().unwrap_or_default()))
-            );
-            Ok(match (verdict, envoy.response) {
-                (Verdict::Answered, Some((status, response_headers, body))) => Observed {
-                    status,
-                    reason,
-                    response_headers,
-                    body,
-                    ..Observed::default()
-                },
-                (Verdict::Forward, None) => {
-                    let path = envoy.headers.iter().find(|(n, _)| n == ":path");
-                    Observed {
-                        status: 200,
-                        reason,
-                        upstream_path: path.map(|(_, v)| v.clone()),
-                        upstream_headers: Some(
-                            envoy
-                                .headers
-                                .into_iter()
-                                .filter(|(n, _)| !n.starts_with(':'))
-                                .collect(),
-                        ),
-                        ..Observed::default()
-                    }
-                }
-                (verdict, response) => {
-                    return Err(format!("{verdict:?} with a response: {response:?}"))
-                }
-            })
+            observe(&fixture(&suite, &case.bundle), case, &mut &counters)
         })
         .unwrap_or_else(|report| panic!("{report}"));
         assert_eq!(count, suite.cases.len());
+        assert!(counters.is_empty(), "no case has a limit to count");
+    }
+
+    #[test]
+    fn every_conformance_sequence_through_the_module_adapter() {
+        let suite = conformance::load().unwrap();
+        let count = conformance::run_sequences(
+            &suite,
+            |sequence| {
+                Ok((
+                    fixture(&suite, &sequence.bundle),
+                    limits::CounterSet::default(),
+                ))
+            },
+            |(gate, counters), case| observe(gate, case, &mut &*counters),
+        )
+        .unwrap_or_else(|report| panic!("{report}"));
+        assert!(count > 0);
+    }
+
+    /// Counters that cannot be read: an allowed request on a limited route is refused.
+    struct Broken;
+
+    impl rate::Counters for Broken {
+        fn charge(&mut self, _: &rate::Limit, _: u64) -> Option<rate::Admission> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_limited_request_the_host_cannot_count_is_503() {
+        let suite = conformance::load().unwrap();
+        let step = &suite.sequences[0].steps[0];
+        let case = step.case(&suite.sequences[0], 0, suite.now);
+        let seen = observe(&fixture(&suite, "limits"), &case, &mut Broken).unwrap();
+        assert_eq!(
+            (seen.status, seen.reason.as_deref()),
+            (503, Some("internal"))
+        );
     }
 
     #[test]
     fn no_gate_answers_503() {
         let mut envoy = FakeEnvoy::default();
         assert_eq!(
-            on_request_headers(None, &mut envoy, Some(0), &mut FakeCounts::default()),
+            on_request_headers(
+                None,
+                &mut envoy,
+                Some(0),
+                &mut FakeCounts::default(),
+                &mut Broken
+            ),
             Verdict::Answered
         );
         assert_eq!(envoy.response.map(|r| r.0), Some(503));
@@ -314,7 +371,8 @@ mod tests {
                 Some(&gate),
                 &mut envoy,
                 Some(suite.now),
-                &mut FakeCounts::default()
+                &mut FakeCounts::default(),
+                &mut Broken,
             ),
             Verdict::Answered
         );
@@ -344,7 +402,13 @@ mod tests {
                 ..FakeEnvoy::default()
             };
             assert_eq!(
-                on_request_headers(Some(&gate), &mut envoy, now, &mut FakeCounts::default()),
+                on_request_headers(
+                    Some(&gate),
+                    &mut envoy,
+                    now,
+                    &mut FakeCounts::default(),
+                    &mut Broken
+                ),
                 Verdict::Answered
             );
             assert_eq!(envoy.response.map(|r| r.0), Some(503));
@@ -361,7 +425,8 @@ mod tests {
                 Some(&gate),
                 &mut envoy,
                 Some(valid.now),
-                &mut FakeCounts::default()
+                &mut FakeCounts::default(),
+                &mut Broken,
             ),
             Verdict::Forward
         );
@@ -398,7 +463,13 @@ mod tests {
             headers: usage_read(suite.now, &suite.environment),
             ..FakeEnvoy::default()
         };
-        let verdict = on_request_headers(Some(&gate), &mut envoy, Some(suite.now), &mut counts);
+        let verdict = on_request_headers(
+            Some(&gate),
+            &mut envoy,
+            Some(suite.now),
+            &mut counts,
+            &mut Broken,
+        );
         assert_eq!(verdict, Verdict::Answered);
         let (status, _, body) = envoy.response.unwrap();
         assert_eq!(status, 200, "{body}");
@@ -409,7 +480,13 @@ mod tests {
             ..FakeEnvoy::default()
         };
         unsigned.headers.pop();
-        on_request_headers(Some(&gate), &mut unsigned, Some(suite.now), &mut counts);
+        on_request_headers(
+            Some(&gate),
+            &mut unsigned,
+            Some(suite.now),
+            &mut counts,
+            &mut Broken,
+        );
         assert_eq!(unsigned.response.map(|r| r.0), Some(401));
         assert_eq!(counts.reports, 1);
         let mut limited = FakeEnvoy {
@@ -420,7 +497,13 @@ mod tests {
             refuse_reads: true,
             ..FakeCounts::default()
         };
-        on_request_headers(Some(&gate), &mut limited, Some(suite.now), &mut busy);
+        on_request_headers(
+            Some(&gate),
+            &mut limited,
+            Some(suite.now),
+            &mut busy,
+            &mut Broken,
+        );
         assert_eq!(limited.response.map(|r| r.0), Some(429));
         assert_eq!(busy.reports, 0);
     }
@@ -444,6 +527,7 @@ mod tests {
             &mut envoy,
             Some(valid.now),
             &mut FakeCounts::default(),
+            &mut Broken,
         );
         let token_id = valid
             .expect

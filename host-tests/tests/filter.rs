@@ -463,3 +463,52 @@ fn usage_reads_past_ten_a_second_are_refused_unchecked() {
     );
     assert_eq!(later.unwrap().local_response.map(|r| r.status), Some(200));
 }
+
+/// Every rate-limit sequence, its steps sent in turn to two VMs that share data, as Envoy's
+/// worker threads do: a limit is counted once per process, not per VM.
+#[test]
+fn every_sequence_passes_across_two_vms_of_one_process() {
+    let suite = suite();
+    let count = conformance::run_sequences(
+        suite,
+        |sequence| {
+            let shared = SharedData::default();
+            let text = suite.bundle_text(&sequence.bundle, "envoy")?;
+            let mut vms = Vec::new();
+            for _ in 0..2 {
+                let mut vm = host()
+                    .start_shared(
+                        &[
+                            ("TOKENGATE_TRUSTED_KEYS", trusted().as_str()),
+                            ("TOKENGATE_ENVIRONMENT", suite.environment.as_str()),
+                        ],
+                        &shared,
+                    )
+                    .map_err(|e| format!("{e:#}"))?;
+                if !vm
+                    .configure(text.as_bytes())
+                    .map_err(|e| format!("{e:#}"))?
+                {
+                    return Err(format!("fixture {} refused", sequence.bundle));
+                }
+                vms.push(vm);
+            }
+            Ok((vms, 0usize))
+        },
+        |(vms, turn), case| {
+            let vm = &mut vms[*turn % 2];
+            *turn += 1;
+            let limited = vm.metric("tokengate.denied.rate_limited").unwrap_or(0);
+            let exchange = vm
+                .request(headers(case), case.now * SECOND + SECOND / 2)
+                .map_err(|e| format!("{e:#}"))?;
+            let moved = vm.metric("tokengate.denied.rate_limited").unwrap_or(0) - limited;
+            if moved != u64::from(case.expect.status == 429) {
+                return Err(format!("tokengate.denied.rate_limited moved {moved}"));
+            }
+            Ok(observe(&exchange))
+        },
+    )
+    .unwrap_or_else(|report| panic!("{report}"));
+    println!("{count} sequence steps passed across two VMs");
+}

@@ -17,6 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::host::{self, Effects, Verdict};
+use tokengate_core::rate::{self, slots, Admission, Limit};
 use tokengate_core::usage::{self, ReadLimiter, Report, Tally, Unreported};
 use tokengate_core::{Decision, Denial, Expectation, Gate, KeySet, Request, Served, Target};
 
@@ -51,6 +52,10 @@ const USAGE_SHARDS: usize = 16;
 const FLUSH_PERIOD: Duration = Duration::from_secs(1);
 /// Compare-and-swap attempts to join the registry; a VM not in it tries again next flush.
 const REGISTER_ATTEMPTS: usize = 4;
+
+/// Compare-and-swap attempts to charge a rate-limit counter before the request is refused
+/// (503): each failed attempt means another VM counted in the same slot meanwhile.
+const CHARGE_ATTEMPTS: usize = 32;
 
 /// The property (Envoy filter state `wasm.tokengate`) holding [`Decision::log_fields`].
 pub const PROPERTY: &str = "tokengate";
@@ -348,6 +353,7 @@ impl RootContext for GateRoot {
 
     fn on_configure(&mut self, _: usize) -> bool {
         let started = self.get_current_time();
+        create_rate_slots();
         if usage_enabled() {
             self.set_tick_period(FLUSH_PERIOD);
         }
@@ -484,7 +490,53 @@ impl GateStream {
             let trusted = Some((gate.keys(), gate.environment()));
             return Step::Usage(usage::answer(&request, trusted, now, &mut VmCounts));
         }
-        Step::Decided(gate.decide(&request, now))
+        Step::Decided(rate::enforce(
+            gate.decide(&request, now),
+            &mut SharedCounters,
+            now,
+        ))
+    }
+}
+
+/// The process's rate-limit counters, in Envoy's shared data (common to every VM with our
+/// `vm_id`, so a limit of N is N per Envoy process): [`slots::SLOTS`] keys, each holding the
+/// counters whose key hashes there, rewritten by compare-and-swap ([`slots`]).
+struct SharedCounters;
+
+impl rate::Counters for SharedCounters {
+    fn charge(&mut self, limit: &Limit, now: u64) -> Option<Admission> {
+        let key = slots::store_key(&limit.key);
+        for _ in 0..CHARGE_ATTEMPTS {
+            let (value, cas) = proxy_wasm::hostcalls::get_shared_data(&key).ok()?;
+            if cas.is_none() {
+                // Slots are made when a VM is configured; one missing is made empty here,
+                // and the charge starts over with its compare-and-swap version.
+                proxy_wasm::hostcalls::set_shared_data(&key, Some(b""), None).ok()?;
+                continue;
+            }
+            let (next, admission) = slots::charge(value.as_deref(), limit, now)?;
+            if value.as_deref() == Some(next.as_slice()) {
+                return Some(admission);
+            }
+            match proxy_wasm::hostcalls::set_shared_data(&key, Some(&next), cas) {
+                Ok(()) => return Some(admission),
+                Err(proxy_wasm::types::Status::CasMismatch) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+/// Makes every rate-limit slot that does not exist yet, empty. The first VM Envoy configures
+/// (the canary, before any worker VM decides a request) makes them all, so requests always
+/// update a slot by compare-and-swap: shared data cannot create a key only if absent.
+fn create_rate_slots() {
+    for slot in 0..slots::SLOTS {
+        let key = format!("{}{slot}", slots::KEY_PREFIX);
+        if let Ok((_, None)) = proxy_wasm::hostcalls::get_shared_data(&key) {
+            proxy_wasm::hostcalls::set_shared_data(&key, Some(b""), None).ok();
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use tokengate_core::Step;
 use worker::{console_error, console_log, web_sys, Env, Fetch, Request, Response, Result};
 
 use crate::served::{self, Failure};
-use crate::{access, json_error, ORIGIN_URL_VAR};
+use crate::{access, json_error, limits, ORIGIN_URL_VAR};
 
 /// The request target as the Worker received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +106,16 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
                 .finish_access(pending, verdict, served::now_secs()),
             Err(failure) => return unavailable(Reason::Internal, Some(failure)),
         },
+    };
+    let decision = match &decision.rate_limit {
+        Some(limit) => {
+            let admission = limits::charge(env, limit, served::now_secs()).await;
+            if let Err(problem) = &admission {
+                console_error!("tokengate: cannot count a rate limit, failing closed: {problem}");
+            }
+            decision.admitted(admission.ok())
+        }
+        None => decision,
     };
     log_decision(&method, &target, &decision, &headers);
     crate::usage::count(&decision, served::now_secs());

@@ -3,7 +3,8 @@
 //! Every decision is the core's (`Gate::begin_with_access`, then `finish` with the token
 //! record from KV or `finish_access` with the Access signature verdict). This crate brings
 //! only what the platform has: Workers KV for the token records, the clock, `fetch` to the
-//! origin, and WebCrypto for Cloudflare Access signatures.
+//! origin, WebCrypto for Cloudflare Access signatures, and the Rate Limiting binding for
+//! rate limits ([`limits`]).
 //!
 //! Routes (exact paths, checked before any policy):
 //! - `GET /.well-known/tokengate/status`: version, environment, token count, KV reads.
@@ -14,6 +15,7 @@
 
 mod access;
 mod gate;
+mod limits;
 mod push;
 mod served;
 mod state;

@@ -290,14 +290,14 @@ async fn push_bundle(
             tokens: paged.tokens,
             imported_secrets: paged.imported_secrets,
         };
-        validate(&meta.bundle)?;
+        validate(env, &meta.bundle)?;
         (meta, Vec::new())
     } else {
         let bundle = Bundle {
             tokens: serde_json::from_str::<Vec<TokenRecord>>(tokens).map_err(unreadable)?,
             ..bundle_without_tokens(&raw)
         };
-        validate(&bundle)?;
+        validate(env, &bundle)?;
         let split = pages::split(&bundle.tokens)
             .map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
         let meta = Meta {
@@ -376,12 +376,17 @@ fn bundle_without_tokens(raw: &Bundle<&RawValue>) -> Bundle {
     }
 }
 
-/// Everything a gate checks in a bundle, but the version (the push state's).
-fn validate(bundle: &Bundle) -> std::result::Result<(), Refusal> {
+/// Everything a gate checks in a bundle, but the version (the push state's); and that this
+/// Worker has a Rate Limiting binding for each limit of the policy (409 otherwise: the
+/// bundle is fine, the Worker's configuration lacks what it needs).
+fn validate(env: &Env, bundle: &Bundle) -> std::result::Result<(), Refusal> {
     if let Some(access) = &bundle.cloudflare_access {
         Settings::from_config(access).map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
     }
     Gate::from_bundle(bundle.clone()).map_err(|e| bundle_refusal(&e))?;
+    if let Some(problem) = crate::limits::missing_binding(env, &bundle.policy) {
+        return Err(refuse(409, "rate_limit_unavailable", problem));
+    }
     Ok(())
 }
 
