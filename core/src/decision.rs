@@ -243,7 +243,7 @@ pub struct Decision {
     pub rewrite_path: Option<String>,
     /// On an Allow: the rate limit the host must charge before forwarding
     /// ([`crate::rate::enforce`]). Until it is charged the decision is not forwarded.
-    pub rate_limit: Option<Limit>,
+    pub rate_limit: Option<Box<Limit>>,
 }
 
 impl Decision {
@@ -806,11 +806,11 @@ mod tests {
         assert!(allow.refusal().is_none());
         // An allow whose rate limit was never charged is not forwarded either.
         let uncharged = Decision {
-            rate_limit: Some(Limit {
+            rate_limit: Some(Box::new(Limit {
                 key: "t/ci".into(),
                 rate: "1/s".parse().unwrap(),
                 policy: "token".into(),
-            }),
+            })),
             ..allow.clone()
         };
         assert_eq!(uncharged.refusal().map(|d| d.status), Some(503));

@@ -152,7 +152,7 @@ impl Limit {
         rule: Option<RateLimit>,
         token_name: &str,
         token: Option<RateLimit>,
-    ) -> Option<Limit> {
+    ) -> Option<Box<Limit>> {
         let by_rule = |rate| Limit {
             key: format!("r/{rule_name}/{token_name}"),
             rate,
@@ -163,13 +163,14 @@ impl Limit {
             rate,
             policy: "token".to_owned(),
         };
-        match (rule, token) {
-            (None, None) => None,
-            (Some(rule), None) => Some(by_rule(rule)),
-            (None, Some(token)) => Some(by_token(token)),
-            (Some(rule), Some(token)) if rule.stricter(token) == rule => Some(by_rule(rule)),
-            (Some(_), Some(token)) => Some(by_token(token)),
-        }
+        let limit = match (rule, token) {
+            (None, None) => return None,
+            (Some(rule), None) => by_rule(rule),
+            (None, Some(token)) => by_token(token),
+            (Some(rule), Some(token)) if rule.stricter(token) == rule => by_rule(rule),
+            (Some(_), Some(token)) => by_token(token),
+        };
+        Some(Box::new(limit))
     }
 }
 
