@@ -118,6 +118,11 @@ POLICY = [
     rule("api", {"prefix": "/api"}),
 ]
 
+# POLICY with a rate limit on the rule the request matches, one the load never reaches (a
+# million per second): every request is counted, none refused.
+LIMITED_POLICY = [dict(r, rate_limit={"requests": 1_000_000, "per": "second"})
+                  if r["name"] == "orders-read" else r for r in POLICY]
+
 
 class Tokens:
     """Tokens 0..n-1, made once and shared by every bundle."""
@@ -128,13 +133,13 @@ class Tokens:
         self.records = [record(i, t) for i, t in enumerate(self.tokens)]
         say(f"made {n} tokens in {time.monotonic() - t0:.1f} s")
 
-    def bundle(self, n, version, extra=()):
+    def bundle(self, n, version, extra=(), policy=None):
         """Signed bundle text of tokens 0..n-1 plus `extra` token numbers: the v2 envelope
         around the compact payload, whose exact bytes the bench key signs (the optional
         payload members are left out, as the admin writes them when unset)."""
         records = self.records[:n] + [record(i, make_token(i)) for i in extra]
         payload = {"version": version, "issued_at": NOW - 60, "environment": ENVIRONMENT,
-                   "target": "envoy", "keys": [PUBLIC_KEY], "policy": {"rules": POLICY},
+                   "target": "envoy", "keys": [PUBLIC_KEY], "policy": {"rules": policy or POLICY},
                    "credentials": {"sources": ["bearer", "header:x-internal-token",
                                                "header:x-internal-api-key"], "forward": False},
                    "tokens": records}
@@ -528,7 +533,7 @@ def only_names(only, sizes):
     groups = {
         # The dynamic module's rows, with what its ratios are taken against.
         "module": ["none", "api_key_auth-10"] + [f"module-{n}" for n in sizes]
-                  + ["module-10-noguard", "module-10-nousage"]
+                  + ["module-10-noguard", "module-10-nousage", "module-10-limited"]
                   + [f"reload-module-c{c}" for c in FOOTPRINT_CONCURRENCY],
     }
     names = set()
@@ -557,7 +562,7 @@ def main():
     ap.add_argument("--only", default="", metavar="NAME,…",
                     help="measure only these configurations and reload tests (e.g. "
                          "floor-wasm,tokengate-10,reload-wasm-c1); `module` = the dynamic "
-                         "module's rows: none, api_key_auth-10, module-<size>, module-10-noguard, module-10-nousage, "
+                         "module's rows: none, api_key_auth-10, module-<size>, module-10-noguard, module-10-nousage, module-10-limited, "
                          "reload-module-c1/c4")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=WASM",
                     help="also measure this build of the tokengate filter (10 tokens)")
@@ -604,6 +609,11 @@ def main():
                           up, bundle=tokens.bundle(10, 1), filter="module", usage=False))
     configs.append(Config("tokengate-10-nousage", "tokengate wasm filter, 10 tokens, usage counting off",
                           up, bundle=tokens.bundle(10, 1), usage=False))
+    # The same rule with a rate limit: what counting each request against its limit costs.
+    configs.append(Config("module-10-limited", "tokengate dynamic module, 10 tokens, rule with a rate limit",
+                          up, bundle=tokens.bundle(10, 1, policy=LIMITED_POLICY), filter="module"))
+    configs.append(Config("tokengate-10-limited", "tokengate wasm filter, 10 tokens, rule with a rate limit",
+                          up, bundle=tokens.bundle(10, 1, policy=LIMITED_POLICY)))
     for variant in args.variant:  # other builds of the same filter (bench/run.sh makes them)
         label, path = variant.split("=", 1)
         configs.append(Config(f"tokengate-10-{label}", f"tokengate wasm filter, 10 tokens, built {label}",

@@ -140,6 +140,8 @@ def main():
         ("dynamic module (10 tokens) with RBAC guard ÷ without", "module-10", "module-10-noguard"),
         ("dynamic module (10 tokens) with usage counting ÷ without", "module-10", "module-10-nousage"),
         ("wasm filter (10 tokens) with usage counting ÷ without", "tokengate-10", "tokengate-10-nousage"),
+        ("dynamic module (10 tokens): rule with a rate limit ÷ the same rule without", "module-10-limited", "module-10"),
+        ("wasm filter (10 tokens): rule with a rate limit ÷ the same rule without", "tokengate-10-limited", "tokengate-10"),
         ("diagnostic: dynamic module (10 tokens) without the RBAC guard ÷ native api_key_auth (10 keys)",
          "module-10-noguard", "api_key_auth-10"),
         ("wasm filter (10 tokens) ÷ dynamic module (10 tokens)", "tokengate-10", "module-10"),

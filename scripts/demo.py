@@ -49,6 +49,7 @@ def main():
     ci = cli("create", "ci-deploy", "--scopes", "deploy:write,orders:read", "--expires-in", "90d")
     probe = cli("create", "uptime-probe", "--prefix", "sk_test", "--scopes", "health:read")
     leaked = cli("create", "old-cron", "--scopes", "orders:read")
+    export = cli("create", "nightly-export", "--scopes", "orders:read", "--rate", "2/min")
     cli("revoke", "old-cron", "--reason", "leaked in a build log")
     legacy = "7f3d9c1e5b2a48d6a0c4e8f1b3d5a7c9e1f3a5b7c9d1e3f5a7b9c1d3e5f7a9b1"
     cli("import", "billing-legacy", "--scopes", "orders:read", stdin=legacy + "\n")
@@ -64,7 +65,8 @@ def main():
     step("starting the Worker in workerd (Miniflare, local KV) in front of the same upstream")
     worker = subprocess.Popen(
         ["node", os.path.join(ROOT, "tests", "worker", "serve.mjs"),
-         f"http://127.0.0.1:{gw.upstream_port}", trusted, "demo"],
+         f"http://127.0.0.1:{gw.upstream_port}", trusted, "demo",
+         "600,2"],  # a Rate Limiting binding per per-minute limit in use (wrangler.toml)
         stdout=subprocess.PIPE, text=True)
     worker_port = json.loads(worker.stdout.readline())["port"]
     admin = f"http://127.0.0.1:{gw.admin_port}"
@@ -95,6 +97,9 @@ def main():
         ("two credentials", "GET", "/api/orders/42", bearer(ci) + [("x-internal-token", ci)]),
         ("path traversal to /deploy", "POST", "/healthz/../deploy/web", []),
         ("no rule matches", "GET", "/admin", bearer(ci)),
+        ("nightly-export (--rate 2/min), 1st", "GET", "/api/orders/1", bearer(export)),
+        ("nightly-export, 2nd", "GET", "/api/orders/2", bearer(export)),
+        ("nightly-export, 3rd in the minute", "GET", "/api/orders/3", bearer(export)),
     ]
     def outcome(status, resp_headers, body):
         echoed = [v for n, v in resp_headers if n.lower() == "x-echo"]
@@ -106,6 +111,10 @@ def main():
             error = json.loads(body).get("error", "")
         except ValueError:
             error = body.decode(errors="replace")[:30]
+        policy = [v for n, v in resp_headers if n.lower() == "ratelimit-policy"]
+        if policy:
+            retry = [v for n, v in resp_headers if n.lower() == "retry-after"]
+            error += f" ({policy[0]}, retry after {retry[0] if retry else '?'} s)"
         return f"{status} {error}"
 
     rows = [("request", "Envoy: status, upstream subject or error", "Worker: status, origin subject or error")]

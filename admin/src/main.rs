@@ -125,6 +125,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set or remove a token's own rate limit (push to make the gates enforce it).
+    Limit {
+        name: String,
+        /// The limit: `100/s`, `600/min`, `5000/h`.
+        #[arg(long, required_unless_present = "none", conflicts_with = "none")]
+        rate: Option<RateLimit>,
+        /// Remove the token's own limit (a rule's still applies).
+        #[arg(long)]
+        none: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Revoke a token (and its previous secret, if rotating).
     Revoke {
         name: String,
@@ -715,6 +727,35 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             }
             Ok(None)
         }
+        Command::Limit {
+            ref name,
+            rate,
+            none: _,
+            ref reason,
+        } => {
+            let mut store = Store::open(&cli.store)?;
+            let t = store
+                .token(name)?
+                .with_context(|| format!("no token named {name:?}"))?;
+            if t.rate_limit == rate {
+                bail!("{name} already has that limit; nothing was changed");
+            }
+            let text = rate.map(|r| r.to_string());
+            let details = serde_json::json!({"token_id": t.token_id, "rate_limit": text, "was": t.rate_limit.map(|r| r.to_string())});
+            store.transaction(
+                &actor(cli.actor.clone(), reason.clone()),
+                "token.limit",
+                Some(name),
+                details,
+                now,
+                |tx| store::set_rate_limit(tx, name, rate),
+            )?;
+            eprintln!(
+                "{name}: rate limit {}; push to make the gates enforce it",
+                text.as_deref().unwrap_or("removed")
+            );
+            Ok(None)
+        }
         Command::Revoke {
             ref name,
             ref reason,
@@ -867,6 +908,15 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 headers: &headers,
             };
             let decision = gate.decide(&request, now);
+            // The request as the first of its window: within any limit. The limit is shown.
+            let limit = decision.rate_limit.clone();
+            let decision = decision.admitted(Some(tokengate_core::rate::Admission {
+                allowed: true,
+                reset: 0,
+            }));
+            let limit_text = limit
+                .as_ref()
+                .map(|l| format!("{} per token, counted as {:?}", l.rate, l.policy));
             let value = serde_json::json!({
                 "status": decision.status(),
                 "outcome": if decision.outcome == Outcome::Allow { "allow" } else { "deny" },
@@ -874,12 +924,16 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 "rule": decision.rule,
                 "subject": decision.subject,
                 "token_id": decision.token_id,
+                "rate_limit": limit.as_ref().map(|l| serde_json::json!({
+                    "limit": l.rate.to_string(),
+                    "policy": l.policy,
+                })),
             });
             if json {
                 out!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 out!(
-                    "{} {} -> {} {} (reason: {}; rule: {}; subject: {})",
+                    "{} {} -> {} {} (reason: {}; rule: {}; subject: {}{})",
                     method,
                     path,
                     decision.status(),
@@ -891,6 +945,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                     decision.reason,
                     decision.rule.as_deref().unwrap_or("none"),
                     decision.subject.as_deref().unwrap_or("none"),
+                    limit_text.map_or(String::new(), |t| format!("; rate limit: {t}")),
                 );
             }
             Ok((decision.outcome == Outcome::Deny).then_some(Negative))
@@ -1295,20 +1350,7 @@ pub(crate) fn build_bundle(
     let policy = store
         .policy()?
         .context("no policy is set (tokengate policy set FILE)")?;
-    let tokens: Vec<_> = store.tokens()?.iter().map(|t| t.record(now)).collect();
-    if target == Target::Worker {
-        // The Worker counts with Cloudflare's Rate Limiting binding, over 60 s windows only.
-        if let Some(token) = tokens.iter().find(|t| {
-            t.rate_limit
-                .is_some_and(|limit| limit.per != tokengate_core::rate::Period::Minute)
-        }) {
-            anyhow::bail!(
-                "token {:?} has a rate limit of {}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding); nothing was pushed",
-                token.name,
-                token.rate_limit.map(|l| l.to_string()).unwrap_or_default()
-            );
-        }
-    }
+    let tokens = store.tokens()?.iter().map(|t| t.record(now)).collect();
     Ok(Bundle {
         version,
         issued_at: now,
@@ -1324,6 +1366,40 @@ pub(crate) fn build_bundle(
         revoke_all_at: store.revoke_all_at()?,
         cloudflare_access: policy.cloudflare_access.clone(),
     })
+}
+
+/// Refuses, before a version is taken, a store the target could not enforce: the Worker
+/// counts with Cloudflare's Rate Limiting binding, over 60 s windows only.
+fn refuse_unenforceable_limits(store: &Store, target: Target, now: u64) -> Result<()> {
+    if target != Target::Worker {
+        return Ok(());
+    }
+    let per_minute = |limit: &RateLimit| limit.per == tokengate_core::rate::Period::Minute;
+    if let Some(policy) = store.policy()? {
+        if let Some((rule, limit)) = policy.rules.iter().find_map(|r| {
+            r.rate_limit
+                .filter(|l| !per_minute(l))
+                .map(|l| (&r.name, l))
+        }) {
+            anyhow::bail!(
+                "rule {rule:?} has a rate limit of {limit}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding); nothing was pushed"
+            );
+        }
+    }
+    // As the bundle will carry them: a revoked or expired token's record has no limit.
+    let tokens = store.tokens()?;
+    let unenforceable = tokens.iter().find_map(|t| {
+        t.record(now)
+            .rate_limit
+            .filter(|limit| !per_minute(limit))
+            .map(|limit| (&t.name, limit))
+    });
+    match unenforceable {
+        Some((name, limit)) => anyhow::bail!(
+            "token {name:?} has a rate limit of {limit}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding; `tokengate limit {name} --rate N/min` or `--none`); nothing was pushed"
+        ),
+        None => Ok(()),
+    }
 }
 
 /// A published bundle, ready to write or send.
@@ -1363,6 +1439,7 @@ pub(crate) fn issue_checked(
     now: u64,
     who: &Actor,
 ) -> Result<(Bundle, Issued)> {
+    refuse_unenforceable_limits(store, target, now)?;
     let published = published_key_set(store)?;
     let version = store.transaction(
         who,

@@ -168,7 +168,11 @@ impl Token {
             revoked_at: self.revoked_at,
             grace_until: None,
             previous,
-            rate_limit: self.rate_limit,
+            // A revoked or expired token is refused before any limit: its record needs none
+            // (so a limit a gate cannot count never holds back the push of a revocation).
+            rate_limit: self
+                .rate_limit
+                .filter(|_| self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)),
         }
     }
 }
@@ -678,6 +682,15 @@ pub fn revoke_token(tx: &Transaction<'_>, name: &str, now: u64) -> Result<()> {
     tx.execute(
         "UPDATE tokens SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
         params![signed(Some(now)), name],
+    )?;
+    Ok(())
+}
+
+/// Sets (or, with `None`, removes) a token's own rate limit.
+pub fn set_rate_limit(tx: &Transaction<'_>, name: &str, limit: Option<RateLimit>) -> Result<()> {
+    tx.execute(
+        "UPDATE tokens SET rate_limit = ?1 WHERE name = ?2",
+        params![limit.map(|l| l.to_string()), name],
     )?;
     Ok(())
 }

@@ -965,3 +965,91 @@ fn usage_pull_counts_each_use_once_and_refuses_what_it_cannot_trust() {
         Some(0)
     );
 }
+
+#[test]
+fn rate_limits_are_set_per_rule_and_per_token_and_checked_before_they_reach_a_gate() {
+    let env = Env::new("rate");
+    let file = env.dir.join("policy.toml");
+    let limited = env.ok(&["policy", "example"]).replace(
+        "access = \"token\"",
+        "access = \"token\"\nrate_limit = { requests = 600, per = \"minute\" }",
+    );
+    std::fs::write(&file, &limited).unwrap();
+    env.ok(&["policy", "set", file.to_str().unwrap()]);
+    let roomy = env.ok(&["create", "roomy", "--rate", "100/s"]);
+    let tight = env.ok(&["create", "tight", "--rate", "5/min"]);
+    // The stricter applies: the rule's 10/s for one, the token's own 5/min for the other.
+    let rule = env.check(roomy.trim(), "/api/x");
+    assert_eq!(rule["status"], 200, "{rule}");
+    assert_eq!(rule["rate_limit"]["limit"], "600/minute", "{rule}");
+    assert_eq!(rule["rate_limit"]["policy"], "everything-else", "{rule}");
+    let own = env.check(tight.trim(), "/api/x");
+    assert_eq!(own["rate_limit"]["limit"], "5/minute", "{own}");
+    assert_eq!(own["rate_limit"]["policy"], "token", "{own}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.ok(&["show", "tight", "--json"])).unwrap();
+    assert_eq!(shown["rate_limit"], "5/minute");
+
+    // Bad limits change nothing.
+    let audit = env.audit_len();
+    for bad in ["0/s", "5/day", "1000001/s", "5", "+1/s"] {
+        let out = env.run(&["create", "bad", "--rate", bad], "");
+        assert!(!out.status.success(), "--rate {bad} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("REQUESTS/PERIOD"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let public = limited.replace(
+        "access = \"public\"",
+        "access = \"public\"\nrate_limit = { requests = 5, per = \"second\" }",
+    );
+    std::fs::write(&file, public).unwrap();
+    let error = env.fails(&["policy", "set", file.to_str().unwrap()], "");
+    assert!(
+        error.contains("public") && error.contains("policy.toml:"),
+        "{error}"
+    );
+    assert_eq!(env.audit_len(), audit, "nothing was recorded");
+    assert!(!env.ok(&["list"]).contains("bad"));
+
+    // A Worker counts per minute only: a token's own per-second limit stops the push there.
+    let error = env.fails(&["push", "worker", "--url", "http://127.0.0.1:9"], "");
+    assert!(
+        error.contains("\"roomy\"") && error.contains("per minute"),
+        "{error}"
+    );
+    assert_eq!(env.audit_len(), audit, "no version was taken");
+    // A revoked token's record carries no limit: its revocation is never held back.
+    env.ok(&["revoke", "roomy", "--reason", "leaked"]);
+    let out = env.dir.join("worker.json");
+    env.ok(&[
+        "bundle",
+        "--target",
+        "worker",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let tokens = published["payload"]["tokens"].as_array().unwrap();
+    let roomy = tokens.iter().find(|t| t["name"] == "roomy").unwrap();
+    assert!(
+        roomy["revoked_at"].is_u64() && roomy.get("rate_limit").is_none(),
+        "{roomy}"
+    );
+    // A limit is changed or removed in place, and audited.
+    env.ok(&["limit", "tight", "--rate", "10/min"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.ok(&["show", "tight", "--json"])).unwrap();
+    assert_eq!(shown["rate_limit"], "10/minute");
+    env.ok(&["limit", "tight", "--none"]);
+    let own = env.check(tight.trim(), "/api/x");
+    assert_eq!(own["rate_limit"]["policy"], "everything-else", "{own}");
+    let audit: serde_json::Value =
+        serde_json::from_str(&env.ok(&["audit", "--json", "--limit", "2"])).unwrap();
+    assert!(audit.to_string().contains("token.limit"), "{audit}");
+    let error = env.fails(&["limit", "tight", "--none"], "");
+    assert!(error.contains("nothing was changed"), "{error}");
+}

@@ -375,8 +375,9 @@ pub enum BundleError {
     DuplicateName(String),
     /// Two records share a hash.
     DuplicateHash(String),
-    /// A Worker bundle has a rate limit per second or per hour (named: a rule or a token),
-    /// which Cloudflare's Rate Limiting binding cannot count.
+    /// A Worker bundle's rule has a rate limit per second or per hour (the rule is named),
+    /// which Cloudflare's Rate Limiting binding cannot count. (A token's own limit is checked
+    /// by the Worker against its bindings, as its records arrive.)
     WorkerRateLimit(String),
 }
 

@@ -2,8 +2,9 @@
 //! token's own (`tokengate create --rate 100/s`); the stricter one applies.
 //!
 //! Counting is a fixed window aligned to the epoch (a minute window runs from :00 to :59):
-//! the same windows on every target, the Cloudflare binding's included, so a client that
-//! waits `Retry-After` seconds finds a fresh window everywhere. A counter is one `u64`
+//! the same windows on every Envoy and in local workerd's Rate Limiting binding, so a client
+//! that waits `Retry-After` seconds finds a fresh window (Cloudflare does not document where
+//! its binding's windows start: there `Retry-After` is the time to the next minute). A counter is one `u64`
 //! ([`Window`]: the window's end and the count in it), so a host can keep it in one atomic
 //! word or one shared-data entry and update it by compare-and-swap; the core computes every
 //! step ([`admit`]), the host only stores the result.

@@ -1459,6 +1459,302 @@ def test_usage_counts_every_worker_thread():
     return f"{sum(sent.values())} requests over {sum(1 for v in workers.values() if v)} workers, all counted"
 
 
+# --- rate limits: a rule's and a token's own, fixed windows on the wall clock ------------
+
+def wait_for_window(period, lo, hi, after=None):
+    """Sleeps until the wall clock is `lo` to `hi` seconds into an epoch-aligned window of
+    `period` seconds (a minute: :00-:59; a second), in a window later than the one `after`
+    (unix seconds) falls in, if given; returns that window's number (start // period)."""
+    while True:
+        now = time.time()
+        window = int(now // period)
+        if after is not None:
+            window = max(window, int(after // period) + 1)
+        into = now - window * period
+        if lo <= into <= hi:
+            return window
+        if into > hi:
+            window += 1
+        time.sleep(max(0.0, window * period + lo - time.time()))
+
+
+def sequence_case(sequence, index, step, second):
+    """The step as a case sent in the unix second `second`: for a 429, `retry-after` and the
+    `t` of `ratelimit` are the seconds from `second` to its minute's end, as the vector's
+    `reset` is from `at` (conformance/src/lib.rs `Step::reset_at`)."""
+    expect = json.loads(json.dumps(step["expect"]))
+    reset = step.get("reset")
+    if reset is not None:
+        headers = expect["response_headers"]
+        assert headers["retry-after"] == str(reset) and f";t={reset}" in headers["ratelimit"], \
+            f"{sequence['name']}: a 429 step whose headers do not give its reset {reset}: {headers}"
+        actual = 60 - second % 60
+        headers["retry-after"] = str(actual)
+        headers["ratelimit"] = headers["ratelimit"].replace(f";t={reset}", f";t={actual}")
+    return {"name": f"{sequence['name']} (step {index + 1}, +{step['at']}s)",
+            "request": step["request"], "expect": expect}
+
+
+def run_sequence_step(gw, sequence, index, step):
+    """Sends one step; its problems (check_case with the reset of the second it was sent in
+    or of the one its answer came in, and the counter of its reason moved by 1) and status."""
+    case = sequence_case(sequence, index, step, int(time.time()))
+    name = counter(gw, case)
+    before = gw.stat(name, 0)
+    sent = int(time.time())
+    status, headers, body, upstream = send(gw, case)
+    received = int(time.time())
+    for second in sorted({sent, received}):
+        case = sequence_case(sequence, index, step, second)
+        problems = check_case(case, status, headers, body, upstream)
+        if not problems:
+            break
+    after = gw.stat(name, 0)
+    if after != before + 1:
+        problems.append(f"counter {name} moved {after - before} (expected 1)")
+    return [f"{case['name']}: {p}" for p in problems], status
+
+
+def sequences_in_one_envoy():
+    """Every sequence's steps before +60 s in one minute (from 1 s to ~35 s into it), then
+    the later ones in the next minute, in one fresh Envoy. None if a phase's requests
+    straddled a minute boundary; else (failures, steps, 429s seen, 429s expected)."""
+    env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
+    sequences = VECTORS["sequences"]
+    failures, steps, refused = [], 0, 0
+    expected = sum(1 for s in sequences for step in s["steps"] if step["expect"]["status"] == 429)
+    with gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
+        text = retime(VECTORS["bundles"]["limits"]["envoy"], int(time.time()) - VECTORS["now"], 2000)
+        assert gw.push(text) == "accepted", gw.tail_log()
+        minute, ended = wait_for_window(60, 1, 35), None
+        for later in (False, True):  # the steps at +60 s or more: in the next minute
+            if later:
+                minute = wait_for_window(60, 1, 59, after=ended)
+            started = time.time()
+            for sequence in sequences:
+                for index, step in enumerate(sequence["steps"]):
+                    if (step["at"] >= 60) == later:
+                        problems, status = run_sequence_step(gw, sequence, index, step)
+                        failures += problems
+                        steps += 1
+                        refused += status == 429
+            ended = time.time()
+            if not int(started // 60) == int(ended // 60) == minute:
+                return None
+    return failures, steps, refused, expected
+
+
+def test_every_conformance_sequence_through_envoy():
+    """conformance/vectors.json `sequences` (the `limits` fixture: a rule's 3/min, tokens' own
+    limits) on the real clock: the steps before +60 s in one minute, the rest in the next,
+    each 429's Retry-After and RateLimit `t` recomputed from the second it was sent in."""
+    total = sum(len(s["steps"]) for s in VECTORS["sequences"])
+    assert VECTORS["sequences"] and all(s["bundle"] == "limits" for s in VECTORS["sequences"])
+    for attempt in range(2):  # a phase across a minute boundary: once more, in a new Envoy
+        outcome = sequences_in_one_envoy()
+        if outcome is not None:
+            break
+    else:
+        raise AssertionError("both attempts straddled a minute boundary")
+    failures, steps, refused, expected = outcome
+    assert not failures, f"{len(failures)} of {steps} sequence steps failed:\n  " + "\n  ".join(failures)
+    assert steps == total, f"{steps} steps run of {total}"
+    assert refused == expected and refused > 0, f"{refused} 429s (expected {expected})"
+    return (f"{len(VECTORS['sequences'])} sequences, {steps} steps ({refused} of them 429) over two minutes"
+            + (" (second attempt)" if attempt else ""))
+
+
+RATE_POLICY = """\
+[credentials]
+sources = ["bearer"]
+forward = false
+
+[[rules]]
+name = "limited"
+path = { prefix = "/limited" }
+access = "token"
+rate_limit = { requests = 3, per = "second" }
+
+[[rules]]
+name = "everything-else"
+path = { prefix = "/" }
+access = "token"
+"""
+
+
+def rate_operator(policy=RATE_POLICY):
+    op = Operator()
+    path = os.path.join(op.dir, "policy.toml")
+    with open(path, "w") as f:
+        f.write(policy)
+    op.run("policy", "set", path)
+    return op
+
+
+def too_many_problems(what, response, policy, quota, window, reset):
+    """What is wrong with `response` (status, headers, body) as the 429 of `policy`."""
+    status, headers, body = response
+    problems = []
+    if status != 429:
+        problems.append(f"status {status} {body[:200]!r} (expected 429)")
+    for name, want in [("retry-after", str(reset)),
+                       ("ratelimit-policy", f'"{policy}";q={quota};w={window}'),
+                       ("ratelimit", f'"{policy}";r=0;t={reset}')]:
+        if header_values(headers, name) != [want]:
+            problems.append(f"{name}: {header_values(headers, name)} (expected [{want!r}])")
+    if header_values(headers, "www-authenticate"):
+        problems.append(f"www-authenticate {header_values(headers, 'www-authenticate')}")
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = {}
+    if parsed.get("error") != "rate_limited" or "error_description" not in parsed:
+        problems.append(f"body {body[:200]!r} (expected error rate_limited)")
+    if echoed(headers) is not None:
+        problems.append("reached the upstream")
+    return [f"{what}: {p}" for p in problems]
+
+
+def passed_problems(what, response, subject):
+    """What is wrong with `response` as a request forwarded for `subject`, unlimited."""
+    status, headers, body = response
+    upstream = echoed(headers)
+    if status != 200 or upstream is None:
+        return [f"{what}: {status} {body[:200]!r}, upstream reached {upstream is not None} (expected 200)"]
+    problems = [f"{what}: {name} on a 200" for name in ("retry-after", "ratelimit", "ratelimit-policy")
+                if header_values(headers, name)]
+    if header_values(upstream["headers"], "x-tokengate-subject") != [subject]:
+        problems.append(f"{what}: subject {header_values(upstream['headers'], 'x-tokengate-subject')}")
+    return problems
+
+
+def test_rate_limits_set_with_the_cli_429_per_rule_and_per_token_then_a_new_second():
+    """`policy set` with a rule `limited` at 3/s, tokens a and b with no limit of their own
+    and c with `create --rate 1/s`, `push envoy`; in one wall-clock second: a passes 3 times
+    on /limited then is refused 429 (Retry-After 1, RateLimit-Policy "limited";q=3;w=1);
+    b, on the same rule, still passes; c passes once on /limited and is refused on the
+    catch-all rule ("token";q=1;w=1: its own limit, stricter, counted across rules). In
+    the next second a passes again. The access log and denied.rate_limited count them."""
+    op = rate_operator()
+    with op.gateway() as gw:
+        admin = f"http://127.0.0.1:{gw.admin_port}"
+        a, b, c = op.create("a"), op.create("b"), op.create("c", "--rate", "1/s")
+        op.push(gw, "--admin", admin)
+        eventually(lambda: status_of(gw, b, "/api/x") == 200, 2.0, "served")  # no limit there
+        limited = gw.stat_name("denied.rate_limited")
+        get = lambda token, path: (lambda r: (r[0], r[1], r[2].decode(errors="replace")))(  # noqa: E731
+            gw.request("GET", path, bearer(token)))
+        ended, refused_before = None, None
+        for attempt in range(3):  # each in a second after the last one's: fresh windows
+            refused_before = gw.stat(limited, 0)
+            second = wait_for_window(1, 0, 0.2, after=ended)
+            started = time.time()
+            responses = [("a 1st on /limited", get(a, "/limited/x")),
+                         ("a 2nd on /limited", get(a, "/limited/x")),
+                         ("a 3rd on /limited", get(a, "/limited/x")),
+                         ("a 4th on /limited", get(a, "/limited/x")),
+                         ("b on /limited", get(b, "/limited/x")),
+                         ("c on /limited", get(c, "/limited/x")),
+                         ("c on the catch-all", get(c, "/api/x"))]
+            ended = time.time()
+            if int(started) == int(ended) == second:
+                break
+        else:
+            raise AssertionError("three attempts each straddled a second boundary")
+        took = ended - started
+        problems = []
+        for what, response in responses[:3]:
+            problems += passed_problems(what, response, "a")
+        problems += too_many_problems(*responses[3], "limited", 3, 1, 1)
+        problems += passed_problems(*responses[4], "b")
+        problems += passed_problems(*responses[5], "c")
+        problems += too_many_problems(*responses[6], "token", 1, 1, 1)
+        assert not problems, "\n  ".join(problems)
+        assert gw.stat(limited, 0) == refused_before + 2, f"{limited} moved {gw.stat(limited, 0) - refused_before}"
+
+        wait_for_window(1, 0, 0.5, after=ended)
+        problems = passed_problems("a in the next second", get(a, "/limited/x"), "a")
+        assert not problems, "\n  ".join(problems)
+
+        eventually(lambda: any("reason=rate_limited subject=c " in l for l in gw.access_log_lines()), 3.0,
+                   "the access log's rate_limited lines")
+        lines = gw.access_log_lines()
+        refused_a = [l for l in lines if "reason=rate_limited subject=a " in l]
+        refused_c = [l for l in lines if "reason=rate_limited subject=c " in l]
+        assert refused_a and all('"GET /limited/x" 429 ' in l and "rule=limited" in l for l in refused_a), lines
+        assert refused_c and all('"GET /api/x" 429 ' in l and "rule=everything-else" in l for l in refused_c), lines
+        assert len(refused_a) + len(refused_c) == gw.stat(limited, 0), (gw.stat(limited, 0), lines)
+        assert not any(t in l for t in (a, b, c) for l in lines), "a token reached the access log"
+    return (f"7 requests in {took * 1000:.0f} ms: a 3x200 then 429, b 200, c 200 then 429 (its own 1/s), "
+            f"a 200 the next second" + (f" (attempt {attempt + 1})" if attempt else ""))
+
+
+def test_rate_limit_is_exact_per_envoy_process_across_four_worker_threads():
+    """A token created with `--rate 20/min`, behind an Envoy with `--concurrency 4`: 80
+    requests at once from 8 threads on 80 connections (spread over the workers), within one
+    minute: exactly 20 pass and 60 are refused 429, counted once each. One counter for the
+    process (the module's map, the wasm filter's shared data), exact under concurrency."""
+    op = Operator()
+    with op.gateway(concurrency=4) as gw:
+        admin = f"http://127.0.0.1:{gw.admin_port}"
+        probe = op.create("probe")
+        token = op.create("burst", "--rate", "20/min")
+        op.push(gw, "--admin", admin)
+        eventually(lambda: status_of(gw, probe) == 200, 2.0, "served")  # burst's budget untouched
+        limited, valid = gw.stat_name("denied.rate_limited"), gw.stat_name("allowed.valid")
+        workers = re.compile(rf"listener\.127\.0\.0\.1_{gw.listen_port}\.worker_\d+\.downstream_cx_total")
+        ended = None
+        for attempt in range(2):  # across a minute boundary: once more, in a later minute
+            wait_for_window(60, 1, 40, after=ended)
+            stats = gw.stats()
+            connections = {k: v for k, v in stats.items() if workers.fullmatch(k)}
+            results, lock = [], threading.Lock()
+            start = threading.Barrier(8)
+            deadline = time.monotonic() + 30
+
+            def client():
+                start.wait(timeout=10)
+                for _ in range(10):
+                    if time.monotonic() > deadline:
+                        return
+                    try:
+                        status, headers, _ = gw.request("GET", "/api/burst", bearer(token), timeout=5)
+                        seen = (status, tuple(header_values(headers, "ratelimit-policy")),
+                                echoed(headers) is not None)
+                    except (OSError, http.client.HTTPException) as e:
+                        seen = (type(e).__name__, (), False)
+                    with lock:
+                        results.append(seen)
+
+            threads = [threading.Thread(target=client) for _ in range(8)]
+            started = time.time()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            ended = time.time()
+            if int(started // 60) == int(ended // 60):
+                break
+        else:
+            raise AssertionError("both attempts straddled a minute boundary")
+        after = gw.stats()
+        statuses = {}
+        for status, _, _ in results:
+            statuses[status] = statuses.get(status, 0) + 1
+        assert statuses == {200: 20, 429: 60}, f"statuses of {len(results)} requests: {statuses}"
+        assert all(reached == (status == 200) for status, _, reached in results), "a 429 reached the upstream"
+        policies = {p for status, p, _ in results if status == 429}
+        assert policies == {('"token";q=20;w=60',)}, policies
+        for name, moved in ((limited, 60), (valid, 20)):
+            assert after.get(name, 0) - stats.get(name, 0) == moved, \
+                f"{name}: {stats.get(name)} -> {after.get(name)} (expected +{moved})"
+        used = {k: after[k] - connections.get(k, 0) for k in after if workers.fullmatch(k)}
+        busy = sum(1 for v in used.values() if v)
+        assert sum(used.values()) == 80 and busy >= 2, f"new connections per worker: {used}"
+    return (f"80 requests from 8 threads in {(ended - started) * 1000:.0f} ms over {busy} workers: "
+            f"20 x 200, 60 x 429" + (" (second attempt)" if attempt else ""))
+
+
 def in_terminal(argv, env, secret, timeout=20.0):
     """Runs argv on a new pseudo-terminal (its controlling terminal: stdin, stdout, stderr),
     waits for the prompt ("not echoed") and for the terminal's echo to be off, types `secret`

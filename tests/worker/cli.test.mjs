@@ -26,7 +26,7 @@ import {
 import { bundle, keyId, makeToken, publicKeyHex, publish, record, sha256Hex } from "./lib/bundle.mjs";
 
 const ENV = "staging";
-const CLI = process.env.TOKENGATE_BIN ?? path.join(ROOT, "target/debug/tokengate");
+export const CLI = process.env.TOKENGATE_BIN ?? path.join(ROOT, "target/debug/tokengate");
 
 /**
  * What a client sent through a Relay, checked against the push protocol: every POST is a
@@ -82,7 +82,7 @@ const keysIn = (text) => text.split(/[\s,]+/).filter(Boolean);
  * or `keyFile`, an existing key file (another store's) that `init --key-file` adopts and
  * every later command is given as TOKENGATE_SIGNING_KEY_FILE.
  */
-function operator({ environment = ENV, signingKey = null, keyFile: adopted = null } = {}) {
+export function operator({ environment = ENV, signingKey = null, keyFile: adopted = null } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tokengate-cli-worker-"));
   const store = path.join(dir, "tokengate.db");
   const env = { ...process.env, TOKENGATE_STORE: store, TOKENGATE_ACTOR: "worker-e2e" };

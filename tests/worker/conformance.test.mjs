@@ -11,7 +11,16 @@
 // on a one-second boundary: they are shifted to the next whole second S, sent once S has
 // begun, and count only if both the send and the answer fall inside S (the Worker's clock is
 // read between the two), retried up to five times otherwise.
-import { assert, assertNoPlaintext, headerValues, safeJson, sleep, startWorker } from "./lib/harness.mjs";
+//
+// The sequences (rate limits) run on a real clock too, on a Worker of their own with a Rate
+// Limiting binding for each limit of the fixtures (Miniflare counts in memory, in windows
+// aligned to the epoch, as the vectors' `at` are). Every sequence uses its own tokens, so all
+// run in one window: once the clock is 1 to 35 s into a minute, every step with `at` < 60, in
+// order, sequence by sequence; then from 1 s into the next minute the steps with `at` >= 60.
+// A 429's `retry-after` and `ratelimit` `t=` are recomputed for the second the request was
+// sent in, or the one it was answered in (conformance/src/lib.rs `Step::reset_at`). A phase
+// that straddled a minute boundary counts for nothing: the run is redone once on a fresh Worker.
+import { assert, assertNoPlaintext, headerValues, perMinuteBindings, safeJson, sleep, startWorker } from "./lib/harness.mjs";
 import { FIXTURE_SEEDS, VECTORS, keyIdOfPublic, nowSecs, payloadOfText, publicKeyHex, retime } from "./lib/bundle.mjs";
 
 // Cases whose request cannot reach any Worker as written: workerd resolves "." and ".."
@@ -21,6 +30,44 @@ import { FIXTURE_SEEDS, VECTORS, keyIdOfPublic, nowSecs, payloadOfText, publicKe
 const RESOLVED_BY_THE_RUNTIME = {
   "dot-dot above root is a bad request": "/admin",
 };
+
+/** The length of the window the sequences count in (conformance/src/lib.rs SEQUENCE_WINDOW). */
+export const SEQUENCE_WINDOW = 60;
+
+/**
+ * conformance/src/lib.rs `Step::reset_at`: the step as sent `second` (unix seconds) instead of
+ * at `at`: a 429's expected `retry-after` and the `t=` of `ratelimit` become the seconds left
+ * in that second's window.
+ */
+export function resetAt(step, second) {
+  if (step.reset === undefined || step.reset === null) return step;
+  const actual = SEQUENCE_WINDOW - (second % SEQUENCE_WINDOW);
+  const headers = {};
+  for (const [name, value] of Object.entries(step.expect.response_headers ?? {})) {
+    if (name === "retry-after") headers[name] = String(actual);
+    else if (name === "ratelimit") headers[name] = value.replaceAll(`;t=${step.reset}`, `;t=${actual}`);
+    else headers[name] = value;
+  }
+  return { ...step, reset: actual, expect: { ...step.expect, response_headers: headers } };
+}
+
+/**
+ * Every rate limit of the fixture bundles for the Worker, as requests per minute: the bindings
+ * a Worker needs to serve them. A limit per second or hour has no binding (the Worker refuses
+ * such a rule, and answers 503 for such a token): none is expected in a Worker fixture.
+ */
+export function fixtureRateLimits() {
+  const counts = new Set();
+  for (const [name, texts] of Object.entries(VECTORS.bundles)) {
+    const payload = payloadOfText(texts.worker);
+    const limits = [...payload.policy.rules.map((r) => r.rate_limit), ...payload.tokens.map((t) => t.rate_limit)];
+    for (const limit of limits.filter(Boolean)) {
+      if (limit.per !== "minute") throw new Error(`fixture "${name}" has a limit of ${limit.requests}/${limit.per}: not per minute`);
+      counts.add(limit.requests);
+    }
+  }
+  return [...counts].sort((a, b) => a - b);
+}
 
 /** conformance/src/lib.rs `check`, line for line. */
 export function check(c, seen) {
@@ -68,9 +115,15 @@ export default function (suite, { origin }) {
   const seedA = FIXTURE_SEEDS.A;
   let worker;
   let version = 1000;
+  // A binding for every limit of the fixtures: without one, a push of the "limits" fixture is
+  // refused (409 rate_limit_unavailable).
+  const limits = fixtureRateLimits();
+  const ratelimits = perMinuteBindings(limits);
+  // Trusting exactly the suite's trusted_keys; pushes are signed by A.
+  const startSuiteWorker = () =>
+    startWorker({ origin, keys: [seedA], trusted: VECTORS.trusted_keys, environment: VECTORS.environment, ratelimits });
   suite.before(async () => {
-    // Trusting exactly the suite's trusted_keys; pushes are signed by A.
-    worker = await startWorker({ origin, keys: [seedA], trusted: VECTORS.trusted_keys, environment: VECTORS.environment });
+    worker = await startSuiteWorker();
   });
   suite.after(() => worker?.dispose());
 
@@ -110,11 +163,30 @@ export default function (suite, { origin }) {
     assert.equal(res.status, 200, `re-timed push: ${res.body}`);
   };
 
-  const send = (c) =>
-    worker.gate(c.request.method, c.request.path, {
+  const send = (c, w = worker) =>
+    w.gate(c.request.method, c.request.path, {
       headers: c.request.headers,
       host: c.request.authority,
     });
+
+  /**
+   * What a request (sent by `send`) came to: the origin's copy, found by its cf-ray (HEAD
+   * answers have no body), and the Worker's decision log line. Returns { upstream, log, seen },
+   * `seen` in the form `check` takes.
+   */
+  const observe = async (res, w = worker) => {
+    const upstream = origin.requests.find((r) => headerValues(r.headers, "cf-ray")[0] === res.ray);
+    const log = await w.decision(res.ray);
+    const seen = {
+      status: upstream ? 200 : res.status,
+      reason: log?.reason,
+      response_headers: res.headers,
+      body: res.body,
+      upstream_headers: upstream?.headers ?? null,
+      upstream_path: upstream?.path ?? null,
+    };
+    return { upstream, log, seen };
+  };
 
   const runAtExactSecond = async (c) => {
     for (let attempt = 0; attempt < 5; attempt++) {
@@ -140,10 +212,8 @@ export default function (suite, { origin }) {
         await pushAt(c, nowSecs() - c.now);
         res = await send(c);
       }
-      // What the origin received, found by the request's cf-ray (HEAD answers have no body).
-      const upstream = origin.requests.find((r) => headerValues(r.headers, "cf-ray")[0] === res.ray);
+      const { upstream, log, seen } = await observe(res);
       const echoed = upstream !== undefined;
-      const log = await worker.decision(res.ray);
 
       if (c.proxy_may_reject && !log && !echoed && res.status >= 400) {
         return `refused by workerd itself (HTTP ${res.status}) before the Worker ran; nothing reached the origin`;
@@ -155,17 +225,126 @@ export default function (suite, { origin }) {
         if (upstream) assert.equal(upstream.path, resolved, "the upstream must get the path decided on");
         return `workerd resolved ${c.request.path} to ${resolved} before the Worker (decided: ${log.status} ${log.reason})`;
       }
-      const seen = {
-        status: echoed ? 200 : res.status,
-        reason: log.reason,
-        response_headers: res.headers,
-        body: res.body,
-        upstream_headers: upstream?.headers ?? null,
-        upstream_path: upstream?.path ?? null,
-      };
       const problems = check(c, seen);
       assert.ok(problems.length === 0, problems.join("; "));
       return c.clock_edge ? "at the exact second" : undefined;
+    });
+  }
+
+  // --- the sequences: rate limits, on a real clock ------------------------------------------
+  const minuteOf = (ms) => Math.floor(ms / (SEQUENCE_WINDOW * 1000));
+  const secondOf = (ms) => Math.floor(ms / 1000);
+  /** Sleeps until `second` seconds into the next minute. */
+  const untilNextMinute = (second) => sleep((minuteOf(Date.now()) + 1) * SEQUENCE_WINDOW * 1000 + second * 1000 - Date.now());
+
+  /**
+   * Sends `steps` ({sequence, index, step}) in order; returns each with {res, sent, answered}
+   * and whether the phase stayed within one minute (the first send to the last answer).
+   */
+  const sendAll = async (w, steps) => {
+    const out = [];
+    for (const s of steps) {
+      const sent = Date.now();
+      const res = await send(s.step, w);
+      out.push({ ...s, res, sent, answered: Date.now() });
+    }
+    const first = out[0]?.sent ?? Date.now();
+    const last = out.at(-1)?.answered ?? first;
+    return { out, minute: minuteOf(first), straddled: minuteOf(first) !== minuteOf(last) ? `${new Date(first).toISOString()} to ${new Date(last).toISOString()}` : null };
+  };
+
+  /** A step's problems as `check` finds them, its 429's reset taken at either second. */
+  const stepProblems = async (w, { sequence, index, step, res, sent, answered }) => {
+    const name = `step ${index + 1} (+${step.at}s, ${step.request.method} ${step.request.path})`;
+    const { log, seen } = await observe(res, w);
+    if (!log) return [`${name}: no decision log line (HTTP ${res.status} ${res.body.slice(0, 120)})`];
+    let problems = [];
+    for (const second of new Set([secondOf(sent), secondOf(answered)])) {
+      const expected = resetAt(step, second);
+      problems = check({ name, request: step.request, expect: expected.expect }, seen);
+      if (problems.length === 0) return [];
+    }
+    return [`${name}: ${problems.join("; ")}`];
+  };
+
+  /**
+   * One run of every sequence of one bundle on a fresh Worker: pushes the bundle re-timed,
+   * then the two phases. Returns { byName: sequence name → { problems, steps, refused } },
+   * or { straddled } when a phase crossed a minute boundary.
+   */
+  const runOnce = async (bundleName, sequences) => {
+    const w = await startSuiteWorker();
+    try {
+      const pushed = await w.push(retime(fixtureText(bundleName), nowSecs() - VECTORS.now, ++version, [seedA]));
+      assert.equal(pushed.status, 200, `re-timed push of "${bundleName}": ${pushed.body}`);
+      const steps = (early) =>
+        sequences.flatMap((sequence) =>
+          sequence.steps.map((step, index) => ({ sequence, index, step })).filter((s) => (s.step.at < SEQUENCE_WINDOW) === early),
+        );
+      const into = (Date.now() / 1000) % SEQUENCE_WINDOW;
+      if (into < 1) await sleep((1 - into) * 1000);
+      else if (into > 35) await untilNextMinute(1);
+      const first = await sendAll(w, steps(true));
+      if (first.straddled) return { straddled: `the first minute's steps ran from ${first.straddled}` };
+      await untilNextMinute(1);
+      const second = await sendAll(w, steps(false));
+      if (second.straddled) return { straddled: `the next minute's steps ran from ${second.straddled}` };
+      assert.ok(second.out.length === 0 || second.minute > first.minute, "the second phase ran in the first one's minute");
+      const byName = new Map(sequences.map((q) => [q.name, { problems: [], steps: 0, refused: 0 }]));
+      for (const s of [...first.out, ...second.out]) {
+        const result = byName.get(s.sequence.name);
+        result.steps += 1;
+        if (s.res.status === 429) result.refused += 1;
+        result.problems.push(...(await stepProblems(w, s)));
+      }
+      return { byName };
+    } finally {
+      await w.dispose();
+    }
+  };
+
+  /** Every sequence, once per bundle they use; redone once on a fresh Worker if a phase straddled. */
+  let sequenceRun = null;
+  const runSequences = () =>
+    (sequenceRun ??= (async () => {
+      const started = Date.now();
+      const results = new Map();
+      const bundles = [...new Set(VECTORS.sequences.map((q) => q.bundle))];
+      const redone = [];
+      for (const name of bundles) {
+        const sequences = VECTORS.sequences.filter((q) => q.bundle === name);
+        let run = await runOnce(name, sequences);
+        if (run.straddled) {
+          redone.push(run.straddled);
+          run = await runOnce(name, sequences);
+          if (run.straddled) throw new Error(`redone once, and again ${run.straddled}`);
+        }
+        for (const [k, v] of run.byName) results.set(k, v);
+      }
+      return { results, redone, ms: Date.now() - started };
+    })());
+
+  suite.test(`sequences: the Worker has a Rate Limiting binding for each limit of the fixtures (${limits.join(", ")} per minute); sequences expect 429s`, () => {
+    assert.ok(VECTORS.sequences.length > 0, "the vectors hold no sequences");
+    const refusals = VECTORS.sequences.flatMap((q) => q.steps).filter((s) => s.expect.status === 429);
+    assert.ok(refusals.length > 0, "no sequence step expects a 429");
+    for (const s of refusals) assert.equal(typeof s.reset, "number", "a 429 step without its reset");
+    const later = VECTORS.sequences.flatMap((q) => q.steps).filter((s) => s.at >= SEQUENCE_WINDOW);
+    assert.ok(later.every((s) => s.at < 2 * SEQUENCE_WINDOW), "a step two windows later: only two minutes are run");
+    assert.deepEqual(Object.keys(ratelimits).sort(), limits.map((n) => `TOKENGATE_RATE_${n}_PER_MINUTE`).sort());
+    return `${Object.keys(ratelimits).join(", ")}; ${refusals.length} of the steps expect a 429`;
+  });
+
+  for (const sequence of VECTORS.sequences) {
+    suite.test(`sequence: ${sequence.name}`, async () => {
+      const { results, redone, ms } = await runSequences();
+      const result = results.get(sequence.name);
+      assert.ok(result, "the sequence did not run");
+      assert.equal(result.steps, sequence.steps.length, "not every step was sent");
+      assert.ok(result.problems.length === 0, `${result.problems.length} of ${result.steps} steps failed:\n${result.problems.join("\n")}`);
+      const expected429 = sequence.steps.filter((s) => s.expect.status === 429).length;
+      assert.equal(result.refused, expected429, "429s answered");
+      return `${result.steps} steps, ${result.refused} answered 429 (all sequences: ${Math.round(ms / 1000)} s${redone.length ? `; redone once: ${redone[0]}` : ""})`;
     });
   }
 

@@ -7,9 +7,10 @@
 //! token name). Cloudflare counts per location and eventually consistently: a client spread
 //! over locations, or fast enough to outrun the count, can pass more (worker/README.md).
 //!
-//! A push whose policy names a limit without a binding is refused; a request whose limit has
-//! no binding (a token's, or a binding removed since) is answered 503: never unmetered.
+//! A push whose policy or token records name a limit without a binding is refused; a request
+//! whose limit has no binding (a binding removed since) is answered 503: never unmetered.
 
+use tokengate_core::bundle::TokenRecord;
 use tokengate_core::policy::Policy;
 use tokengate_core::rate::{self, Admission, Limit, Period, RateLimit};
 use worker::Env;
@@ -42,6 +43,22 @@ pub fn missing_binding(env: &Env, policy: &Policy) -> Option<String> {
                 .err()
                 .map(|problem| format!("rule {:?}: {problem}", rule.name))
         })
+}
+
+/// The first of the tokens' own limits that has no binding here, described for the admin
+/// (each distinct limit looked up once).
+pub fn missing_token_binding(env: &Env, tokens: &[TokenRecord]) -> Option<String> {
+    let mut checked: Vec<RateLimit> = Vec::new();
+    tokens.iter().find_map(|token| {
+        let rate = token.rate_limit?;
+        if checked.contains(&rate) {
+            return None;
+        }
+        checked.push(rate);
+        binding(env, rate)
+            .err()
+            .map(|problem| format!("token {:?}: {problem}", token.name))
+    })
 }
 
 /// Charges one request to `limit` at `now` (unix seconds). The binding says only whether the

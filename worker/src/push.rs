@@ -377,14 +377,17 @@ fn bundle_without_tokens(raw: &Bundle<&RawValue>) -> Bundle {
 }
 
 /// Everything a gate checks in a bundle, but the version (the push state's); and that this
-/// Worker has a Rate Limiting binding for each limit of the policy (409 otherwise: the
-/// bundle is fine, the Worker's configuration lacks what it needs).
+/// Worker has a Rate Limiting binding for each limit of the policy and of the token records
+/// it carries (409 otherwise: the bundle is fine, the Worker's configuration lacks what it
+/// needs; a paged push's records are checked as each page arrives).
 fn validate(env: &Env, bundle: &Bundle) -> std::result::Result<(), Refusal> {
     if let Some(access) = &bundle.cloudflare_access {
         Settings::from_config(access).map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
     }
     Gate::from_bundle(bundle.clone()).map_err(|e| bundle_refusal(&e))?;
-    if let Some(problem) = crate::limits::missing_binding(env, &bundle.policy) {
+    let missing = crate::limits::missing_binding(env, &bundle.policy)
+        .or_else(|| crate::limits::missing_token_binding(env, &bundle.tokens));
+    if let Some(problem) = missing {
         return Err(refuse(409, "rate_limit_unavailable", problem));
     }
     Ok(())
@@ -422,6 +425,9 @@ async fn store_page(
     }
     let incoming = pages::check_page(body, index, claim.bits)
         .map_err(|e| refuse(400, "invalid_page", e.to_string()))?;
+    if let Some(problem) = crate::limits::missing_token_binding(env, &incoming) {
+        return Err(refuse(409, "rate_limit_unavailable", problem));
+    }
     let mut written = 0;
     let mut changes = Vec::new();
     if !claim.stored {

@@ -97,7 +97,10 @@ export function corrupt(token) {
   return token.slice(0, -1) + (last === "A" ? "B" : "A");
 }
 
-/** A token record as the CLI writes it: optional members only when set, no token id. */
+/**
+ * A token record as the CLI writes it: optional members only when set, no token id.
+ * `opts.rate_limit`: the token's own limit, {requests, per: "second" | "minute" | "hour"}.
+ */
 export function record(name, token, scopes, opts = {}) {
   return {
     name,
@@ -108,9 +111,11 @@ export function record(name, token, scopes, opts = {}) {
     expires_at: opts.expires_at,
     revoked_at: opts.revoked_at,
     previous: opts.previous ? { hash: sha256Hex(opts.previous), grace_until: opts.grace_until } : undefined,
+    rate_limit: opts.rate_limit,
   };
 }
 
+/** A policy rule; `opts.rate_limit` ({requests, per}) is written only when set, last. */
 export function rule(name, match, access = "token", opts = {}) {
   return {
     name,
@@ -121,14 +126,18 @@ export function rule(name, match, access = "token", opts = {}) {
     all_of: opts.all_of ?? [],
     any_of: opts.any_of ?? [],
     cf_access: opts.cf_access ?? false,
+    ...(opts.rate_limit ? { rate_limit: rateLimit(opts.rate_limit) } : {}),
   };
 }
+
+/** A rate limit with its members in order: requests, per. */
+const rateLimit = (r) => (r ? { requests: r.requests, per: r.per } : undefined);
 
 // --- the payload and the published text ------------------------------------------------
 /**
  * A payload with every object's members in the documented order: version, issued_at,
  * environment, target, keys, policy, credentials, tokens, then revoke_all_at and
- * cloudflare_access only when set. `keys` defaults to the public keys of `seeds`. `tokens` is
+ * cloudflare_access only when set (a rule's and a token's `rate_limit` last, when set). `keys` defaults to the public keys of `seeds`. `tokens` is
  * an array of token records (an inline bundle) or a paged bundle's
  * {pages, tokens, imported_secrets} (see `publishPaged`).
  */
@@ -143,6 +152,7 @@ export function payloadOf(b, seeds = []) {
     expires_at: t.expires_at ?? undefined,
     revoked_at: t.revoked_at ?? undefined,
     previous: t.previous ? { hash: t.previous.hash, grace_until: t.previous.grace_until } : undefined,
+    rate_limit: rateLimit(t.rate_limit),
   });
   const r = (x) => rule(x.name, "exact" in x.path ? { exact: x.path.exact } : { prefix: x.path.prefix }, x.access, x);
   const out = {
@@ -287,6 +297,7 @@ const lookupRecord = (r, hash, grace_until) => ({
   expires_at: r.expires_at ?? undefined,
   revoked_at: r.revoked_at ?? undefined,
   grace_until: grace_until ?? undefined,
+  rate_limit: rateLimit(r.rate_limit),
 });
 
 /**

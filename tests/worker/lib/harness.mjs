@@ -176,6 +176,19 @@ function compatibilityDate() {
 export const STATE_BINDING = "TOKENGATE_STATE";
 export const STATE_CLASS = "GateState";
 
+/**
+ * The Rate Limiting binding the Worker counts `requests` per minute with (worker/src/limits.rs):
+ * one binding per limit, its limit and period fixed in wrangler.toml.
+ */
+export const rateBindingName = (requests) => `TOKENGATE_RATE_${requests}_PER_MINUTE`;
+
+/**
+ * The `ratelimits` option of `startWorker` for limits of these many requests per minute:
+ * { TOKENGATE_RATE_<n>_PER_MINUTE: { limit: n, period: 60 } } for each n.
+ */
+export const perMinuteBindings = (counts) =>
+  Object.fromEntries([...new Set(counts)].map((n) => [rateBindingName(n), { limit: n, period: 60 }]));
+
 /** The path of a page request: the pending push `version`'s page `index`. */
 export const pageTarget = (version, index) => `${BUNDLE_PATH}?version=${version}&page=${index}`;
 
@@ -193,13 +206,30 @@ export const pageTarget = (version, index) => `${BUNDLE_PATH}?version=${version}
  * own isolate, so its own in-isolate caches), bound to the same KV namespace and the same
  * Durable Object: what a second Cloudflare location sees. It is `worker.peer`, a Worker of its
  * own (same seeds) whose KV and Durable Object are the first one's.
+ *
+ * `ratelimits`: Workers Rate Limiting bindings, binding name → { limit, period } (period 10
+ * or 60 s, as on Cloudflare; `perMinuteBindings` makes the ones the Worker looks for).
+ * Miniflare counts in memory, per binding and per Worker (a peer counts on its own, as
+ * another Cloudflare location does), in windows aligned to the epoch, and forgets every
+ * count of a binding when its window changes. The peer has the same bindings, or
+ * `peerRatelimits` (a location deployed with other bindings, or one removed since).
  */
-export async function startWorker({ origin, keys = [], trusted, environment, vars = {}, peer = false }) {
+export async function startWorker({
+  origin,
+  keys = [],
+  trusted,
+  environment,
+  vars = {},
+  peer = false,
+  ratelimits = {},
+  peerRatelimits = ratelimits,
+}) {
   const script = path.join(DIST, "index.js");
   if (!fs.existsSync(script)) {
     throw new Error(`no bundled Worker at ${script}: build it first: scripts/worker.sh bundle`);
   }
   const logs = [];
+  const errors = []; // the lines logged at level "error" (console.error), also in `logs`
   const bindings = {
     ORIGIN_URL: origin.url,
     TOKENGATE_ENVIRONMENT: environment,
@@ -222,23 +252,41 @@ export async function startWorker({ origin, keys = [], trusted, environment, var
       [STATE_BINDING]: { className: STATE_CLASS, useSQLite: true, ...(name === names[0] ? {} : { scriptName: names[0] }) },
     },
     bindings,
+    ...rateLimiting(name === names[0] ? ratelimits : peerRatelimits),
     unsafeDirectSockets: [{ host: "127.0.0.1", port: 0 }],
   });
   const shared = {
     structuredWorkerdLogs: true,
-    handleStructuredLogs: ({ message }) => {
+    handleStructuredLogs: ({ message, level }) => {
       logs.push(message);
+      if (level === "error") errors.push(message);
     },
   };
   const mf = new Miniflare(peer ? { ...shared, workers: names.map(one) } : { ...shared, ...one(names[0]) });
   await mf.ready;
   const direct = await mf.unsafeGetDirectURL(names[0]);
   const worker = new Worker(mf, Number(direct.port), logs, keys, bindings);
+  Object.assign(worker, { errors, ratelimits });
   if (peer) {
     const second = await mf.unsafeGetDirectURL(names[1]);
     worker.peer = new Worker(mf, Number(second.port), logs, keys, bindings, { shared: true });
+    Object.assign(worker.peer, { errors, ratelimits: peerRatelimits });
   }
   return worker;
+}
+
+/** Miniflare's `ratelimits` option, { NAME: { simple: { limit, period } } }, if any binding. */
+function rateLimiting(ratelimits) {
+  if (Object.keys(ratelimits).length === 0) return {};
+  const out = {};
+  for (const [name, { limit, period }] of Object.entries(ratelimits)) {
+    // Miniflare's binding has no default period: without one every call would throw.
+    if (!Number.isInteger(limit) || limit < 1 || ![10, 60].includes(period)) {
+      throw new Error(`rate limit binding ${name}: limit ${limit}, period ${period} (a period of 10 or 60 s)`);
+    }
+    out[name] = { simple: { limit, period } };
+  }
+  return { ratelimits: out };
 }
 
 let rays = 0;
