@@ -130,7 +130,7 @@ T = {name: make_token(prefix, name) for name, prefix in [
     ("never-issued", "sk_live"), ("query-user", "sk_live"), ("revoked-by-all", "sk_live"),
     ("revoked-before-all", "sk_live"), ("limit-a", "sk_live"), ("pair-1", "sk_live"),
     ("pair-2", "sk_live"), ("capped", "sk_live"), ("roomy", "sk_live"),
-    ("capped-public", "sk_live")]}
+    ("capped-public", "sk_live"), ("spread", "sk_live")]}
 LEGACY = hashlib.sha256(b"legacy INTERNAL_SERVICE_TOKEN").hexdigest()  # 64 hex chars
 
 POLICY = [
@@ -177,6 +177,7 @@ REVOKE_ALL_TOKENS = [
 LIMITS_POLICY = [
     rule("health", {"exact": "/healthz"}, "public", methods=["GET"]),
     rule("limited", {"prefix": "/limited"}, rate=per_minute(3)),
+    rule("metered", {"prefix": "/metered"}, rate=per_minute(3)),
     rule("api", {"prefix": "/api"}),
 ]
 LIMITS_TOKENS = [
@@ -186,6 +187,7 @@ LIMITS_TOKENS = [
     record("capped", T["capped"], [], rate=per_minute(2)),  # stricter than the rule's 3
     record("roomy", T["roomy"], [], rate=per_minute(100)),  # the rule's 3 is stricter
     record("capped-public", T["capped-public"], [], rate=per_minute(1)),
+    record("spread", T["spread"], [], rate=per_minute(4)),  # more than either rule's 3
 ]
 
 BUNDLES = {
@@ -521,6 +523,9 @@ seq("a token's own limit applies where it is stricter, counted across rules",
 seq("a rule's limit applies where it is stricter than the token's own",
     [ok("roomy"), ok("roomy"), ok("roomy"), limited("roomy", "limited", 3),
      ok("roomy", path="/api/orders", at=1), ok("roomy", path="/api/orders", at=1)])
+seq("a token's own limit caps it across rules even where each rule's own limit is stricter",
+    [ok("spread"), ok("spread"), ok("spread"), ok("spread", path="/metered/x"),
+     limited("spread", "token", 4, path="/metered/x"), limited("spread", "limited", 3)])
 seq("public routes are not limited, with or without a limited token",
     [ok(None, path="/healthz"), ok(None, path="/healthz"),
      {**ok(None, path="/healthz"), "request": {**ok(None, path="/healthz")["request"],

@@ -86,8 +86,8 @@ enum Command {
         prefix: String,
         #[command(flatten)]
         lifetime: Lifetime,
-        /// The token's own rate limit, wherever it is used: `100/s`, `600/min`, `5000/h` (a
-        /// rule's, if stricter, applies instead).
+        /// The token's own rate limit, across every rule it is used on: `100/s`, `600/min`,
+        /// `5000/h` (a rule's limit applies too).
         #[arg(long)]
         rate: Option<RateLimit>,
         #[arg(long, default_value = "")]
@@ -908,15 +908,16 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 headers: &headers,
             };
             let decision = gate.decide(&request, now);
-            // The request as the first of its window: within any limit. The limit is shown.
-            let limit = decision.rate_limit.clone();
-            let decision = decision.admitted(Some(tokengate_core::rate::Admission {
-                allowed: true,
-                reset: 0,
-            }));
-            let limit_text = limit
-                .as_ref()
-                .map(|l| format!("{} per token, counted as {:?}", l.rate, l.policy));
+            // The request as the first of its windows: within its limits, which are shown.
+            let limits = decision.rate_limits.clone();
+            let decision = decision.within_limits();
+            let limit_text = (!limits.is_empty()).then(|| {
+                limits
+                    .iter()
+                    .map(|l| format!("{} ({:?})", l.rate, l.policy))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            });
             let value = serde_json::json!({
                 "status": decision.status(),
                 "outcome": if decision.outcome == Outcome::Allow { "allow" } else { "deny" },
@@ -924,10 +925,10 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                 "rule": decision.rule,
                 "subject": decision.subject,
                 "token_id": decision.token_id,
-                "rate_limit": limit.as_ref().map(|l| serde_json::json!({
+                "rate_limits": limits.iter().map(|l| serde_json::json!({
                     "limit": l.rate.to_string(),
                     "policy": l.policy,
-                })),
+                })).collect::<Vec<_>>(),
             });
             if json {
                 out!("{}", serde_json::to_string_pretty(&value)?);
@@ -945,7 +946,7 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                     decision.reason,
                     decision.rule.as_deref().unwrap_or("none"),
                     decision.subject.as_deref().unwrap_or("none"),
-                    limit_text.map_or(String::new(), |t| format!("; rate limit: {t}")),
+                    limit_text.map_or(String::new(), |t| format!("; rate limits: {t}")),
                 );
             }
             Ok((decision.outcome == Outcome::Deny).then_some(Negative))

@@ -978,14 +978,33 @@ fn rate_limits_are_set_per_rule_and_per_token_and_checked_before_they_reach_a_ga
     env.ok(&["policy", "set", file.to_str().unwrap()]);
     let roomy = env.ok(&["create", "roomy", "--rate", "100/s"]);
     let tight = env.ok(&["create", "tight", "--rate", "5/min"]);
-    // The stricter applies: the rule's 10/s for one, the token's own 5/min for the other.
+    // Both apply, the stricter first: the rule's 10/s before the token's own 100/s, the
+    // token's own 5/min before the rule's.
     let rule = env.check(roomy.trim(), "/api/x");
     assert_eq!(rule["status"], 200, "{rule}");
-    assert_eq!(rule["rate_limit"]["limit"], "600/minute", "{rule}");
-    assert_eq!(rule["rate_limit"]["policy"], "everything-else", "{rule}");
+    let limits = |v: &serde_json::Value| {
+        v["rate_limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {}",
+                    l["limit"].as_str().unwrap(),
+                    l["policy"].as_str().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        limits(&rule),
+        ["600/minute everything-else", "100/second token"]
+    );
     let own = env.check(tight.trim(), "/api/x");
-    assert_eq!(own["rate_limit"]["limit"], "5/minute", "{own}");
-    assert_eq!(own["rate_limit"]["policy"], "token", "{own}");
+    assert_eq!(
+        limits(&own),
+        ["5/minute token", "600/minute everything-else"]
+    );
     let shown: serde_json::Value =
         serde_json::from_str(&env.ok(&["show", "tight", "--json"])).unwrap();
     assert_eq!(shown["rate_limit"], "5/minute");
@@ -1046,10 +1065,22 @@ fn rate_limits_are_set_per_rule_and_per_token_and_checked_before_they_reach_a_ga
     assert_eq!(shown["rate_limit"], "10/minute");
     env.ok(&["limit", "tight", "--none"]);
     let own = env.check(tight.trim(), "/api/x");
-    assert_eq!(own["rate_limit"]["policy"], "everything-else", "{own}");
+    assert_eq!(limits(&own), ["600/minute everything-else"]);
     let audit: serde_json::Value =
         serde_json::from_str(&env.ok(&["audit", "--json", "--limit", "2"])).unwrap();
     assert!(audit.to_string().contains("token.limit"), "{audit}");
     let error = env.fails(&["limit", "tight", "--none"], "");
     assert!(error.contains("nothing was changed"), "{error}");
+    let audit = env.audit_len();
+    for bad in [
+        &["limit", "nobody", "--rate", "5/min"][..],
+        &["limit", "tight", "--rate", "5/day"],
+        &["limit", "tight"],
+        &["limit", "tight", "--rate", "5/min", "--none"],
+    ] {
+        let out = env.run(bad, "");
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(!out.stderr.is_empty(), "{bad:?}: no error");
+    }
+    assert_eq!(env.audit_len(), audit, "a refused limit changes nothing");
 }

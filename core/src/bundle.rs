@@ -125,8 +125,8 @@ pub struct TokenRecord {
     /// The token this one replaced by rotation, valid until the end of its grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<PreviousToken>,
-    /// The token's own rate limit, wherever it is used (a rule's, if stricter, applies
-    /// instead).
+    /// The token's own rate limit, across every rule it is used on (a rule's limit applies
+    /// too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
 }

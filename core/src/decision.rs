@@ -241,9 +241,9 @@ pub struct Decision {
     /// The `:path` to forward when it differs from the one received (normalised, query
     /// credentials removed).
     pub rewrite_path: Option<String>,
-    /// On an Allow: the rate limit the host must charge before forwarding
-    /// ([`crate::rate::enforce`]). Until it is charged the decision is not forwarded.
-    pub rate_limit: Option<Box<Limit>>,
+    /// On an Allow: the rate limits the host must charge, in order, before forwarding
+    /// ([`crate::rate::enforce`]). Until they are charged the decision is not forwarded.
+    pub rate_limits: Vec<Limit>,
 }
 
 impl Decision {
@@ -258,7 +258,7 @@ impl Decision {
             remove_headers,
             add_headers: Vec::new(),
             rewrite_path: None,
-            rate_limit: None,
+            rate_limits: Vec::new(),
         }
     }
 
@@ -285,7 +285,7 @@ impl Decision {
     /// it carry none: fail closed.
     pub fn refusal(&self) -> Option<Cow<'_, Denial>> {
         match (self.outcome, &self.denial) {
-            (Outcome::Allow, None) if self.rate_limit.is_none() => None,
+            (Outcome::Allow, None) if self.rate_limits.is_empty() => None,
             (Outcome::Deny, Some(denial)) => Some(Cow::Borrowed(denial)),
             _ => Some(Cow::Owned(internal_error())),
         }
@@ -525,7 +525,7 @@ impl Gate {
                 remove_headers: remove,
                 add_headers: Vec::new(),
                 rewrite_path: None,
-                rate_limit: None,
+                rate_limits: Vec::new(),
             });
         }
 
@@ -646,7 +646,7 @@ impl Gate {
             remove_headers,
             add_headers: Vec::new(),
             rewrite_path: rewrite_path.clone(),
-            rate_limit: None,
+            rate_limits: Vec::new(),
         };
         // A record from outside the gate (KV) must be the one asked for.
         let Some(record) = record.filter(|r| r.hash == hash) else {
@@ -679,7 +679,7 @@ impl Gate {
             ));
         }
         let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
-        decision.rate_limit =
+        decision.rate_limits =
             Limit::of(&rule.name, rule.rate_limit, &record.name, record.rate_limit);
         decision.add_headers = vec![
             (SUBJECT_HEADER, decision.subject.clone().unwrap_or_default()),
@@ -720,7 +720,7 @@ impl Gate {
             remove_headers: remove.clone(),
             add_headers: Vec::new(),
             rewrite_path: rewrite_path.clone(),
-            rate_limit: None,
+            rate_limits: Vec::new(),
         };
         let identity = match assertion.check(key, settings, now) {
             Ok(identity) => identity,
@@ -801,16 +801,16 @@ mod tests {
             remove_headers: Vec::new(),
             add_headers: Vec::new(),
             rewrite_path: None,
-            rate_limit: None,
+            rate_limits: Vec::new(),
         };
         assert!(allow.refusal().is_none());
         // An allow whose rate limit was never charged is not forwarded either.
         let uncharged = Decision {
-            rate_limit: Some(Box::new(Limit {
+            rate_limits: vec![Limit {
                 key: "t/ci".into(),
                 rate: "1/s".parse().unwrap(),
                 policy: "token".into(),
-            })),
+            }],
             ..allow.clone()
         };
         assert_eq!(uncharged.refusal().map(|d| d.status), Some(503));

@@ -50,8 +50,7 @@ pub struct Rule {
     /// Whether a valid Cloudflare Access assertion is an identity here too (Worker only).
     #[serde(default)]
     pub cf_access: bool,
-    /// Requests each token may make here per window (the token's own limit, if stricter,
-    /// applies instead).
+    /// Requests each token may make here per window (the token's own limit applies too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
 }

@@ -1,5 +1,8 @@
-//! Rate limits per token: a rule's (`rate_limit = { requests = 600, per = "minute" }`) and a
-//! token's own (`tokengate create --rate 100/s`); the stricter one applies.
+//! Rate limits per token: a rule's (`rate_limit = { requests = 600, per = "minute" }`, for
+//! each token on that rule) and a token's own (`tokengate create --rate 100/s`, for the token
+//! wherever it is used). Both apply: a request is charged to each, the stricter first, and
+//! the first that is full refuses it, so whichever is tighter binds at every moment. A
+//! request refused by the second has been counted by the first.
 //!
 //! Counting is a fixed window aligned to the epoch (a minute window runs from :00 to :59):
 //! the same windows on every Envoy and in local workerd's Rate Limiting binding, so a client
@@ -9,9 +12,9 @@
 //! word or one shared-data entry and update it by compare-and-swap; the core computes every
 //! step ([`admit`]), the host only stores the result.
 //!
-//! A [`Decision`] that passes a limited rule carries the [`Limit`] to charge and is not
-//! forwarded until the host has charged it ([`Decision::admitted`]): a host that skipped the
-//! count would answer 503, never pass unmetered.
+//! A [`Decision`] that passes carries the [`Limit`]s to charge and is not forwarded until the
+//! host has charged them ([`enforce`], or [`Decision::within_limits`] for a host that counts
+//! asynchronously): a host that skipped the count would answer 503, never pass unmetered.
 
 use core::fmt;
 use core::str::FromStr;
@@ -147,31 +150,31 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The limit that applies to `token` on `rule`: the stricter of the two, if any.
+    /// The limits that apply to `token` on `rule`: the rule's and the token's own, the
+    /// stricter first (it is the likelier to refuse, and a request it refuses is counted by
+    /// neither).
     pub(crate) fn of(
         rule_name: &str,
         rule: Option<RateLimit>,
         token_name: &str,
         token: Option<RateLimit>,
-    ) -> Option<Box<Limit>> {
-        let by_rule = |rate| Limit {
+    ) -> Vec<Limit> {
+        let by_rule = rule.map(|rate| Limit {
             key: format!("r/{rule_name}/{token_name}"),
             rate,
             policy: rule_name.to_owned(),
-        };
-        let by_token = |rate| Limit {
+        });
+        let by_token = token.map(|rate| Limit {
             key: format!("t/{token_name}"),
             rate,
             policy: "token".to_owned(),
-        };
-        let limit = match (rule, token) {
-            (None, None) => return None,
-            (Some(rule), None) => by_rule(rule),
-            (None, Some(token)) => by_token(token),
-            (Some(rule), Some(token)) if rule.stricter(token) == rule => by_rule(rule),
-            (Some(_), Some(token)) => by_token(token),
-        };
-        Some(Box::new(limit))
+        });
+        match (by_rule, by_token) {
+            (Some(rule), Some(token)) if token.rate.stricter(rule.rate) != rule.rate => {
+                vec![token, rule]
+            }
+            (rule, token) => rule.into_iter().chain(token).collect(),
+        }
     }
 }
 
@@ -221,11 +224,17 @@ pub fn window_end(rate: RateLimit, now: u64) -> u64 {
 }
 
 /// One request against a counter at `now`: the counter's next state and the verdict. A
-/// counter from another window (an earlier one, or a limit whose period changed) starts
-/// over; a full one is left as it is.
+/// counter from an earlier window (or of a limit whose period changed) starts over; one in
+/// the next window (another thread's clock read a moment later) is counted in, not reset;
+/// a full one is left as it is.
 pub fn admit(state: Window, rate: RateLimit, now: u64) -> (Window, Admission) {
-    let end = window_end(rate, now);
-    let count = if state.end == end { state.count } else { 0 };
+    let length = rate.per.seconds();
+    let current = window_end(rate, now);
+    let (end, count) = if state.end == current || state.end == current + length {
+        (state.end, state.count)
+    } else {
+        (current, 0)
+    };
     let admission = |allowed| Admission {
         allowed,
         reset: end - now,
@@ -250,42 +259,50 @@ pub trait Counters {
     fn charge(&mut self, limit: &Limit, now: u64) -> Option<Admission>;
 }
 
-/// Charges a decision's limit, if it carries one, and returns the decision to act on.
+/// Charges a decision's limits in order and returns the decision to act on: as it was if
+/// every limit admits it, a 429 from the first that does not (the rest are not charged), a
+/// 503 if a counter could not be read or written.
 pub fn enforce(decision: Decision, counters: &mut impl Counters, now: u64) -> Decision {
-    match &decision.rate_limit {
-        Some(limit) => {
-            let admission = counters.charge(limit, now);
-            decision.admitted(admission)
+    for index in 0..decision.rate_limits.len() {
+        match counters.charge(&decision.rate_limits[index], now) {
+            Some(Admission { allowed: true, .. }) => {}
+            Some(Admission { reset, .. }) => return decision.over_limit(index, reset),
+            None => return decision.uncounted(),
         }
-        None => decision,
     }
+    decision.within_limits()
 }
 
 impl Decision {
-    /// The decision once its limit was charged: passes on as it was when `admission` allows
-    /// it, becomes a 429 when it does not, a 503 when the host could not count (`None`).
-    pub fn admitted(mut self, admission: Option<Admission>) -> Decision {
-        let Some(limit) = self.rate_limit.take() else {
-            return self;
+    /// The decision once every one of its limits admitted it: forwarded as decided.
+    pub fn within_limits(mut self) -> Decision {
+        self.rate_limits.clear();
+        self
+    }
+
+    /// The decision refused by its limit `index`, `reset` seconds before that limit's window
+    /// ends: a 429.
+    pub fn over_limit(mut self, index: usize, reset: u64) -> Decision {
+        let Some(limit) = self.rate_limits.get(index) else {
+            return self.uncounted();
         };
-        match admission {
-            Some(Admission { allowed: true, .. }) => self,
-            Some(Admission { reset, .. }) => {
-                self.outcome = Outcome::Deny;
-                self.reason = Reason::RateLimited;
-                self.denial = Some(too_many_requests(&limit, reset));
-                self.add_headers.clear();
-                self
-            }
-            None => {
-                let mut failed = crate::decision::unavailable(Reason::Internal);
-                failed.rule = self.rule;
-                failed.subject = self.subject;
-                failed.token_id = self.token_id;
-                failed.remove_headers = self.remove_headers;
-                failed
-            }
-        }
+        let denial = too_many_requests(limit, reset);
+        self.rate_limits.clear();
+        self.outcome = Outcome::Deny;
+        self.reason = Reason::RateLimited;
+        self.denial = Some(denial);
+        self.add_headers.clear();
+        self
+    }
+
+    /// The decision when a limit could not be counted: a 503, never a pass.
+    pub fn uncounted(self) -> Decision {
+        let mut failed = crate::decision::unavailable(Reason::Internal);
+        failed.rule = self.rule;
+        failed.subject = self.subject;
+        failed.token_id = self.token_id;
+        failed.remove_headers = self.remove_headers;
+        failed
     }
 }
 
@@ -458,6 +475,27 @@ mod tests {
         let (other, admission) = admit(state, rate("3/h"), start + 59);
         assert!(admission.allowed);
         assert_eq!(other.count, 1);
+        // A request whose clock read :59 after another's started the next window is counted
+        // in that window, not made to reset it.
+        let next = Window {
+            end: start + 120,
+            count: 3,
+        };
+        let (kept, late) = admit(next, limit, start + 59);
+        assert_eq!((kept, late.allowed), (next, false));
+    }
+
+    #[test]
+    fn both_limits_apply_the_stricter_charged_first() {
+        let keys = |limits: Vec<Limit>| limits.into_iter().map(|l| l.key).collect::<Vec<_>>();
+        let of = |rule: Option<&str>, token: Option<&str>| {
+            keys(Limit::of("api", rule.map(rate), "ci", token.map(rate)))
+        };
+        assert_eq!(of(Some("600/minute"), Some("100/s")), ["r/api/ci", "t/ci"]);
+        assert_eq!(of(Some("100/s"), Some("600/minute")), ["t/ci", "r/api/ci"]);
+        assert_eq!(of(None, Some("1/s")), ["t/ci"]);
+        assert_eq!(of(Some("1/s"), None), ["r/api/ci"]);
+        assert!(of(None, None).is_empty());
     }
 
     #[test]

@@ -32,19 +32,34 @@ impl Counters for &CounterSet {
     fn charge(&mut self, limit: &Limit, now: u64) -> Option<Admission> {
         let admission = CounterSet::charge(self, limit, now);
         self.sweep_if_due(now);
-        Some(admission)
+        admission
+    }
+}
+
+/// Clears the sweeping flag however the sweep ends (a panic is caught by the hook's
+/// `catch_unwind`; sweeping must not stop for good).
+struct Sweeping<'a>(&'a AtomicBool);
+
+impl Drop for Sweeping<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
 impl CounterSet {
     /// One request against `limit`'s counter: the core's step, stored only if the counter
     /// did not change meanwhile (papaya runs the step again on the new value otherwise).
-    fn charge(&self, limit: &Limit, now: u64) -> Admission {
+    /// `None` for a window end the packed word cannot hold (a clock past 2106): refused.
+    fn charge(&self, limit: &Limit, now: u64) -> Option<Admission> {
         let map = self.map.pin();
         let mut verdict = None;
         map.compute(limit.key.clone(), |entry| {
             let state = entry.map_or_else(Window::default, |(_, word)| Window::unpack(*word));
             let (next, admission) = rate::admit(state, limit.rate, now);
+            if next.end > u64::from(u32::MAX) {
+                verdict = None;
+                return Operation::Abort(());
+            }
             verdict = Some(admission);
             if next == state {
                 Operation::Abort(())
@@ -52,11 +67,7 @@ impl CounterSet {
                 Operation::Insert(next.pack())
             }
         });
-        // `compute` runs the step at least once; were it not to, the request is refused.
-        verdict.unwrap_or(Admission {
-            allowed: false,
-            reset: limit.rate.per.seconds(),
-        })
+        verdict
     }
 
     /// Drops the counters whose window is over, once the map has doubled since the last
@@ -69,6 +80,7 @@ impl CounterSet {
         if self.sweeping.swap(true, Ordering::Acquire) {
             return;
         }
+        let _sweeping = Sweeping(&self.sweeping);
         let pinned = self.map.pin();
         let over: Vec<String> = pinned
             .iter()
@@ -79,7 +91,6 @@ impl CounterSet {
             let _ = pinned.remove_if(key, |_, word| Window::unpack(*word).expired(now));
         }
         self.swept_at.store(pinned.len(), Ordering::Relaxed);
-        self.sweeping.store(false, Ordering::Release);
     }
 
     /// Counters held.
@@ -115,7 +126,7 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     for _ in 0..500 {
-                        if set.charge(&shared, now).allowed {
+                        if set.charge(&shared, now).unwrap().allowed {
                             allowed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -128,7 +139,15 @@ mod tests {
             "exactly the limit, of 4000"
         );
         let other = limit("t/other", "1/minute");
-        assert!(set.charge(&other, now).allowed, "another key counts apart");
+        assert!(
+            set.charge(&other, now).unwrap().allowed,
+            "another key counts apart"
+        );
+        assert_eq!(
+            set.charge(&other, u64::from(u32::MAX)),
+            None,
+            "a clock past 2106"
+        );
     }
 
     #[test]

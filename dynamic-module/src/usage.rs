@@ -109,7 +109,7 @@ mod tests {
             remove_headers: Vec::new(),
             add_headers: Vec::new(),
             rewrite_path: None,
-            rate_limit: None,
+            rate_limits: Vec::new(),
         }
     }
 

@@ -510,5 +510,15 @@ fn every_sequence_passes_across_two_vms_of_one_process() {
         },
     )
     .unwrap_or_else(|report| panic!("{report}"));
-    println!("{count} sequence steps passed across two VMs");
+    let limited = suite
+        .sequences
+        .iter()
+        .flat_map(|s| &s.steps)
+        .filter(|step| step.expect.status == 429)
+        .count();
+    assert!(
+        count > 0 && limited > 0,
+        "{count} steps, {limited} of them 429"
+    );
+    println!("{count} sequence steps ({limited} refused 429) passed across two VMs");
 }

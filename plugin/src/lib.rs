@@ -514,7 +514,18 @@ impl rate::Counters for SharedCounters {
                 proxy_wasm::hostcalls::set_shared_data(&key, Some(b""), None).ok()?;
                 continue;
             }
-            let (next, admission) = slots::charge(value.as_deref(), limit, now)?;
+            let Some((next, admission)) = slots::charge(value.as_deref(), limit, now) else {
+                // Only a writer other than tokengate (a filter sharing our vm_id) can leave a
+                // slot this filter cannot read: its counters fail closed.
+                proxy_wasm::hostcalls::log(
+                    LogLevel::Error,
+                    &format!(
+                        "tokengate: rate-limit slot {key} is unreadable; its limits answer 503"
+                    ),
+                )
+                .ok();
+                return None;
+            };
             if value.as_deref() == Some(next.as_slice()) {
                 return Some(admission);
             }

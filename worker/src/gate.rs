@@ -107,16 +107,7 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
             Err(failure) => return unavailable(Reason::Internal, Some(failure)),
         },
     };
-    let decision = match &decision.rate_limit {
-        Some(limit) => {
-            let admission = limits::charge(env, limit, served::now_secs()).await;
-            if let Err(problem) = &admission {
-                console_error!("tokengate: cannot count a rate limit, failing closed: {problem}");
-            }
-            decision.admitted(admission.ok())
-        }
-        None => decision,
-    };
+    let decision = limits::enforce(env, decision, served::now_secs()).await;
     log_decision(&method, &target, &decision, &headers);
     crate::usage::count(&decision, served::now_secs());
     // Forward only on Allow: any other decision answers (the core's own rule).

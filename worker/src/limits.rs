@@ -7,13 +7,15 @@
 //! token name). Cloudflare counts per location and eventually consistently: a client spread
 //! over locations, or fast enough to outrun the count, can pass more (worker/README.md).
 //!
-//! A push whose policy or token records name a limit without a binding is refused; a request
-//! whose limit has no binding (a binding removed since) is answered 503: never unmetered.
+//! A push whose policy names a limit without a binding is refused; a request whose limit has
+//! no binding (a token's own, or a binding removed since) is answered 503: never unmetered.
+//! Counter keys start with the Worker's environment: a namespace id shared by two
+//! deployments (staging, prod) does not make them share counters.
 
-use tokengate_core::bundle::TokenRecord;
 use tokengate_core::policy::Policy;
 use tokengate_core::rate::{self, Admission, Limit, Period, RateLimit};
-use worker::Env;
+use tokengate_core::Decision;
+use worker::{console_error, Env};
 
 /// The binding that counts `rate`; `None` for a period the binding cannot count.
 pub fn binding_name(rate: RateLimit) -> Option<String> {
@@ -45,29 +47,33 @@ pub fn missing_binding(env: &Env, policy: &Policy) -> Option<String> {
         })
 }
 
-/// The first of the tokens' own limits that has no binding here, described for the admin
-/// (each distinct limit looked up once).
-pub fn missing_token_binding(env: &Env, tokens: &[TokenRecord]) -> Option<String> {
-    let mut checked: Vec<RateLimit> = Vec::new();
-    tokens.iter().find_map(|token| {
-        let rate = token.rate_limit?;
-        if checked.contains(&rate) {
-            return None;
+/// Charges a decision's limits in order, as [`rate::enforce`] does: a 429 from the first
+/// that refuses, a 503 (and an error log) if one cannot be counted.
+pub async fn enforce(env: &Env, decision: Decision, now: u64) -> Decision {
+    for index in 0..decision.rate_limits.len() {
+        match charge(env, &decision.rate_limits[index], now).await {
+            Ok(Admission { allowed: true, .. }) => {}
+            Ok(Admission { reset, .. }) => return decision.over_limit(index, reset),
+            Err(problem) => {
+                console_error!("tokengate: cannot count a rate limit, failing closed: {problem}");
+                return decision.uncounted();
+            }
         }
-        checked.push(rate);
-        binding(env, rate)
-            .err()
-            .map(|problem| format!("token {:?}: {problem}", token.name))
-    })
+    }
+    decision.within_limits()
 }
 
 /// Charges one request to `limit` at `now` (unix seconds). The binding says only whether the
 /// request is within the limit; the reset is the end of the minute, the window the binding
 /// counts in (it runs from :00, as the core's do).
-pub async fn charge(env: &Env, limit: &Limit, now: u64) -> Result<Admission, String> {
+async fn charge(env: &Env, limit: &Limit, now: u64) -> Result<Admission, String> {
     let limiter = binding(env, limit.rate)?;
+    let environment = env
+        .var(crate::ENVIRONMENT_VAR)
+        .map_err(|_| format!("variable {} is not set", crate::ENVIRONMENT_VAR))?
+        .to_string();
     let outcome = limiter
-        .limit(limit.key.clone())
+        .limit(format!("{environment}/{}", limit.key))
         .await
         .map_err(|e| format!("rate limit binding: {e}"))?;
     Ok(Admission {

@@ -377,17 +377,16 @@ fn bundle_without_tokens(raw: &Bundle<&RawValue>) -> Bundle {
 }
 
 /// Everything a gate checks in a bundle, but the version (the push state's); and that this
-/// Worker has a Rate Limiting binding for each limit of the policy and of the token records
-/// it carries (409 otherwise: the bundle is fine, the Worker's configuration lacks what it
-/// needs; a paged push's records are checked as each page arrives).
+/// Worker has a Rate Limiting binding for each limit of the policy (409 otherwise: the bundle
+/// is fine, the Worker's configuration lacks what it needs). Tokens' own limits are not
+/// checked here, so that no limit ever holds back a push (a revocation with it): a request
+/// whose limit has no binding is answered 503.
 fn validate(env: &Env, bundle: &Bundle) -> std::result::Result<(), Refusal> {
     if let Some(access) = &bundle.cloudflare_access {
         Settings::from_config(access).map_err(|e| refuse(400, "invalid_bundle", e.to_string()))?;
     }
     Gate::from_bundle(bundle.clone()).map_err(|e| bundle_refusal(&e))?;
-    let missing = crate::limits::missing_binding(env, &bundle.policy)
-        .or_else(|| crate::limits::missing_token_binding(env, &bundle.tokens));
-    if let Some(problem) = missing {
+    if let Some(problem) = crate::limits::missing_binding(env, &bundle.policy) {
         return Err(refuse(409, "rate_limit_unavailable", problem));
     }
     Ok(())
@@ -425,9 +424,6 @@ async fn store_page(
     }
     let incoming = pages::check_page(body, index, claim.bits)
         .map_err(|e| refuse(400, "invalid_page", e.to_string()))?;
-    if let Some(problem) = crate::limits::missing_token_binding(env, &incoming) {
-        return Err(refuse(409, "rate_limit_unavailable", problem));
-    }
     let mut written = 0;
     let mut changes = Vec::new();
     if !claim.stored {
