@@ -1369,35 +1369,33 @@ pub(crate) fn build_bundle(
     })
 }
 
-/// Refuses, before a version is taken, a store the target could not enforce: the Worker
-/// counts with Cloudflare's Rate Limiting binding, over 60 s windows only.
-fn refuse_unenforceable_limits(store: &Store, target: Target, now: u64) -> Result<()> {
-    if target != Target::Worker {
-        return Ok(());
-    }
-    let per_minute = |limit: &RateLimit| limit.per == tokengate_core::rate::Period::Minute;
-    if let Some(policy) = store.policy()? {
-        if let Some((rule, limit)) = policy.rules.iter().find_map(|r| {
-            r.rate_limit
-                .filter(|l| !per_minute(l))
-                .map(|l| (&r.name, l))
-        }) {
-            anyhow::bail!(
-                "rule {rule:?} has a rate limit of {limit}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding); nothing was pushed"
-            );
-        }
-    }
-    // As the bundle will carry them: a revoked or expired token's record has no limit.
-    let tokens = store.tokens()?;
-    let unenforceable = tokens.iter().find_map(|t| {
-        t.record(now)
-            .rate_limit
-            .filter(|limit| !per_minute(limit))
-            .map(|limit| (&t.name, limit))
+/// Refuses a bundle whose limits its target could not count (the Worker: per minute only),
+/// naming the rule or token. A revoked or expired token's record carries no limit.
+fn refuse_uncountable_limits(bundle: &Bundle) -> Result<()> {
+    // Only the Worker's limits can be uncountable (Envoy counts any): the message names it.
+    let target = bundle.target;
+    let rules = bundle
+        .policy
+        .rules
+        .iter()
+        .map(|r| ("rule", &r.name, r.rate_limit));
+    let tokens = bundle
+        .tokens
+        .iter()
+        .map(|t| ("token", &t.name, t.rate_limit));
+    let uncountable = rules.chain(tokens).find_map(|(kind, name, limit)| {
+        limit
+            .filter(|l| !l.countable_on(target))
+            .map(|l| (kind, name, l))
     });
-    match unenforceable {
-        Some((name, limit)) => anyhow::bail!(
-            "token {name:?} has a rate limit of {limit}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding; `tokengate limit {name} --rate N/min` or `--none`); nothing was pushed"
+    match uncountable {
+        Some((kind, name, limit)) => anyhow::bail!(
+            "{kind} {name:?} has a rate limit of {limit}: the Worker enforces limits per minute only (Cloudflare's Rate Limiting binding{}); nothing was pushed",
+            if kind == "token" {
+                format!("; `tokengate limit {name} --rate N/min` or `--none`")
+            } else {
+                String::new()
+            }
         ),
         None => Ok(()),
     }
@@ -1440,7 +1438,9 @@ pub(crate) fn issue_checked(
     now: u64,
     who: &Actor,
 ) -> Result<(Bundle, Issued)> {
-    refuse_unenforceable_limits(store, target, now)?;
+    // Built before a version is taken: a bundle refused here uses none up.
+    let mut bundle = build_bundle(store, target, 0, now)?;
+    refuse_uncountable_limits(&bundle)?;
     let published = published_key_set(store)?;
     let version = store.transaction(
         who,
@@ -1450,7 +1450,7 @@ pub(crate) fn issue_checked(
         now,
         store::next_version,
     )?;
-    let bundle = build_bundle(store, target, version, now)?;
+    bundle.version = version;
     let payload = serde_json::to_string(&bundle)?;
     let signatures = ring.sign(payload.as_bytes(), &bundle.keys)?;
     let text = bundle::publish(&payload, &signatures);

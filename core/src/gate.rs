@@ -19,7 +19,7 @@ use crate::bundle::{Bundle, BundleError, Envelope, Expectation, Target, TokenRec
 use crate::credentials::{self, Source};
 use crate::keys::KeySet;
 use crate::policy::{self, Policy};
-use crate::rate::{Period, RateLimit};
+use crate::rate::RateLimit;
 use crate::token::TokenHash;
 
 /// A set of scopes as the gate holds it; records with the same scopes share one.
@@ -279,7 +279,7 @@ fn check_settings<T>(bundle: &Bundle<T>) -> Result<Vec<Source>, BundleError> {
         // Cloudflare's Rate Limiting binding counts over 10 or 60 seconds only.
         let unenforceable = bundle.policy.rules.iter().find(|rule| {
             rule.rate_limit
-                .is_some_and(|limit| limit.per != Period::Minute)
+                .is_some_and(|limit| !limit.countable_on(Target::Worker))
         });
         if let Some(rule) = unenforceable {
             return Err(BundleError::WorkerRateLimit(format!(

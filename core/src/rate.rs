@@ -17,10 +17,12 @@
 //! asynchronously): a host that skipped the count would answer 503, never pass unmetered.
 
 use core::fmt;
+use core::ops::ControlFlow;
 use core::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bundle::Target;
 use crate::decision::{error_body, Decision, Denial, Outcome, Reason};
 
 /// The most requests a limit may allow per window.
@@ -72,6 +74,15 @@ impl RateLimit {
     pub fn problem(&self) -> Option<&'static str> {
         (self.requests == 0 || self.requests > MAX_REQUESTS)
             .then_some("a rate limit allows 1 to 1000000 requests per window")
+    }
+
+    /// Whether a gate of `target` can count this limit: Envoy any; the Worker per minute only
+    /// (Cloudflare's Rate Limiting binding counts over 10 or 60 s).
+    pub fn countable_on(&self, target: Target) -> bool {
+        match target {
+            Target::Envoy => true,
+            Target::Worker => self.per == Period::Minute,
+        }
     }
 
     /// The stricter of two limits: the lower average rate; of two equal rates, the shorter
@@ -262,18 +273,33 @@ pub trait Counters {
 /// Charges a decision's limits in order and returns the decision to act on: as it was if
 /// every limit admits it, a 429 from the first that does not (the rest are not charged), a
 /// 503 if a counter could not be read or written.
-pub fn enforce(decision: Decision, counters: &mut impl Counters, now: u64) -> Decision {
+pub fn enforce(mut decision: Decision, counters: &mut impl Counters, now: u64) -> Decision {
     for index in 0..decision.rate_limits.len() {
-        match counters.charge(&decision.rate_limits[index], now) {
-            Some(Admission { allowed: true, .. }) => {}
-            Some(Admission { reset, .. }) => return decision.over_limit(index, reset),
-            None => return decision.uncounted(),
-        }
+        let admission = counters.charge(&decision.rate_limits[index], now);
+        decision = match decision.charged(index, admission) {
+            ControlFlow::Continue(next) => next,
+            ControlFlow::Break(answer) => return answer,
+        };
     }
     decision.within_limits()
 }
 
 impl Decision {
+    /// The decision once its limit `index` answered (`None`: it could not be counted):
+    /// `Continue` to charge the next (after the last, [`Decision::within_limits`]), `Break`
+    /// with the answer to give (the 429 of a full limit, the 503 of one not counted).
+    pub fn charged(
+        self,
+        index: usize,
+        admission: Option<Admission>,
+    ) -> ControlFlow<Decision, Decision> {
+        match admission {
+            Some(Admission { allowed: true, .. }) => ControlFlow::Continue(self),
+            Some(Admission { reset, .. }) => ControlFlow::Break(self.over_limit(index, reset)),
+            None => ControlFlow::Break(self.uncounted()),
+        }
+    }
+
     /// The decision once every one of its limits admitted it: forwarded as decided.
     pub fn within_limits(mut self) -> Decision {
         self.rate_limits.clear();
@@ -282,7 +308,7 @@ impl Decision {
 
     /// The decision refused by its limit `index`, `reset` seconds before that limit's window
     /// ends: a 429.
-    pub fn over_limit(mut self, index: usize, reset: u64) -> Decision {
+    fn over_limit(mut self, index: usize, reset: u64) -> Decision {
         let Some(limit) = self.rate_limits.get(index) else {
             return self.uncounted();
         };
@@ -296,7 +322,7 @@ impl Decision {
     }
 
     /// The decision when a limit could not be counted: a 503, never a pass.
-    pub fn uncounted(self) -> Decision {
+    fn uncounted(self) -> Decision {
         let mut failed = crate::decision::unavailable(Reason::Internal);
         failed.rule = self.rule;
         failed.subject = self.subject;
@@ -353,9 +379,14 @@ pub mod slots {
         (hash % u64::from(SLOTS)) as u32
     }
 
+    /// The shared-data key of slot `slot`.
+    pub fn slot_key(slot: u32) -> String {
+        format!("{KEY_PREFIX}{slot}")
+    }
+
     /// The shared-data key of the slot `key` lives in.
     pub fn store_key(key: &str) -> String {
-        format!("{KEY_PREFIX}{}", slot_of(key))
+        slot_key(slot_of(key))
     }
 
     /// Charges `limit` in a slot whose stored text is `current` (`None`: never written) at

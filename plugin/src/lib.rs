@@ -544,7 +544,7 @@ impl rate::Counters for SharedCounters {
 /// update a slot by compare-and-swap: shared data cannot create a key only if absent.
 fn create_rate_slots() {
     for slot in 0..slots::SLOTS {
-        let key = format!("{}{slot}", slots::KEY_PREFIX);
+        let key = slots::slot_key(slot);
         if let Ok((_, None)) = proxy_wasm::hostcalls::get_shared_data(&key) {
             proxy_wasm::hostcalls::set_shared_data(&key, Some(b""), None).ok();
         }

@@ -21,6 +21,22 @@ pub struct Target {
     pub path: String,
 }
 
+impl Target {
+    /// The request as the core takes it: this target, `method` and `headers`.
+    pub fn request<'a>(
+        &'a self,
+        method: &'a str,
+        headers: &'a [(&'a str, &'a str)],
+    ) -> CoreRequest<'a> {
+        CoreRequest {
+            method,
+            path: &self.path,
+            authority: &self.authority,
+            headers,
+        }
+    }
+}
+
 /// Splits the request URL into authority and path-with-query (the fragment never counts).
 pub fn split_url(url: &str) -> Target {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
@@ -68,12 +84,7 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
         Err(failure) => return unavailable(Reason::Internal, Some(failure)),
     };
     let header_refs = tokengate_core::decision::header_refs(&headers);
-    let request = CoreRequest {
-        method: &method,
-        path: &target.path,
-        authority: &target.authority,
-        headers: &header_refs,
-    };
+    let request = target.request(&method, &header_refs);
     let decision = match served
         .gate
         .begin_with_access(&request, served.access.as_ref())
@@ -107,7 +118,8 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
             Err(failure) => return unavailable(Reason::Internal, Some(failure)),
         },
     };
-    let decision = limits::enforce(env, decision, served::now_secs()).await;
+    let environment = served.gate.environment();
+    let decision = limits::enforce(env, decision, environment, served::now_secs()).await;
     log_decision(&method, &target, &decision, &headers);
     crate::usage::count(&decision, served::now_secs());
     // Forward only on Allow: any other decision answers (the core's own rule).

@@ -12,14 +12,17 @@
 //! Counter keys start with the Worker's environment: a namespace id shared by two
 //! deployments (staging, prod) does not make them share counters.
 
+use core::ops::ControlFlow;
 use tokengate_core::policy::Policy;
-use tokengate_core::rate::{self, Admission, Limit, Period, RateLimit};
-use tokengate_core::Decision;
+
+use tokengate_core::rate::{self, Admission, Limit, RateLimit};
+use tokengate_core::{Decision, Target};
 use worker::{console_error, Env};
 
 /// The binding that counts `rate`; `None` for a period the binding cannot count.
 pub fn binding_name(rate: RateLimit) -> Option<String> {
-    (rate.per == Period::Minute).then(|| format!("TOKENGATE_RATE_{}_PER_MINUTE", rate.requests))
+    rate.countable_on(Target::Worker)
+        .then(|| format!("TOKENGATE_RATE_{}_PER_MINUTE", rate.requests))
 }
 
 /// The binding for `rate`, or what is missing.
@@ -47,18 +50,21 @@ pub fn missing_binding(env: &Env, policy: &Policy) -> Option<String> {
         })
 }
 
-/// Charges a decision's limits in order, as [`rate::enforce`] does: a 429 from the first
-/// that refuses, a 503 (and an error log) if one cannot be counted.
-pub async fn enforce(env: &Env, decision: Decision, now: u64) -> Decision {
+/// Charges a decision's limits in order, as [`rate::enforce`] does (the core's
+/// [`Decision::charged`] says what each answer makes of it), with the binding's calls
+/// awaited; a limit that cannot be counted is logged as an error. `environment`: the one
+/// this Worker serves, which starts every counter key.
+pub async fn enforce(env: &Env, mut decision: Decision, environment: &str, now: u64) -> Decision {
     for index in 0..decision.rate_limits.len() {
-        match charge(env, &decision.rate_limits[index], now).await {
-            Ok(Admission { allowed: true, .. }) => {}
-            Ok(Admission { reset, .. }) => return decision.over_limit(index, reset),
-            Err(problem) => {
-                console_error!("tokengate: cannot count a rate limit, failing closed: {problem}");
-                return decision.uncounted();
-            }
+        let limit = &decision.rate_limits[index];
+        let admission = charge(env, limit, environment, now).await;
+        if let Err(problem) = &admission {
+            console_error!("tokengate: cannot count a rate limit, failing closed: {problem}");
         }
+        decision = match decision.charged(index, admission.ok()) {
+            ControlFlow::Continue(next) => next,
+            ControlFlow::Break(answer) => return answer,
+        };
     }
     decision.within_limits()
 }
@@ -66,12 +72,13 @@ pub async fn enforce(env: &Env, decision: Decision, now: u64) -> Decision {
 /// Charges one request to `limit` at `now` (unix seconds). The binding says only whether the
 /// request is within the limit; the reset is the end of the minute, the window the binding
 /// counts in (it runs from :00, as the core's do).
-async fn charge(env: &Env, limit: &Limit, now: u64) -> Result<Admission, String> {
+async fn charge(
+    env: &Env,
+    limit: &Limit,
+    environment: &str,
+    now: u64,
+) -> Result<Admission, String> {
     let limiter = binding(env, limit.rate)?;
-    let environment = env
-        .var(crate::ENVIRONMENT_VAR)
-        .map_err(|_| format!("variable {} is not set", crate::ENVIRONMENT_VAR))?
-        .to_string();
     let outcome = limiter
         .limit(format!("{environment}/{}", limit.key))
         .await

@@ -19,7 +19,7 @@
 use std::cell::{Cell, RefCell};
 
 use serde::{Deserialize, Serialize};
-use tokengate_core::decision::{Decision, Request as CoreRequest};
+use tokengate_core::decision::Decision;
 pub use tokengate_core::usage::USAGE_PATH;
 use tokengate_core::usage::{self, Tally};
 use worker::{console_error, Env, Request, Response, Result};
@@ -205,12 +205,7 @@ pub async fn handle_read(req: &Request, env: &Env, target: &gate::Target) -> Res
     // header then reads as one that does not parse, and is refused.
     let headers: Vec<(String, String)> = req.headers().entries().collect();
     let header_refs = tokengate_core::decision::header_refs(&headers);
-    let request = CoreRequest {
-        method: &method,
-        path: &target.path,
-        authority: &target.authority,
-        headers: &header_refs,
-    };
+    let request = target.request(&method, &header_refs);
     let environment = env.var(ENVIRONMENT_VAR).ok().map(|v| v.to_string());
     let keys = match served::view(env).await {
         Ok(view) => push::trusted_keys(env, &view).ok(),
