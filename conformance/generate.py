@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Writes conformance/vectors.json: fixture bundles and the cases every target must pass.
 
-The token format, checksum and hashing (README.md) and the signed tokengate.bundle/v2
-bundle (docs/trust.md: envelope, payload, key ids, Ed25519 signatures) are implemented here
-a second time, independently of the Rust code: the targets loading these bundles is itself
-a check. Fixture tokens and signing keys come from fixed bytes and Ed25519 signing is
+The token format, checksum and hashing (README.md), the signed tokengate.bundle/v2
+bundle (docs/trust.md: envelope, payload, key ids, Ed25519 signatures) and signed
+short-lived tokens (compact JWS, EdDSA or HS256) are implemented here a second time,
+independently of the Rust code: the targets loading these bundles is itself a check.
+Fixture tokens and signing keys come from fixed bytes and Ed25519 and HMAC signing are
 deterministic, so the file is reproducible:
 
     python3 conformance/generate.py        # rewrite vectors.json
     python3 conformance/generate.py --check  # fail if vectors.json is stale
 """
-import hashlib, hmac, json, sys, zlib
+import base64, hashlib, hmac, json, sys, zlib
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,6 +28,14 @@ KEY_A = hashlib.sha256(b"tokengate conformance key A").digest()
 KEY_B = hashlib.sha256(b"tokengate conformance key B").digest()
 KEY_RETIRED = hashlib.sha256(b"tokengate conformance key retired").digest()
 KEY_OTHER = hashlib.sha256(b"tokengate conformance key other").digest()
+# Signed-token issuers: keys of their own, never a bundle signer's (a key signs bundles or
+# tokens, never both). FORGER is no issuer's key; HS_WRONG is not legacy-hs's secret.
+ISSUER_CI = hashlib.sha256(b"tokengate conformance issuer ci").digest()
+ISSUER_SHORT = hashlib.sha256(b"tokengate conformance issuer short").digest()
+ISSUER_FORGER = hashlib.sha256(b"tokengate conformance issuer forger").digest()
+HS_SECRET = hashlib.sha256(b"tokengate conformance issuer legacy-hs").digest()  # 32 bytes
+HS_WRONG = hashlib.sha256(b"tokengate conformance issuer wrong secret").digest()
+TEN_YEARS = 315_360_000  # the longest max_lifetime a bundle may give an issuer
 
 
 def base62(data: bytes, width: int) -> str:
@@ -111,12 +120,13 @@ def publish(payload: dict, signers: list) -> str:
 
 
 def bundle(version, tokens, policy, sources, forward=False, revoke_all_at=None, target="envoy",
-           keys=None, cloudflare_access=None):
+           keys=None, cloudflare_access=None, issuers=None, revoked_jtis=None):
     """A payload as the admin writes it: the optional members only when set, never null."""
     out = {"version": version, "issued_at": NOW - 60, "environment": ENVIRONMENT,
            "target": target, "keys": keys or [pub(KEY_A)], "policy": {"rules": policy},
            "credentials": {"sources": sources, "forward": forward}, "tokens": tokens}
-    for member, value in [("revoke_all_at", revoke_all_at), ("cloudflare_access", cloudflare_access)]:
+    for member, value in [("revoke_all_at", revoke_all_at), ("cloudflare_access", cloudflare_access),
+                          ("issuers", issuers), ("revoked_jtis", revoked_jtis)]:
         if value is not None:
             out[member] = value
     return out
@@ -190,6 +200,26 @@ LIMITS_TOKENS = [
     record("spread", T["spread"], [], rate=per_minute(4)),  # more than either rule's 3
 ]
 
+
+
+def issuer(kid, alg, scopes, max_lifetime, public_key=None):
+    """An issuer as the bundle lists it, members in the gate's order; an HS256 issuer has no
+    public key: its secret is given to each gate beside the bundle, never in it."""
+    out = {"kid": kid, "alg": alg}
+    if public_key is not None:
+        out["public_key"] = public_key
+    return {**out, "scopes": scopes, "max_lifetime": max_lifetime}
+
+
+ISSUERS = [
+    issuer("ci", "EdDSA", ["deploy:*", "orders:read"], TEN_YEARS, pub(ISSUER_CI)),
+    issuer("legacy-hs", "HS256", ["orders:*"], TEN_YEARS),
+    issuer("short", "EdDSA", ["orders:read"], 3600, pub(ISSUER_SHORT)),
+]
+REVOKED_JTIS = [{"issuer": "ci", "jti": "revoked-jti-1"}]
+# An ordinary record too, so that `signed` is a normal bundle that also names issuers.
+SIGNED_TOKENS = [record("ci-deploy", T["ci-deploy"], ["deploy:write", "orders:read"])]
+
 BUNDLES = {
     "main": lambda t: bundle(10, MAIN_TOKENS, POLICY, SOURCES, target=t),
     "revoke-all": lambda t: bundle(11, REVOKE_ALL_TOKENS, POLICY, SOURCES,
@@ -201,7 +231,10 @@ BUNDLES = {
     # Mid-rotation: both keys published and signing, so a gate trusting either one loads it.
     "rotation": lambda t: bundle(14, MAIN_TOKENS, POLICY, SOURCES, target=t,
                                  keys=[pub(KEY_A), pub(KEY_B)]),
-    "limits": lambda t: bundle(15, LIMITS_TOKENS, LIMITS_POLICY, SOURCES, target=t),
+    "limits": lambda t: bundle(15, LIMITS_TOKENS, LIMITS_POLICY, SOURCES, target=t,
+                               issuers=ISSUERS),
+    "signed": lambda t: bundle(16, SIGNED_TOKENS, POLICY, SOURCES, target=t, issuers=ISSUERS,
+                               revoked_jtis=REVOKED_JTIS),
 }
 SIGNED_BY = {"rotation": [KEY_A, KEY_B]}  # every other fixture: KEY_A alone
 
@@ -472,14 +505,151 @@ case("credential forwarded when configured", bundle="forward", headers=bearer(T[
      status=200, reason="valid",
      upstream_headers={"authorization": f"Bearer {T['ci-deploy']}", "x-tokengate-subject": "ci-deploy"})
 
+# --- signed short-lived tokens (JWTs) ---------------------------------------------------
+# Times: a runner on a real clock (Envoy, workerd) moves a fixture bundle's times to its
+# clock by re-signing the bundle, but cannot move a JWT's: the signature is the issuer's. So
+# every JWT case has one outcome at any real time from NOW (2026) to about 2034: valid tokens
+# start a minute before NOW and live nine years (their issuers allow ten); an expired one
+# ended an hour before NOW; "not yet" ones start eight years after NOW; a lifetime beyond its
+# issuer's maximum is refused before the clock is read. No JWT case is a clock_edge.
+JWT_IAT = NOW - 60
+JWT_EXP = JWT_IAT + 9 * 365 * DAY
+EIGHT_YEARS = 8 * 365 * DAY
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url (RFC 7515): the one encoding of a JWT part a gate takes."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def ed25519(seed: bytes):
+    return lambda data: Ed25519PrivateKey.from_private_bytes(seed).sign(data)
+
+
+def hs256(secret: bytes):
+    return lambda data: hmac.new(secret, data, hashlib.sha256).digest()
+
+
+# Each issuer's own algorithm and signer, as its operator signs.
+SIGNERS = {"ci": ("EdDSA", ed25519(ISSUER_CI)), "legacy-hs": ("HS256", hs256(HS_SECRET)),
+           "short": ("EdDSA", ed25519(ISSUER_SHORT))}
+# The gate-secret form every runner gives its gate: `kid=<unpadded base64url>`, space separated.
+ISSUER_SECRETS = f"legacy-hs={b64url(HS_SECRET)}"
+
+
+def jws(signing_input: str, signer) -> str:
+    """A compact JWS: the signature covers the exact ASCII of `<header>.<payload>` as sent."""
+    return f"{signing_input}.{b64url(signer(signing_input.encode()))}"
+
+
+def jwt(kid="ci", sub="deploy-bot", jti="jti-valid", scope="deploy:write orders:read",
+        iat=JWT_IAT, exp=JWT_EXP, nbf=None, alg=None, signer=None, **extra):
+    """A signed token; a claim or the kid given as None is left out. By default the issuer's
+    own alg and key sign it; `alg`/`signer` forge it."""
+    header = {"alg": alg or SIGNERS[kid][0], "kid": kid, "typ": "JWT"}
+    claims = {"sub": sub, "jti": jti, "scope": scope, "iat": iat, "exp": exp, "nbf": nbf, **extra}
+    parts = [{k: v for k, v in d.items() if v is not None} for d in (header, claims)]
+    return jws(".".join(b64url(compact(d).encode()) for d in parts), signer or SIGNERS[kid][1])
+
+
+def signed_upstream(token):
+    """What the upstream is told of a signed token: its claims as sent and its issuer, and no
+    x-tokengate-scopes when it has no scope (never an empty one)."""
+    header, claims = (json.loads(unb64url(part)) for part in token.split(".")[:2])
+    upstream = {"x-tokengate-subject": claims["sub"], "x-tokengate-token-id": claims["jti"],
+                "x-tokengate-issuer": header["kid"]}
+    if claims.get("scope"):
+        upstream["x-tokengate-scopes"] = claims["scope"]
+    return upstream, ([] if claims.get("scope") else ["x-tokengate-scopes"])
+
+
+def allow_signed(name, token, headers=None, upstream_absent=("authorization",), **kw):
+    upstream, absent = signed_upstream(token)
+    case(name, headers=bearer(token) if headers is None else headers, bundle="signed",
+         status=200, reason="signed", upstream_headers=upstream,
+         upstream_absent=list(upstream_absent) + SPOOF_NAMES + absent, **kw)
+
+
+def deny_signed(name, token, reason, **kw):
+    deny401(name, bearer(token), reason, bundle="signed", **kw)
+
+
+GOOD = jwt()
+allow_signed("signed EdDSA token passes with identity headers", GOOD)
+allow_signed("signed token in x-internal-token", GOOD, [("x-internal-token", GOOD)],
+             upstream_absent=("x-internal-token",))
+allow_signed("signed HS256 token passes", jwt("legacy-hs", sub="legacy-batch", jti="jti-hs",
+                                              scope="orders:write"),
+             method="POST", path="/api/orders")
+allow_signed("signed token without scope passes a token-only rule",
+             jwt(jti="jti-no-scope", scope=None), path="/api/misc")
+allow_signed("spoofed identity headers are replaced for a signed token", GOOD,
+             SPOOF + [("X-Tokengate-Issuer", "legacy-hs")] + bearer(GOOD))
+allow("an ordinary token passes beside issuers", "ci-deploy", CI, bearer(T["ci-deploy"]),
+      bundle="signed")
+forbid("signed token lacks the route's scope", bearer(jwt(jti="jti-read", scope="orders:read")),
+       "deploy:write", bundle="signed", path="/deploy/x", authority="ci.internal")
+deny_signed("expired signed token", jwt(jti="jti-expired", iat=NOW - 4200, exp=NOW - 3600),
+            "expired")
+deny_signed("signed token before its nbf", jwt(jti="jti-nbf", nbf=NOW + EIGHT_YEARS),
+            "not_yet_valid")
+deny_signed("signed token issued in the future",
+            jwt(jti="jti-iat", iat=NOW + EIGHT_YEARS, exp=NOW + EIGHT_YEARS + DAY), "not_yet_valid")
+deny_signed("signed token of an unknown kid", jwt("nobody", alg="EdDSA", signer=ed25519(ISSUER_CI)),
+            "unknown_issuer")
+deny_signed("signed token without kid", jwt(None, alg="EdDSA", signer=ed25519(ISSUER_CI)),
+            "unknown_issuer")
+# The classic swap: HMAC keyed with the EdDSA issuer's public key, which anyone can read.
+deny_signed("alg swapped to HS256 with the public key as secret",
+            jwt(alg="HS256", signer=hs256(bytes.fromhex(pub(ISSUER_CI)))), "jwt_invalid")
+deny_signed("alg none with an empty signature", jwt(alg="none", signer=lambda _: b""),
+            "jwt_invalid")
+deny_signed("EdDSA token under the HS256 issuer's kid",
+            jwt("legacy-hs", jti="jti-swap", scope="orders:read", alg="EdDSA",
+                signer=ed25519(ISSUER_CI)), "jwt_invalid")
+deny_signed("HS256 token with a wrong secret", jwt("legacy-hs", scope="orders:read",
+                                                   signer=hs256(HS_WRONG)), "jwt_invalid")
+deny_signed("EdDSA token signed by another key", jwt(signer=ed25519(ISSUER_FORGER)), "jwt_invalid")
+deny_signed("signed token with a scope beyond its issuer's grant", jwt(scope="admin"),
+            "beyond_grant", path="/admin/x")
+deny_signed("signed token living longer than its issuer allows",
+            jwt("short", jti="jti-long", scope="orders:read", exp=JWT_IAT + 7200), "beyond_grant")
+deny_signed("revoked signed token", jwt(jti="revoked-jti-1"), "revoked")
+deny_signed("signed token with an extra part", GOOD + "." + GOOD.split(".")[2], "jwt_invalid")
+deny_signed("signed token without sub", jwt(sub=None), "jwt_invalid")
+deny_signed("signed token over 4096 bytes", jwt(pad="x" * 4096), "jwt_invalid")
+# Padding and the standard alphabet, each signed as sent: a lenient decoder would accept it.
+header_b64, payload_b64, signature_b64 = GOOD.split(".")
+padding = "=" * (-len(payload_b64) % 4)
+assert padding, "the payload's encoding must have room for padding"
+deny_signed("signed token with a padded payload",
+            jws(f"{header_b64}.{payload_b64}{padding}", ed25519(ISSUER_CI)), "jwt_invalid")
+standard = signature_b64.translate(str.maketrans("-_", "+/"))
+assert "+" in standard, "the signature's base64url must hold a - to become a +"
+deny_signed("signed token with a standard base64 signature",
+            f"{header_b64}.{payload_b64}.{standard}", "jwt_invalid")
+
 names = [c["name"] for c in cases]
 assert len(names) == len(set(names)), "case names must be unique"
 
 # --- sequences: requests in order against one gate, at seconds into a window ---------------
 # `at` counts from the start of an epoch-aligned minute (NOW is one). Counters start empty;
 # `reset` is the seconds to the window's end at `at`, which a runner on a real clock
-# recomputes from the second it sent the request in. A sequence's tokens are its own.
+# recomputes from the second it sent the request in. A sequence's tokens, and the subjects of
+# its signed tokens (counted per subject), are its own.
 sequences = []
+# Signed tokens for sequences, by name: two of one subject, whose limits share one budget.
+JWTS = {"job-7-a": jwt(sub="job-7", jti="job-7-a", scope="orders:read"),
+        "job-7-b": jwt(sub="job-7", jti="job-7-b", scope="orders:read")}
+assert not JWTS.keys() & T.keys()
+
+
+def credential(token):
+    return JWTS[token] if token in JWTS else T[token]
 
 
 def seq(name, steps):
@@ -487,10 +657,15 @@ def seq(name, steps):
 
 
 def ok(token, path="/limited/x", at=0):
-    headers = bearer(T[token]) if token else []
-    expect = {"status": 200, "reason": "valid" if token else "public",
+    headers = bearer(credential(token)) if token else []
+    reason = "signed" if token in JWTS else "valid" if token else "public"
+    expect = {"status": 200, "reason": reason,
               "response_absent": ["retry-after", "ratelimit", "ratelimit-policy"]}
-    if token:
+    if token in JWTS:
+        expect["upstream_headers"], absent = signed_upstream(JWTS[token])
+        if absent:
+            expect["upstream_absent"] = absent
+    elif token:
         expect["upstream_headers"] = {"x-tokengate-subject": token}
     return {"at": at, "request": {"method": "GET", "path": path, "authority": "api.internal",
                                   "headers": [list(h) for h in headers]}, "expect": expect}
@@ -500,7 +675,7 @@ def limited(token, policy, quota, path="/limited/x", at=1):
     reset = 60 - at % 60
     return {"at": at, "reset": reset,
             "request": {"method": "GET", "path": path, "authority": "api.internal",
-                        "headers": [list(h) for h in bearer(T[token])]},
+                        "headers": [list(h) for h in bearer(credential(token))]},
             "expect": {"status": 429, "reason": "rate_limited", "error": "rate_limited",
                        "response_headers": {
                            "retry-after": str(reset),
@@ -534,11 +709,25 @@ seq("public routes are not limited, with or without a limited token",
                                               "headers": [list(h) for h in bearer(T["capped-public"])]}},
      ok("capped-public", path="/api/orders", at=1),
      limited("capped-public", "token", 1, path="/api/orders", at=2)])
+seq("signed tokens of one subject share a limit",
+    [ok("job-7-a"), ok("job-7-b"), ok("job-7-a"), limited("job-7-b", "limited", 3)])
 seq_names = [q["name"] for q in sequences]
 assert len(seq_names) == len(set(seq_names)), "sequence names must be unique"
-seq_tokens = [sorted({h[1] for step in q["steps"] for h in step["request"]["headers"]}) for q in sequences]
-assert all(not set(a) & set(b) for i, a in enumerate(seq_tokens) for b in seq_tokens[i + 1:]), \
-    "each sequence has tokens of its own"
+
+
+def counted_as(value):
+    """What a credential's counts are kept under: a signed token's are its subject's (every
+    token of one subject shares them), any other credential's its own."""
+    token = value.removeprefix("Bearer ")
+    if token.startswith("eyJ") and "." in token:
+        return "subject " + json.loads(unb64url(token.split(".")[1]))["sub"]
+    return value
+
+
+seq_tokens = [{counted_as(h[1]) for step in q["steps"] for h in step["request"]["headers"]}
+              for q in sequences]
+assert all(not a & b for i, a in enumerate(seq_tokens) for b in seq_tokens[i + 1:]), \
+    "each sequence has tokens and signed-token subjects of its own"
 
 # --- bundles every target must refuse ----------------------------------------------------
 TRUSTED = [pub(KEY_A)]
@@ -578,6 +767,12 @@ def refusals(target):
     with_b = compact({**main, "keys": [pub(KEY_A), pub(KEY_B)]})
     # A's signature over another payload: well-formed, by the right key, for the wrong bytes.
     a_elsewhere = sign(KEY_A, compact({**main, "version": 99}))
+    ci, hs, short = ISSUERS
+
+    def with_issuers(issuers, revoked=REVOKED_JTIS):
+        """The `signed` fixture with one defect in its issuers or revoked token ids."""
+        return signed(bundle(20, SIGNED_TOKENS, POLICY, SOURCES, target=target, issuers=issuers,
+                             revoked_jtis=revoked))
     return [
         refusal("tampered byte", good_text.replace('"orders:read"', '"orders:reae"', 1)),
         # The version digit: the changed payload would be a valid, newer bundle (a replay as new).
@@ -634,6 +829,18 @@ def refusals(target):
         refusal("a token's rate limit over a million requests", signed(bundle(
             20, [record("x", T["root"], [], rate=per_minute(1_000_001))], POLICY, SOURCES,
             target=target))),
+        refusal("an HS256 issuer with a public key", with_issuers(
+            [ci, issuer("legacy-hs", "HS256", ["orders:*"], TEN_YEARS, pub(ISSUER_FORGER)), short])),
+        refusal("an EdDSA issuer without a public key", with_issuers(
+            [issuer("ci", "EdDSA", ["deploy:*", "orders:read"], TEN_YEARS), hs, short])),
+        # A key signs bundles or tokens, never both.
+        refusal("an issuer's public key is an admin key", with_issuers(
+            [issuer("ci", "EdDSA", ["deploy:*", "orders:read"], TEN_YEARS, pub(KEY_A)), hs, short])),
+        refusal("two issuers with one kid", with_issuers(
+            ISSUERS + [issuer("ci", "EdDSA", ["orders:read"], 3600, pub(ISSUER_FORGER))])),
+        refusal("an issuer's max_lifetime of zero", with_issuers(
+            [ci, hs, issuer("short", "EdDSA", ["orders:read"], 0, pub(ISSUER_SHORT))])),
+        refusal("a revoked token id given twice", with_issuers(ISSUERS, REVOKED_JTIS * 2)),
         # Signed as v2 signs, so the envelope's format is the only thing wrong.
         refusal("wrong format", envelope(main_text, [sign(KEY_A, main_text)], fmt="tokengate.bundle/v3")),
     ]
@@ -648,6 +855,7 @@ assert len({r["name"] for r in REFUSALS}) == len(REFUSALS), "refusal names must 
 suite = {
     "now": NOW,
     "trusted_keys": TRUSTED,
+    "issuer_secrets": ISSUER_SECRETS,
     "environment": ENVIRONMENT,
     "bundles": {name: {t: publish(make(t), SIGNED_BY.get(name, [KEY_A])) for t in ("envoy", "worker")}
                 for name, make in BUNDLES.items()},

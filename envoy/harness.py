@@ -61,7 +61,7 @@ MODULE = os.path.join(ROOT, MODULE_REL)
 WASM_REL = "target/wasm32-wasip1/release/tokengate_filter.wasm"  # as in gateway-wasm.yaml
 WASM = os.path.join(ROOT, WASM_REL)
 FILTER_NAME = "tokengate"  # the ECDS resource name == the http_filters entry name
-HOST_ENV_KEYS = ["TOKENGATE_ENVIRONMENT", "TOKENGATE_USAGE"]  # from Envoy's environment, as in gateway-wasm.yaml
+HOST_ENV_KEYS = ["TOKENGATE_ENVIRONMENT", "TOKENGATE_USAGE", "TOKENGATE_ISSUER_SECRETS"]  # from Envoy's environment, as in gateway-wasm.yaml
 TRUSTED_KEYS_VARIABLE = "TOKENGATE_TRUSTED_KEYS"  # written into the resource, never the env
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 MODULE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"

@@ -54,6 +54,12 @@ def main():
     legacy = "7f3d9c1e5b2a48d6a0c4e8f1b3d5a7c9e1f3a5b7c9d1e3f5a7b9c1d3e5f7a9b1"
     cli("import", "billing-legacy", "--scopes", "orders:read", stdin=legacy + "\n")
     print(cli("list"))
+    step("tokengate issuer add: an issuer of signed short-lived tokens (its Ed25519 public key "
+         "goes into every bundle; its private key to target/demo/, for whoever mints)")
+    issuer_key = os.path.join(DEMO, "tokengate.ci-jobs.key")
+    cli("issuer", "add", "ci-jobs", "--scopes", "deploy:*,orders:read", "--max-ttl", "1h",
+        "--key-out", issuer_key)
+    print(cli("issuer", "list"))
 
     step("tokengate key public: all the gates get (public keys only; the private key stays with the admin)")
     trusted = cli("key", "public")
@@ -80,6 +86,12 @@ def main():
     step("tokengate status: what each gate serves, asked of the gate")
     print(cli("status", "--envoy-admin", admin, "--worker-url", worker_url))
 
+    step("tokengate mint: a 30-minute token for a release job, signed by the issuer's key; every "
+         "gate accepts it at once (no push) and refuses it once it expires")
+    minted = cli("mint", "release-job", "--scopes", "deploy:write", "--ttl", "30m",
+                 "--issuer-key-file", issuer_key)
+    print(f"  {minted[:48]}… ({len(minted)} characters)")
+
     def bearer(t):
         return [("authorization", f"Bearer {t}")]
 
@@ -97,6 +109,8 @@ def main():
         ("two credentials", "GET", "/api/orders/42", bearer(ci) + [("x-internal-token", ci)]),
         ("path traversal to /deploy", "POST", "/healthz/../deploy/web", []),
         ("no rule matches", "GET", "/admin", bearer(ci)),
+        ("minted token (30 min, no push) deploys", "POST", "/deploy/web", bearer(minted)),
+        ("minted token reads orders (scope missing)", "GET", "/api/orders/9", bearer(minted)),
         ("nightly-export (--rate 2/min), 1st", "GET", "/api/orders/1", bearer(export)),
         ("nightly-export, 2nd", "GET", "/api/orders/2", bearer(export)),
         ("nightly-export, 3rd in the minute", "GET", "/api/orders/3", bearer(export)),
@@ -138,6 +152,7 @@ def main():
     for line in pulled.stderr.strip().splitlines():
         print("  " + line)
     print(cli("list"))
+    print(cli("usage", "subjects"))  # signed tokens, by the subject they were minted for
 
     step("what Envoy recorded (access log: the token name, never the token)")
     time.sleep(0.3)

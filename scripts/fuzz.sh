@@ -7,7 +7,7 @@ set -euo pipefail
 source "$(dirname "$0")/tools.sh"
 cd "$ROOT"
 
-TARGETS=(bundle_load access_assertion path_normalisation credentials page_check usage_input rate_slot)
+TARGETS=(bundle_load access_assertion signed_token path_normalisation credentials page_check usage_input rate_slot)
 SECONDS_EACH="${FUZZ_SECONDS:-12}"
 
 ensure_fuzz_tools() {

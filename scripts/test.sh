@@ -22,9 +22,12 @@ wasm="target/wasm32-wasip1/release/tokengate_filter.wasm"
 size=$(stat -c %s "$wasm")
 # The budget grew from 300 to 400 KiB with Ed25519 verification and serde's derived readers,
 # and to 420 KiB with usage counting and signed usage reads (+33 KB, 386,046 -> 419,333), and
-# to 440 KiB with rate limits (the policy's and tokens' limits, shared-data counters: +19 KB).
-say "filter size: $size bytes ($wasm); budget 450560 (440 KiB)"
-[ "$size" -le 450560 ] || echo "warning: the filter is over its 440 KiB budget" >&2
+# to 440 KiB with rate limits (the policy's and tokens' limits, shared-data counters: +19 KB),
+# and to 500 KiB with signed tokens (issuers, HS256, the claim checks: +45 KB, 439,235 ->
+# 484,571, a JWT crate alone would have been 245-660 KB, core/src/jwt.rs; and Ed25519 built
+# for speed, +20 KB, 504,202: Cargo.toml says why).
+say "filter size: $size bytes ($wasm); budget 512000 (500 KiB)"
+[ "$size" -le 512000 ] || echo "warning: the filter is over its 500 KiB budget" >&2
 
 say "building the dynamic module (native, target/native/libtokengate.so)"
 cargo build -p tokengate-dynamic-module --profile native --locked

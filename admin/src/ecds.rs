@@ -32,7 +32,11 @@ pub const FILTER_NAME: &str = "tokengate";
 /// The wasm filter's VM environment variable holding the admin's public keys.
 pub const KEYS_VARIABLE: &str = "TOKENGATE_TRUSTED_KEYS";
 /// From Envoy's own environment: the environment name and the usage switch, never a key.
-const HOST_ENV_KEYS: [&str; 2] = ["TOKENGATE_ENVIRONMENT", "TOKENGATE_USAGE"];
+const HOST_ENV_KEYS: [&str; 3] = [
+    "TOKENGATE_ENVIRONMENT",
+    "TOKENGATE_USAGE",
+    "TOKENGATE_ISSUER_SECRETS",
+];
 const V8_RUNTIME: &str = "envoy.wasm.runtime.v8";
 /// The module's stats are `tokengate.<name>` (the wasm filter's `wasmcustom.tokengate.<name>`).
 const METRICS_NAMESPACE: &str = "tokengate";

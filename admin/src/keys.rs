@@ -71,7 +71,7 @@ impl std::fmt::Display for Source {
     }
 }
 
-fn run_command(command: &str) -> Result<String> {
+pub(crate) fn run_command(command: &str) -> Result<String> {
     let output = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -86,7 +86,7 @@ fn run_command(command: &str) -> Result<String> {
 }
 
 /// A key file readable by anyone but its owner is refused: it can sign anything.
-fn check_private(path: &Path) -> Result<()> {
+pub(crate) fn check_private(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).with_context(|| {
         format!(
             "no signing key at {} (run `tokengate init`, set {KEY_VARIABLE}, or pass --key-command)",
@@ -224,7 +224,7 @@ fn key_file_text(keys: &[&SigningKey]) -> Zeroizing<String> {
 }
 
 /// Writes `text` to a new file (mode 0600; it must not exist) and syncs it.
-fn write_new_private(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_new_private(path: &Path, text: &str) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -5,6 +5,7 @@
 //! stderr, or to stdout as a listing (`--json` on every listing).
 
 mod ecds;
+mod issuers;
 mod key_command;
 mod keys;
 mod policy_file;
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokengate_core::bundle::{self, Bundle, CredentialConfig};
+use tokengate_core::issuer;
 use tokengate_core::rate::RateLimit;
 use tokengate_core::{token, Expectation, Gate, KeySet, Outcome, Request, Target};
 
@@ -137,9 +139,16 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Revoke a token (and its previous secret, if rotating).
+    /// Revoke a token (and its previous secret, if rotating), or a signed token by --jti.
     Revoke {
-        name: String,
+        #[arg(required_unless_present = "jti")]
+        name: Option<String>,
+        /// Revoke the signed token with this `jti` instead (push to make the gates refuse it).
+        #[arg(long, conflicts_with = "name")]
+        jti: Option<String>,
+        /// With --jti: the issuer of a token minted elsewhere (one minted here is known).
+        #[arg(long, requires = "jti")]
+        issuer: Option<String>,
         #[arg(long)]
         reason: String,
     },
@@ -176,6 +185,31 @@ enum Command {
         no_token: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Issuers of signed short-lived tokens: add, list, retire.
+    Issuer {
+        #[command(subcommand)]
+        action: issuers::IssuerAction,
+    },
+    /// Sign a short-lived token (JWT) for NAME with an issuer's key; prints it alone on
+    /// stdout. Every gate accepts it at once, no push, until it expires.
+    Mint {
+        name: String,
+        /// Comma-separated scopes, within the issuer's.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// How long it is valid (e.g. 30m), at most the issuer's maximum.
+        #[arg(long)]
+        ttl: String,
+        /// The issuer's key file (mode 0600, from `issuer add --key-out`).
+        #[arg(long, env = "TOKENGATE_ISSUER_KEY_FILE")]
+        issuer_key_file: Option<PathBuf>,
+        /// A command whose standard output is the issuer's key (a secret manager); run
+        /// with `sh -c`. TOKENGATE_ISSUER_KEY may hold the key itself.
+        #[arg(long, env = "TOKENGATE_ISSUER_KEY_COMMAND")]
+        issuer_key_command: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Route policy and credential sources.
     Policy {
@@ -274,6 +308,11 @@ enum PolicyAction {
 
 #[derive(Subcommand)]
 enum UsageAction {
+    /// Signed tokens' use by subject (the NAME they were minted for), as pulled.
+    Subjects {
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask each gate for its per-token counts (a request signed by the admin key) and merge
     /// them into the store; pulling twice counts once.
     Pull {
@@ -757,9 +796,24 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             Ok(None)
         }
         Command::Revoke {
+            ref jti,
+            ref issuer,
+            ref reason,
+            ..
+        } if jti.is_some() => {
+            let jti = jti.as_deref().unwrap_or_default();
+            let who = actor(cli.actor.clone(), Some(reason.clone()));
+            issuers::revoke_jti(&cli.store, jti, issuer.as_deref(), &who, now)?;
+            Ok(None)
+        }
+        Command::Revoke {
             ref name,
             ref reason,
+            ..
         } => {
+            let name = name
+                .as_deref()
+                .context("name the token to revoke, or give --jti")?;
             let mut store = Store::open(&cli.store)?;
             let t = store
                 .token(name)?
@@ -853,6 +907,32 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             out!("{}", secret.expose());
             Ok(None)
         }
+        Command::Issuer { ref action } => {
+            let why = match action {
+                issuers::IssuerAction::Add { reason, .. } => reason.clone(),
+                issuers::IssuerAction::Retire { reason, .. } => Some(reason.clone()),
+                issuers::IssuerAction::List { .. } => None,
+            };
+            issuers::run(action, &cli.store, actor(cli.actor.clone(), why), now)?;
+            Ok(None)
+        }
+        Command::Mint {
+            ref name,
+            ref scopes,
+            ref ttl,
+            ref issuer_key_file,
+            ref issuer_key_command,
+            ref reason,
+        } => {
+            let key = issuers::IssuerKey::load(&issuers::KeySource {
+                file: issuer_key_file.clone(),
+                command: issuer_key_command.clone(),
+            })?;
+            let who = actor(cli.actor.clone(), reason.clone());
+            let token = issuers::mint(&cli.store, &key, name, scopes, ttl, &who, now)?;
+            out!("{token}");
+            Ok(None)
+        }
         Command::RevokeAll { ref reason, yes } => {
             if !yes {
                 bail!(
@@ -891,7 +971,14 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                     .unwrap_or(0),
                 now,
             )?;
-            let gate = Gate::from_bundle(bundle).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut gate = Gate::from_bundle(bundle).map_err(|e| anyhow::anyhow!("{e}"))?;
+            // HS256 issuers' secrets as a gate reads them, from TOKENGATE_ISSUER_SECRETS.
+            let value = std::env::var(issuer::SECRETS_VARIABLE).ok();
+            let (secrets, unreadable) = issuer::IssuerSecrets::from_variable(value.as_deref());
+            if let Some(problem) = unreadable {
+                eprintln!("warning: {problem}");
+            }
+            gate.set_issuer_secrets(std::sync::Arc::new(secrets));
             let authorization = match no_token {
                 true => None,
                 false => Some(format!("Bearer {}", read_secret(token_env.as_deref())?)),
@@ -1080,6 +1167,44 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
                     ]);
                 }
                 print_table(&rows)?;
+            }
+            Ok(None)
+        }
+        Command::Usage {
+            action: UsageAction::Subjects { json },
+        } => {
+            let store = Store::open(&cli.store)?;
+            let mut rows: Vec<(String, usage::Summary)> = usage::summaries(&store, now)?
+                .into_iter()
+                .filter_map(|(id, summary)| {
+                    let subject = id.strip_prefix(usage::SUBJECT_PREFIX)?.to_owned();
+                    Some((subject, summary))
+                })
+                .collect();
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            if json {
+                let list: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(subject, s)| {
+                        serde_json::json!({"subject": subject, "last_used": s.last_used, "uses": s.uses,
+                                           "uses_30d": s.uses_30d, "denied_scope": s.denied_scope})
+                    })
+                    .collect();
+                out!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let mut table = vec![["SUBJECT", "LAST USED", "USES", "USES 30D", "DENIED SCOPE"]
+                    .map(str::to_owned)
+                    .to_vec()];
+                for (subject, s) in &rows {
+                    table.push(vec![
+                        subject.clone(),
+                        s.last_used.map_or("never".into(), time::format_instant),
+                        s.uses.to_string(),
+                        s.uses_30d.to_string(),
+                        s.denied_scope.to_string(),
+                    ]);
+                }
+                print_table(&table)?;
             }
             Ok(None)
         }
@@ -1352,6 +1477,7 @@ pub(crate) fn build_bundle(
         .policy()?
         .context("no policy is set (tokengate policy set FILE)")?;
     let tokens = store.tokens()?.iter().map(|t| t.record(now)).collect();
+    let (issuers, revoked_jtis) = issuers::bundle_members(store, now)?;
     Ok(Bundle {
         version,
         issued_at: now,
@@ -1366,6 +1492,8 @@ pub(crate) fn build_bundle(
         tokens,
         revoke_all_at: store.revoke_all_at()?,
         cloudflare_access: policy.cloudflare_access.clone(),
+        issuers,
+        revoked_jtis,
     })
 }
 

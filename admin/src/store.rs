@@ -96,6 +96,32 @@ const MIGRATIONS: &[&str] = &[
         SELECT previous_token_id, name FROM tokens WHERE previous_token_id IS NOT NULL;",
     // 4: a token's own rate limit, as `100/second`.
     "ALTER TABLE tokens ADD COLUMN rate_limit TEXT;",
+    // 5: issuers of signed tokens (public keys only), the tokens minted (never the token
+    // itself) and the signed tokens revoked, kept in bundles until `until`.
+    "CREATE TABLE issuers (
+        kid TEXT PRIMARY KEY,
+        alg TEXT NOT NULL,
+        public_key TEXT UNIQUE,
+        scopes TEXT NOT NULL,
+        max_lifetime INTEGER NOT NULL,
+        added_at INTEGER NOT NULL,
+        retired_at INTEGER
+     );
+     CREATE TABLE mints (
+        jti TEXT PRIMARY KEY,
+        issuer TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+     );
+     CREATE TABLE revoked_jtis (
+        issuer TEXT NOT NULL,
+        jti TEXT NOT NULL,
+        revoked_at INTEGER NOT NULL,
+        until INTEGER NOT NULL,
+        PRIMARY KEY (issuer, jti)
+     );",
 ];
 
 /// An open store, holding the lock file for as long as it lives.

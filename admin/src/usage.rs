@@ -21,6 +21,9 @@ use crate::keys::Keyring;
 use crate::status;
 use crate::store::{Actor, Store};
 
+/// How a report names a signed token's subject (`tokengate_core::usage::subject_key`).
+pub const SUBJECT_PREFIX: &str = "sub:";
+
 /// Uses over this window are shown beside the total.
 pub const RECENT_WINDOW: u64 = 30 * 86_400;
 
@@ -216,7 +219,9 @@ fn fetch(
         );
     }
     let plausible = |text: &str| {
-        !text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_graphic())
+        !text.is_empty()
+            && text.len() <= tokengate_core::usage::MAX_ID_LEN
+            && text.bytes().all(|b| b.is_ascii_graphic())
     };
     if !plausible(&report.instance) || report.tokens.iter().any(|t| !plausible(&t.token_id)) {
         bail!(
@@ -265,9 +270,15 @@ fn merge(tx: &Transaction<'_>, source: &str, report: &Report, now: u64) -> Resul
         unknown: 0,
     };
     for usage in &report.tokens {
-        let Some(name) = names.get(&usage.token_id) else {
-            pulled.unknown += 1;
-            continue;
+        // Signed tokens are reported by subject (`sub:<subject>`, which no token name can
+        // be): recorded under that id, so `usage subjects` can list them.
+        let name = match names.get(&usage.token_id) {
+            Some(name) => name,
+            None if usage.token_id.starts_with(SUBJECT_PREFIX) => &usage.token_id,
+            None => {
+                pulled.unknown += 1;
+                continue;
+            }
         };
         let before: Option<(i64, i64, i64)> = tx
             .query_row(

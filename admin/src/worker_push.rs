@@ -164,6 +164,8 @@ fn issue_paged(store: &mut Store, ring: &Keyring, now: u64, who: &Actor) -> Resu
         credentials: bundle.credentials.clone(),
         revoke_all_at: bundle.revoke_all_at,
         cloudflare_access: bundle.cloudflare_access.clone(),
+        issuers: bundle.issuers.clone(),
+        revoked_jtis: bundle.revoked_jtis.clone(),
     };
     let payload = serde_json::to_string(&paged)?;
     let signatures = ring.sign(payload.as_bytes(), &bundle.keys)?;

@@ -932,7 +932,11 @@ fn usage_pull_counts_each_use_once_and_refuses_what_it_cannot_trust() {
         Vec::new(),
         report(
             "test",
-            &[(&used, 5, seen), ("tid_00000000deadbeef", 3, seen)],
+            &[
+                (&used, 5, seen),
+                ("tid_00000000deadbeef", 3, seen),
+                ("sub:deploy-job", 7, seen + 1),
+            ],
         ),
     );
     let regressed = (200, Vec::new(), report("test", &[(&used, 3, seen + 5)]));
@@ -943,6 +947,14 @@ fn usage_pull_counts_each_use_once_and_refuses_what_it_cannot_trust() {
     let ((count, last), (idle, idle_last)) = uses(&env);
     assert_eq!((count, idle, idle_last), (5, 0, None));
     assert_eq!(last.as_deref(), Some("2027-01-15T08:00:00Z"));
+    // Signed tokens are counted by the subject they were minted for, once too.
+    let subjects: serde_json::Value =
+        serde_json::from_str(&env.ok(&["usage", "subjects", "--json"])).unwrap();
+    assert_eq!(
+        subjects,
+        serde_json::json!([{"subject": "deploy-job", "last_used": seen + 1, "uses": 7,
+                            "uses_30d": 7, "denied_scope": 0}])
+    );
     let audit = env.audit_len();
     let elsewhere = fake_gate(vec![(200, Vec::new(), report("prod", &[(&used, 9, seen)]))]);
     let refused = env.fails(&["usage", "pull", "--envoy-url", &elsewhere], "");
@@ -1083,4 +1095,282 @@ fn rate_limits_are_set_per_rule_and_per_token_and_checked_before_they_reach_a_ga
         assert!(!out.stderr.is_empty(), "{bad:?}: no error");
     }
     assert_eq!(env.audit_len(), audit, "a refused limit changes nothing");
+}
+
+/// The claims of a compact JWT (its middle part), for what a user would read with `jq`.
+fn claims_of(jwt: &str) -> serde_json::Value {
+    let part = jwt.split('.').nth(1).unwrap();
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut bytes = Vec::new();
+    for c in part.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            _ => 63,
+        };
+        bits = bits << 6 | u32::from(v);
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            bytes.push((bits >> count) as u8);
+        }
+    }
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn signed_tokens_are_minted_within_their_issuer_and_revoked_by_jti() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("signed");
+    let key = env.dir.join("ci.key");
+    let key_arg = key.to_str().unwrap();
+    env.ok(&[
+        "issuer",
+        "add",
+        "ci",
+        "--scopes",
+        "deploy:*,orders:read",
+        "--max-ttl",
+        "1h",
+        "--key-out",
+        key_arg,
+    ]);
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    assert!(
+        key_text.starts_with("tokengate-issuer-key/v1 ci EdDSA "),
+        "{key_text}"
+    );
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let seed = key_text.split_whitespace().last().unwrap();
+    let store = std::fs::read(env.store()).unwrap();
+    assert!(
+        !store.windows(seed.len()).any(|w| w == seed.as_bytes()),
+        "the issuer key is in the store"
+    );
+
+    // mint prints the token alone; every gate (here `check`) accepts it with no push.
+    let jwt = env.ok(&[
+        "mint",
+        "deploy-job",
+        "--scopes",
+        "orders:read",
+        "--ttl",
+        "30m",
+        "--issuer-key-file",
+        key_arg,
+    ]);
+    assert_eq!(jwt.lines().count(), 1);
+    let jwt = jwt.trim().to_owned();
+    let claims = claims_of(&jwt);
+    assert_eq!(claims["sub"], "deploy-job");
+    assert_eq!(claims["scope"], "orders:read");
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        1800
+    );
+    let checked = env.check(&jwt, "/x");
+    assert_eq!(
+        (checked["status"].as_u64(), checked["reason"].as_str()),
+        (Some(200), Some("signed"))
+    );
+    assert_eq!(checked["subject"], "deploy-job");
+    // Never stored or audited: only its jti.
+    let audit = env.ok(&["audit", "--json"]);
+    assert!(audit.contains("token.mint") && audit.contains(claims["jti"].as_str().unwrap()));
+    let signature = jwt.rsplit('.').next().unwrap();
+    assert!(
+        !files_contain(&env.dir, signature),
+        "the minted token is on disk"
+    );
+
+    // What the issuer may not grant, and keys that are not its own: refused, nothing changes.
+    let before = env.audit_len();
+    let admin_key = env.dir.join("tokengate.key");
+    let refusals: [(&[&str], &str); 5] = [
+        (&["--scopes", "admin", "--ttl", "30m"], "may not grant"),
+        (&["--scopes", "orders:read", "--ttl", "2h"], "longer than issuer ci may grant"),
+        (&["--scopes", "orders:read", "--ttl", "0s"], "at least 1s"),
+        (&["--scopes", "orders:read", "--ttl", "1m", "--issuer-key-file", admin_key.to_str().unwrap()], "not an issuer key"),
+        (&["--scopes", "orders:read", "--ttl", "1m", "--issuer-key-command", "echo tokengate-issuer-key/v1 ci EdDSA 0101010101010101010101010101010101010101010101010101010101010101"], "not the one issuer ci was added with"),
+    ];
+    for (args, why) in refusals {
+        let mut all = vec!["mint", "someone"];
+        all.extend_from_slice(args);
+        if !args.iter().any(|a| a.starts_with("--issuer-key")) {
+            all.extend_from_slice(&["--issuer-key-file", key_arg]);
+        }
+        let error = env.fails(&all, "");
+        assert!(error.contains(why), "{all:?}: {error}");
+    }
+    // The issuer key signs no bundle; no issuer is added twice or for longer than a week.
+    let error = env.fails(&["bundle", "--target", "envoy", "--key-file", key_arg], "");
+    assert!(error.contains("not a private key"), "{error}");
+    env.fails(
+        &[
+            "issuer",
+            "add",
+            "ci",
+            "--scopes",
+            "x:y",
+            "--max-ttl",
+            "1h",
+            "--alg",
+            "hs256",
+        ],
+        "",
+    );
+    env.fails(
+        &[
+            "issuer",
+            "add",
+            "long",
+            "--scopes",
+            "x:y",
+            "--max-ttl",
+            "8d",
+            "--alg",
+            "hs256",
+        ],
+        "",
+    );
+    env.fails(
+        &[
+            "issuer",
+            "add",
+            "nokey",
+            "--scopes",
+            "x:y",
+            "--max-ttl",
+            "1h",
+        ],
+        "",
+    );
+    assert_eq!(env.audit_len(), before, "a refusal changed something");
+
+    // Revoked by jti: the gates refuse it from the next bundle; a second token still passes.
+    let other = env.ok(&[
+        "mint",
+        "deploy-job",
+        "--scopes",
+        "deploy:prod",
+        "--ttl",
+        "10m",
+        "--issuer-key-file",
+        key_arg,
+    ]);
+    let jti = claims["jti"].as_str().unwrap();
+    env.ok(&["revoke", "--jti", jti, "--reason", "leaked in a log"]);
+    assert_eq!(env.check(&jwt, "/x")["reason"], "revoked");
+    assert_eq!(env.check(other.trim(), "/x")["status"], 200);
+    let error = env.fails(&["revoke", "--jti", jti, "--reason", "again"], "");
+    assert!(error.contains("already revoked"), "{error}");
+    let error = env.fails(
+        &["revoke", "--jti", "minted-elsewhere", "--reason", "x"],
+        "",
+    );
+    assert!(error.contains("--issuer"), "{error}");
+    env.ok(&[
+        "revoke",
+        "--jti",
+        "minted-elsewhere",
+        "--issuer",
+        "ci",
+        "--reason",
+        "x",
+    ]);
+
+    // An HS256 issuer: the gate needs its secret (TOKENGATE_ISSUER_SECRETS), never the bundle.
+    let hs_key = env.dir.join("legacy.key");
+    env.ok(&[
+        "issuer",
+        "add",
+        "legacy",
+        "--alg",
+        "hs256",
+        "--scopes",
+        "orders:*",
+        "--max-ttl",
+        "15m",
+        "--key-out",
+        hs_key.to_str().unwrap(),
+    ]);
+    let hs_text = std::fs::read_to_string(&hs_key).unwrap();
+    let secret = hs_text.split_whitespace().last().unwrap().to_owned();
+    let hs = env.ok(&[
+        "mint",
+        "batch",
+        "--scopes",
+        "orders:write",
+        "--ttl",
+        "5m",
+        "--issuer-key-file",
+        hs_key.to_str().unwrap(),
+    ]);
+    let bundle = env.ok(&["bundle", "--target", "envoy"]);
+    assert!(
+        bundle.contains("\"legacy\"") && !bundle.contains(&secret),
+        "HS256 secret in a bundle"
+    );
+    assert_eq!(env.check(hs.trim(), "/x")["reason"], "issuer_unavailable");
+    let with_secret = env
+        .command(&["check", "--path", "/x", "--json"])
+        .env("TOKENGATE_ISSUER_SECRETS", format!("legacy={secret}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(hs.trim().as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let checked: serde_json::Value = serde_json::from_slice(&with_secret.stdout).unwrap();
+    assert_eq!(
+        (checked["reason"].as_str(), checked["subject"].as_str()),
+        (Some("signed"), Some("batch"))
+    );
+
+    // Retired: its tokens are refused from the next bundle, and it mints no more.
+    env.ok(&["issuer", "retire", "ci", "--reason", "moved to a new key"]);
+    assert_eq!(env.check(other.trim(), "/x")["reason"], "unknown_issuer");
+    let error = env.fails(
+        &[
+            "mint",
+            "x",
+            "--scopes",
+            "orders:read",
+            "--ttl",
+            "1m",
+            "--issuer-key-file",
+            key_arg,
+        ],
+        "",
+    );
+    assert!(error.contains("retired"), "{error}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["issuer", "list", "--json"])).unwrap();
+    let states: Vec<(String, bool)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["kid"].as_str().unwrap().to_owned(),
+                i["retired_at"].is_null(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [("ci".to_owned(), false), ("legacy".to_owned(), true)]
+    );
 }

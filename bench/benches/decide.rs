@@ -100,7 +100,7 @@ fn parts(c: &mut Criterion) {
         b.iter(|| gate.decide(black_box(&request), NOW))
     });
     group.bench_function(BenchmarkId::new("begin-to-lookup", n), |b| {
-        b.iter(|| matches!(gate.begin(black_box(&request)), Step::Lookup(_)))
+        b.iter(|| matches!(gate.begin(black_box(&request), NOW), Step::Lookup(_)))
     });
     group.bench_function(BenchmarkId::new("token-shape-crc", n), |b| {
         b.iter(|| shape(black_box(&valid)))
@@ -314,9 +314,83 @@ fn config() -> Criterion {
         .without_plots()
 }
 
+/// Signed tokens (JWTs) against an opaque token, natively: an EdDSA token the gate has not
+/// seen (a clone of the gate starts with nothing remembered, so each iteration verifies the
+/// Ed25519 signature), the same token again (its signature remembered), and HS256.
+fn signed(c: &mut Criterion) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine as _;
+    use ed25519_dalek::{Signer, SigningKey};
+    use hmac::Mac;
+    let issuer = SigningKey::from_bytes(&[0x1e; 32]);
+    let secret = [0x2d; 32];
+    let opaque = token(7);
+    let bundle: Bundle = serde_json::from_value(serde_json::json!({
+        "version": 1, "issued_at": NOW, "environment": ENVIRONMENT, "target": "envoy",
+        "keys": [public_key_hex()],
+        "policy": {"rules": [{"name": "api", "path": {"prefix": "/api"}, "access": "token",
+                               "all_of": ["orders:read"]}]},
+        "credentials": {"sources": ["bearer"]},
+        "tokens": [{"name": "svc", "hash": TokenHash::of(opaque.as_bytes()).to_hex(),
+                    "scopes": ["orders:read"], "created_at": NOW - 60}],
+        "issuers": [
+            {"kid": "ci", "alg": "EdDSA", "scopes": ["orders:*"], "max_lifetime": 3600,
+             "public_key": tokengate_core::hex::encode(issuer.verifying_key().as_bytes())},
+            {"kid": "legacy", "alg": "HS256", "scopes": ["orders:*"], "max_lifetime": 3600}]
+    }))
+    .unwrap();
+    let mut gate = Gate::from_bundle(bundle).unwrap();
+    let secrets = format!("legacy={}", B64.encode(secret));
+    let secrets = tokengate_core::issuer::IssuerSecrets::parse(&secrets).unwrap();
+    gate.set_issuer_secrets(std::sync::Arc::new(secrets));
+    let claims = serde_json::json!({"sub": "deploy-job", "jti": "AAAAAAAAAAAAAAAAAAAAAA",
+        "scope": "orders:read", "iat": NOW, "exp": NOW + 1800});
+    let jwt = |alg: &str, kid: &str| {
+        let header = serde_json::json!({"alg": alg, "kid": kid, "typ": "JWT"});
+        let input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let signature = match alg {
+            "EdDSA" => issuer.sign(input.as_bytes()).to_bytes().to_vec(),
+            _ => {
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret).unwrap();
+                mac.update(input.as_bytes());
+                mac.finalize().into_bytes().to_vec()
+            }
+        };
+        format!("{input}.{}", B64.encode(signature))
+    };
+    let mut group = c.benchmark_group("signed");
+    for (case, credential) in [
+        ("opaque", opaque.clone()),
+        ("eddsa-remembered", jwt("EdDSA", "ci")),
+        ("hs256", jwt("HS256", "legacy")),
+    ] {
+        let headers = envoy_headers(&credential);
+        let headers = header_refs(&headers);
+        let request = orders_request(&headers);
+        assert_eq!(gate.decide(&request, NOW).status(), 200, "{case}");
+        group.bench_function(case, |b| b.iter(|| gate.decide(black_box(&request), NOW)));
+    }
+    let eddsa = jwt("EdDSA", "ci");
+    let headers = envoy_headers(&eddsa);
+    let headers = header_refs(&headers);
+    let request = orders_request(&headers);
+    group.bench_function("eddsa-first", |b| {
+        b.iter_batched(
+            || gate.clone(),
+            |fresh| fresh.decide(black_box(&request), NOW),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = native, parts, wasmtime, load
+    targets = native, parts, signed, wasmtime, load
 }
 criterion_main!(benches);

@@ -16,6 +16,9 @@ pub struct Suite {
     pub now: u64,
     /// The public keys (hex) every target trusts for the cases and refusals.
     pub trusted_keys: Vec<String>,
+    /// The HS256 issuers' secrets every target's gate is given, in the
+    /// `TOKENGATE_ISSUER_SECRETS` form (`kid=<base64url>` entries).
+    pub issuer_secrets: String,
     /// The environment fixture bundles are signed for.
     pub environment: String,
     /// Published fixture bundles: name → target (`envoy`, `worker`) → the exact text.

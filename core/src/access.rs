@@ -16,8 +16,9 @@
 use core::fmt;
 
 use crate::bundle::AccessConfig;
-use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
+use serde::Deserialize;
+
+use crate::jwt::{self, audiences, present_seconds, seconds_or_absent, string_or_absent};
 
 /// The header Cloudflare Access puts on requests it let through (compared case-insensitively).
 pub const ASSERTION_HEADER: &str = "cf-access-jwt-assertion";
@@ -203,56 +204,6 @@ struct Claims {
     common_name: Option<String>,
 }
 
-/// The JOSE header members the gate reads: `alg` and `kid` (strings, else absent).
-#[derive(Default, Deserialize)]
-struct Header {
-    #[serde(default, deserialize_with = "string_or_absent")]
-    alg: Option<String>,
-    #[serde(default, deserialize_with = "string_or_absent")]
-    kid: Option<String>,
-}
-
-/// A claim's value as it stands in the JSON: typed by the checks, not by serde, so a value
-/// of the wrong type reads as absent instead of failing the whole assertion.
-type Raw = Box<RawValue>;
-
-fn as_string(raw: &RawValue) -> Option<String> {
-    serde_json::from_str(raw.get()).ok()
-}
-
-fn string_or_absent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(as_string(&Raw::deserialize(d)?))
-}
-
-fn audiences<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let raw = Raw::deserialize(d)?;
-    Ok(match serde_json::from_str::<Vec<Raw>>(raw.get()) {
-        Ok(items) => items.iter().filter_map(|item| as_string(item)).collect(),
-        Err(_) => as_string(&raw).into_iter().collect(),
-    })
-}
-
-/// A NumericDate: whole seconds (a fractional part is dropped; negatives, exponents and
-/// non-numbers are unusable).
-fn numeric_date(raw: &RawValue) -> Option<u64> {
-    let text = raw.get();
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, "0"));
-    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-    if digits(whole) && digits(fraction) {
-        whole.parse().ok()
-    } else {
-        None
-    }
-}
-
-fn seconds_or_absent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    Ok(numeric_date(&Raw::deserialize(d)?))
-}
-
-fn present_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
-    Ok(Some(numeric_date(&Raw::deserialize(d)?)))
-}
-
 impl fmt::Debug for Assertion {
     // The claims hold a person's email: keep them out of debug output.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -265,36 +216,23 @@ impl fmt::Debug for Assertion {
 impl Assertion {
     /// Parses the JWT and checks its header: `alg` must be `RS256` and `kid` present.
     pub fn parse(jwt: &str) -> Result<Self, AccessError> {
-        if jwt.len() > MAX_ASSERTION_LEN {
-            return Err(AccessError::Malformed);
-        }
-        let mut parts = jwt.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(AccessError::Malformed);
-        };
-        let header: Header = json_part(header)?;
-        let claims: Claims = json_part(payload)?;
-        let signature = base64url_decode(signature).ok_or(AccessError::Malformed)?;
-        match header.alg.as_deref() {
+        let jws = jwt::split(jwt, MAX_ASSERTION_LEN).ok_or(AccessError::Malformed)?;
+        let claims: Claims =
+            serde_json::from_slice(&jws.payload).map_err(|_| AccessError::Malformed)?;
+        match jws.header.alg.as_deref() {
             Some(ALGORITHM) => {}
             Some(other) => return Err(AccessError::Algorithm(other.to_owned())),
             None => return Err(AccessError::Algorithm(String::new())),
         }
-        let kid = header
+        let kid = jws
+            .header
             .kid
             .filter(|kid| !kid.is_empty())
             .ok_or(AccessError::NoKeyId)?;
-        if signature.is_empty() {
-            return Err(AccessError::Malformed);
-        }
-        // The signed input is the first two parts exactly as sent, dot included.
-        let signed_len = jwt.len() - jwt.rsplit('.').next().map_or(0, str::len) - 1;
         Ok(Self {
             kid,
-            signed: jwt.as_bytes()[..signed_len].to_vec(),
-            signature,
+            signed: jws.signed.to_vec(),
+            signature: jws.signature,
             claims,
         })
     }
@@ -349,23 +287,13 @@ impl Assertion {
                 _ => return Err(AccessError::NotYetValid),
             }
         }
-        let usable = |claim: &Option<String>| {
-            claim
-                .as_ref()
-                .filter(|s| {
-                    !s.is_empty()
-                        && s.len() <= MAX_SUBJECT_LEN
-                        && s.bytes().all(|b| b.is_ascii_graphic())
-                })
-                .cloned()
-        };
-        if let Some(email) = usable(&claims.email) {
+        if let Some(email) = jwt::usable(&claims.email) {
             return Ok(Identity {
                 subject: email,
                 kind: "email",
             });
         }
-        if let Some(name) = usable(&claims.common_name) {
+        if let Some(name) = jwt::usable(&claims.common_name) {
             return Ok(Identity {
                 subject: name,
                 kind: "service_token",
@@ -375,68 +303,12 @@ impl Assertion {
     }
 }
 
-/// One base64url part of the JWT, read as a JSON object.
-fn json_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, AccessError> {
-    let bytes = base64url_decode(part).ok_or(AccessError::Malformed)?;
-    serde_json::from_slice(&bytes).map_err(|_| AccessError::Malformed)
-}
-
-/// Decodes unpadded base64url (RFC 7515 §2); padding, other alphabets and stray bits are
-/// refused, so every JWT has exactly one accepted encoding.
-pub fn base64url_decode(text: &str) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'-' => Some(62),
-            b'_' => Some(63),
-            _ => None,
-        }
-    }
-    let bytes = text.as_bytes();
-    if bytes.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= value(c)? << (18 - 6 * i);
-        }
-        // n characters carry 6n bits: n - 1 whole bytes and 8 - 2n spare bits, which must be
-        // zero so that every byte string has exactly one encoding.
-        let n = chunk.len();
-        let produced = n - 1;
-        let spare = 8 - 2 * n as u32;
-        if (acc >> (24 - 6 * n as u32)) & ((1 << spare) - 1) != 0 {
-            return None;
-        }
-        let be = acc.to_be_bytes();
-        out.extend_from_slice(&be[1..1 + produced]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Value;
 
-    fn b64(bytes: &[u8]) -> String {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let mut word = [0u8; 3];
-            word[..chunk.len()].copy_from_slice(chunk);
-            let n = u32::from(word[0]) << 16 | u32::from(word[1]) << 8 | u32::from(word[2]);
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
-    }
+    use crate::jwt::tests::b64;
 
     fn jwt(header: Value, claims: Value) -> String {
         format!(
@@ -466,19 +338,6 @@ mod tests {
     }
 
     const RS256: fn() -> Value = || serde_json::json!({"alg": "RS256", "kid": "k1"});
-
-    #[test]
-    fn base64url_round_trips_and_is_strict() {
-        for len in 0..40 {
-            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            assert_eq!(base64url_decode(&b64(&data)).as_deref(), Some(&data[..]));
-        }
-        assert_eq!(base64url_decode("QQ=="), None, "padding");
-        assert_eq!(base64url_decode("QQ+/"), None, "standard alphabet");
-        assert_eq!(base64url_decode("Q"), None, "impossible length");
-        assert_eq!(base64url_decode("QR"), None, "non-zero trailing bits");
-        assert_eq!(base64url_decode("QQ"), Some(b"A".to_vec()));
-    }
 
     #[test]
     fn header_must_be_rs256_with_a_kid() {
@@ -687,7 +546,7 @@ mod tests {
         let with_jwt = with_jwt.as_slice();
 
         let Step::Access(pending) =
-            gate.begin_with_access(&request("/app/x", with_jwt), Some(&access))
+            gate.begin_with_access(&request("/app/x", with_jwt), Some(&access), 1_500)
         else {
             panic!("expected an Access step")
         };
@@ -708,7 +567,7 @@ mod tests {
             .contains(&"x-tokengate-subject".to_owned()));
 
         let Step::Access(pending) =
-            gate.begin_with_access(&request("/app/x", with_jwt), Some(&access))
+            gate.begin_with_access(&request("/app/x", with_jwt), Some(&access), 1_500)
         else {
             panic!("expected an Access step")
         };
@@ -716,7 +575,7 @@ mod tests {
         assert_eq!((bad.status(), bad.reason), (401, Reason::AccessInvalid));
 
         let Step::Access(pending) =
-            gate.begin_with_access(&request("/scoped", with_jwt), Some(&access))
+            gate.begin_with_access(&request("/scoped", with_jwt), Some(&access), 1_500)
         else {
             panic!("expected an Access step")
         };
@@ -728,7 +587,8 @@ mod tests {
 
         // Not a cf_access rule, or a host that cannot verify: no identity, no credential.
         for (path, settings) in [("/plain", Some(&access)), ("/app", None)] {
-            let Step::Done(d) = gate.begin_with_access(&request(path, with_jwt), settings) else {
+            let Step::Done(d) = gate.begin_with_access(&request(path, with_jwt), settings, 1_500)
+            else {
                 panic!("expected a final decision")
             };
             assert_eq!((d.status(), d.reason), (401, Reason::NoCredential));
@@ -739,19 +599,21 @@ mod tests {
             ("cf-access-jwt-assertion", &assertion),
         ]);
         assert!(matches!(
-            gate.begin_with_access(&request("/app", &both), Some(&access)),
+            gate.begin_with_access(&request("/app", &both), Some(&access), 1_500),
             Step::Lookup(_)
         ));
         let twice = headers(&[
             ("cf-access-jwt-assertion", &assertion),
             ("cf-access-jwt-assertion", &assertion),
         ]);
-        let Step::Done(d) = gate.begin_with_access(&request("/app", &twice), Some(&access)) else {
+        let Step::Done(d) = gate.begin_with_access(&request("/app", &twice), Some(&access), 1_500)
+        else {
             panic!("expected a final decision")
         };
         assert_eq!(d.status(), 400);
         let garbage = headers(&[("cf-access-jwt-assertion", "not.a.jwt")]);
-        let Step::Done(d) = gate.begin_with_access(&request("/app", &garbage), Some(&access))
+        let Step::Done(d) =
+            gate.begin_with_access(&request("/app", &garbage), Some(&access), 1_500)
         else {
             panic!("expected a final decision")
         };

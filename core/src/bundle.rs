@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::credentials::SourceError;
+use crate::issuer::{IssuerConfig, IssuerError, RevokedJti};
 use crate::keys::{self, KeyError, KeySet, SignatureError};
 use crate::policy::{Policy, PolicyError};
 use crate::rate::RateLimit;
@@ -71,6 +72,12 @@ pub struct Bundle<Tokens = Vec<TokenRecord>> {
     /// Cloudflare Access settings, for rules with `cf_access` (the Worker only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloudflare_access: Option<AccessConfig>,
+    /// The issuers whose signed tokens every gate accepts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issuers: Vec<IssuerConfig>,
+    /// Signed tokens revoked before their expiry, by issuer and `jti`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_jtis: Vec<RevokedJti>,
 }
 
 /// Credential configuration.
@@ -373,6 +380,8 @@ pub enum BundleError {
     },
     /// Two records share a name.
     DuplicateName(String),
+    /// The issuers or revoked token ids are invalid.
+    Issuers(IssuerError),
     /// Two records share a hash.
     DuplicateHash(String),
     /// A Worker bundle's rule has a rate limit per second or per hour (the rule is named),
@@ -430,6 +439,7 @@ impl fmt::Display for BundleError {
             Self::TooManyTokens(n) => write!(f, "{n} tokens; at most {MAX_TOKENS} are allowed"),
             Self::Token { name, problem } => write!(f, "token {name:?}: {problem}"),
             Self::DuplicateName(n) => write!(f, "two tokens are named {n:?}"),
+            Self::Issuers(e) => write!(f, "issuers: {e}"),
             Self::DuplicateHash(id) => write!(f, "two tokens share one hash (token id {id})"),
             Self::WorkerRateLimit(what) => write!(
                 f,

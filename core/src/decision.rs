@@ -11,6 +11,8 @@ use std::borrow::Cow;
 use crate::access::{self, Assertion, KeyCheck};
 use crate::credentials::{self, Found};
 use crate::gate::{Gate, Record};
+use crate::issuer::Refusal;
+use crate::jwt;
 use crate::policy::{self, Access};
 use crate::rate::Limit;
 use crate::token::{self, Shape, TokenHash, MAX_TOKEN_LEN};
@@ -31,8 +33,10 @@ pub fn is_identity_header(name: &str) -> bool {
 pub const SUBJECT_HEADER: &str = "x-tokengate-subject";
 /// The token's scopes, space separated.
 pub const SCOPES_HEADER: &str = "x-tokengate-scopes";
-/// The token's public id.
+/// The token's public id (a signed token's `jti`).
 pub const TOKEN_ID_HEADER: &str = "x-tokengate-token-id";
+/// The issuer (kid) of a signed token; set only for signed tokens.
+pub const ISSUER_HEADER: &str = "x-tokengate-issuer";
 /// How a Cloudflare Access identity was established (`email` or `service_token`); set only
 /// for Access identities, which carry no token id.
 pub const ACCESS_HEADER: &str = "x-tokengate-access";
@@ -121,11 +125,22 @@ pub enum Reason {
     AccessInvalid,
     /// A valid token over the rate limit of its rule or its own.
     RateLimited,
+    /// A valid signed token (JWT) of a trusted issuer with sufficient scopes.
+    Signed,
+    /// A signed token that is malformed, has the wrong `alg` for its issuer, a bad signature,
+    /// or a missing or unusable claim.
+    JwtInvalid,
+    /// A signed token whose `kid` names no issuer of the bundle.
+    UnknownIssuer,
+    /// A signed token with a scope or lifetime beyond its issuer's grant.
+    BeyondGrant,
+    /// A signed token of an HS256 issuer whose secret the gate was not given (503).
+    IssuerUnavailable,
 }
 
 impl Reason {
     /// Every reason, for hosts that define one counter each up front.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 27] = [
         Self::Public,
         Self::Valid,
         Self::NoRule,
@@ -148,6 +163,11 @@ impl Reason {
         Self::Access,
         Self::AccessInvalid,
         Self::RateLimited,
+        Self::Signed,
+        Self::JwtInvalid,
+        Self::UnknownIssuer,
+        Self::BeyondGrant,
+        Self::IssuerUnavailable,
     ];
 
     /// A stable snake_case name, used in metrics, logs and the conformance vectors.
@@ -175,6 +195,11 @@ impl Reason {
             Self::Access => "access",
             Self::AccessInvalid => "access_invalid",
             Self::RateLimited => "rate_limited",
+            Self::Signed => "signed",
+            Self::JwtInvalid => "jwt_invalid",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::BeyondGrant => "beyond_grant",
+            Self::IssuerUnavailable => "issuer_unavailable",
         }
     }
 
@@ -196,7 +221,7 @@ impl Reason {
     /// Whether requests with this reason pass.
     pub fn outcome(self) -> Outcome {
         match self {
-            Self::Public | Self::Valid | Self::Access => Outcome::Allow,
+            Self::Public | Self::Valid | Self::Access | Self::Signed => Outcome::Allow,
             _ => Outcome::Deny,
         }
     }
@@ -230,8 +255,10 @@ pub struct Decision {
     pub rule: Option<String>,
     /// The token's name, when one was identified (also on denials after identification).
     pub subject: Option<String>,
-    /// The token's public id, when one was identified.
+    /// The token's public id (a signed token's `jti`), when one was identified.
     pub token_id: Option<String>,
+    /// The issuer's kid, when a signed token was identified.
+    pub issuer: Option<String>,
     /// On deny: the response to send.
     pub denial: Option<Denial>,
     /// Request headers to remove before forwarding (lower case, every value).
@@ -254,6 +281,7 @@ impl Decision {
             rule: None,
             subject: None,
             token_id: None,
+            issuer: None,
             denial: Some(denial),
             remove_headers,
             add_headers: Vec::new(),
@@ -422,7 +450,7 @@ impl Pending<'_> {
 impl Gate {
     /// Decides one request at `now` (unix seconds), with the gate's own token records.
     pub fn decide(&self, request: &Request<'_>, now: u64) -> Decision {
-        match self.begin(request) {
+        match self.begin(request, now) {
             Step::Done(decision) => decision,
             Step::Lookup(pending) => {
                 let record = self.record(&pending.hash);
@@ -440,9 +468,10 @@ impl Gate {
         self.index.get(&self.records, &hash.0)
     }
 
-    /// Everything up to the lookup: path, rule, credential, shape and checksum.
-    pub fn begin(&self, request: &Request<'_>) -> Step<'_> {
-        self.begin_with_access(request, None)
+    /// Everything up to the lookup at `now`: path, rule, credential, shape and checksum; a
+    /// signed token is decided whole.
+    pub fn begin(&self, request: &Request<'_>, now: u64) -> Step<'_> {
+        self.begin_with_access(request, None, now)
     }
 
     /// [`Gate::begin`] for a host that can verify Cloudflare Access assertions (the Worker):
@@ -455,6 +484,7 @@ impl Gate {
         &'g self,
         request: &Request<'_>,
         access: Option<&'g access::Settings>,
+        now: u64,
     ) -> Step<'g> {
         // Allocates only for the (rare) headers it removes: this runs on every request.
         let mut remove: Vec<String> = request
@@ -521,6 +551,7 @@ impl Gate {
                 rule: None,
                 subject: None,
                 token_id: None,
+                issuer: None,
                 denial: None,
                 remove_headers: remove,
                 add_headers: Vec::new(),
@@ -572,6 +603,9 @@ impl Gate {
             }
             Found::One { value, .. } => value,
         };
+        if jwt::looks_like(value) {
+            return done(self.signed_token(value, rule, remove, now));
+        }
         let mut shape = Shape::Other;
         let unreadable = if value.is_empty() {
             Some(Reason::Empty)
@@ -642,6 +676,7 @@ impl Gate {
             rule: Some(rule.name.clone()),
             subject: None,
             token_id: None,
+            issuer: None,
             denial,
             remove_headers,
             add_headers: Vec::new(),
@@ -716,6 +751,7 @@ impl Gate {
             rule: Some(rule.name.clone()),
             subject: None,
             token_id: None,
+            issuer: None,
             denial,
             remove_headers: remove.clone(),
             add_headers: Vec::new(),
@@ -742,6 +778,80 @@ impl Gate {
             (ACCESS_HEADER, identity.kind.to_owned()),
         ];
         decision.subject = Some(identity.subject);
+        decision
+    }
+
+    /// The whole decision for a signed token (no lookup: everything it needs is in the
+    /// token and the bundle).
+    fn signed_token(
+        &self,
+        token: &str,
+        rule: &policy::Rule,
+        remove: Vec<String>,
+        now: u64,
+    ) -> Decision {
+        let checked = self
+            .issuers
+            .check(token, &self.issuer_secrets, self.revoke_all_at, now);
+        let identity = match checked {
+            Ok(identity) => identity,
+            Err(refused) => {
+                let (reason, denial) = match refused.refusal {
+                    Refusal::NoSecret => (Reason::IssuerUnavailable, internal_error()),
+                    Refusal::Invalid => (Reason::JwtInvalid, invalid_token()),
+                    Refusal::UnknownIssuer => (Reason::UnknownIssuer, invalid_token()),
+                    Refusal::BeyondGrant => (Reason::BeyondGrant, invalid_token()),
+                    Refusal::Revoked => (Reason::Revoked, invalid_token()),
+                    Refusal::RevokedAll => (Reason::RevokedAll, invalid_token()),
+                    Refusal::NotYetValid => (Reason::NotYetValid, invalid_token()),
+                    Refusal::Expired => (Reason::Expired, invalid_token()),
+                };
+                let mut decision = Decision::deny(reason, denial, remove);
+                // A token refused after its signature verified names whom it refused, as a
+                // stored token's record does.
+                if let Some(identity) = refused.identity {
+                    decision.subject = Some(identity.subject);
+                    decision.token_id = Some(identity.jti);
+                    decision.issuer = Some(identity.issuer);
+                }
+                return decision;
+            }
+        };
+        let mut decision = Decision {
+            outcome: Outcome::Allow,
+            reason: Reason::Signed,
+            rule: None,
+            subject: Some(identity.subject.clone()),
+            token_id: Some(identity.jti.clone()),
+            issuer: Some(identity.issuer.clone()),
+            denial: None,
+            remove_headers: remove,
+            add_headers: Vec::new(),
+            rewrite_path: None,
+            rate_limits: Vec::new(),
+        };
+        if let Some(missing) = policy::missing_scopes(rule, &identity.scopes) {
+            let needed = missing.join(" ");
+            decision.outcome = Outcome::Deny;
+            decision.reason = Reason::InsufficientScope;
+            decision.denial = Some(insufficient_scope(
+                &needed,
+                &format!("the signed token lacks a required scope: {needed}"),
+            ));
+            return decision;
+        }
+        // Keyed by subject: every token minted for one subject shares its budget.
+        decision.rate_limits = Limit::of(&rule.name, rule.rate_limit, &identity.subject, None);
+        decision.add_headers = vec![
+            (SUBJECT_HEADER, identity.subject),
+            (TOKEN_ID_HEADER, identity.jti),
+            (ISSUER_HEADER, identity.issuer),
+        ];
+        if !identity.scope_header.is_empty() {
+            decision
+                .add_headers
+                .push((SCOPES_HEADER, identity.scope_header));
+        }
         decision
     }
 
@@ -797,6 +907,7 @@ mod tests {
             rule: None,
             subject: None,
             token_id: None,
+            issuer: None,
             denial: None,
             remove_headers: Vec::new(),
             add_headers: Vec::new(),

@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 
 use crate::bundle::{Bundle, BundleError, Envelope, Expectation, Target, TokenRecord, MAX_TOKENS};
 use crate::credentials::{self, Source};
+use crate::issuer::{IssuerSecrets, Issuers};
 use crate::keys::KeySet;
 use crate::policy::{self, Policy};
 use crate::rate::RateLimit;
@@ -42,7 +43,7 @@ impl Scopes {
 /// Whether `grants` grant everything the scope pattern `scope` does (`x:y`, `x:*` or `*`;
 /// these form a chain, so the scopes two lists both grant are those of each list the other
 /// covers).
-fn covers(grants: &[String], scope: &str) -> bool {
+pub(crate) fn covers(grants: &[String], scope: &str) -> bool {
     grants.iter().any(|grant| {
         grant == scope
             || grant == "*"
@@ -161,6 +162,9 @@ pub struct Gate {
     pub(crate) records: Vec<Record>,
     pub(crate) index: Index,
     pub(crate) revoke_all_at: Option<u64>,
+    pub(crate) issuers: Issuers,
+    /// HS256 issuers' secrets: the host's, not the bundle's ([`Gate::set_issuer_secrets`]).
+    pub(crate) issuer_secrets: Arc<IssuerSecrets>,
 }
 
 /// A bundle's payload with its token list still as text: what is checked before any
@@ -190,32 +194,32 @@ impl Gate {
         let (head, keys): (Head<'_>, KeySet) = envelope.payload()?;
         let served = Served::of(head.version, &envelope);
         check(&head, &served)?;
-        let sources = check_settings(&head)?;
+        let settings = check_settings(&head)?;
         let raw = head.tokens.get();
         let (tokens, hashes) = count_records(raw.as_bytes());
         let mut table = TokenTable::with_capacity(tokens, hashes);
         table.read(raw)?;
-        Ok(Self::assemble(head, keys, served, sources, table))
+        Ok(Self::assemble(head, keys, served, settings, table))
     }
 
     /// Validates a bundle that is not published text (the CLI's own, a Worker's stored meta,
     /// whose signatures were checked when it was pushed).
     pub fn from_bundle(mut bundle: Bundle) -> Result<Self, BundleError> {
         let keys = KeySet::from_hex(&bundle.keys).map_err(BundleError::Keys)?;
-        let sources = check_settings(&bundle)?;
+        let settings = check_settings(&bundle)?;
         let table = TokenTable::of(&std::mem::take(&mut bundle.tokens))?;
         let served = Served {
             version: bundle.version,
             signatures: String::new(),
         };
-        Ok(Self::assemble(bundle, keys, served, sources, table))
+        Ok(Self::assemble(bundle, keys, served, settings, table))
     }
 
     fn assemble<T>(
         bundle: Bundle<T>,
         keys: KeySet,
         served: Served,
-        sources: Vec<Source>,
+        (sources, issuers): (Vec<Source>, Issuers),
         table: TokenTable,
     ) -> Self {
         Self {
@@ -230,7 +234,31 @@ impl Gate {
             records: table.records,
             index: table.index,
             revoke_all_at: bundle.revoke_all_at,
+            issuers,
+            issuer_secrets: Arc::default(),
         }
+    }
+
+    /// Gives the gate the HS256 issuers' secrets (from its host's configuration, never from
+    /// a bundle). Without one, a token of that issuer is answered 503.
+    pub fn set_issuer_secrets(&mut self, secrets: Arc<IssuerSecrets>) {
+        self.issuer_secrets = secrets;
+    }
+
+    /// What a host logs when the bundle names HS256 issuers whose secret this gate lacks.
+    pub fn issuer_secret_warning(&self) -> Option<String> {
+        let missing: Vec<&str> = self
+            .issuers
+            .hs256_kids()
+            .filter(|kid| !self.issuer_secrets.kids().any(|k| k == *kid))
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "HS256 issuer(s) {} have no secret in {}: their tokens are answered 503",
+                missing.join(", "),
+                crate::issuer::SECRETS_VARIABLE
+            )
+        })
     }
 
     /// The version this gate serves.
@@ -269,8 +297,9 @@ impl Gate {
     }
 }
 
-/// The checks of everything in a bundle but its tokens; the credential sources parsed.
-fn check_settings<T>(bundle: &Bundle<T>) -> Result<Vec<Source>, BundleError> {
+/// The checks of everything in a bundle but its tokens; the credential sources and the
+/// issuers parsed.
+fn check_settings<T>(bundle: &Bundle<T>) -> Result<(Vec<Source>, Issuers), BundleError> {
     if !policy::valid_name(&bundle.environment) {
         return Err(BundleError::BadEnvironment(bundle.environment.clone()));
     }
@@ -288,7 +317,12 @@ fn check_settings<T>(bundle: &Bundle<T>) -> Result<Vec<Source>, BundleError> {
             )));
         }
     }
-    credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)
+    let sources =
+        credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)?;
+    let admin_keys = KeySet::from_hex(&bundle.keys).map_err(BundleError::Keys)?;
+    let issuers = Issuers::new(&bundle.issuers, &bundle.revoked_jtis, &admin_keys)
+        .map_err(BundleError::Issuers)?;
+    Ok((sources, issuers))
 }
 
 /// A token record as the bundle's text holds it, borrowed from the text: the gate's load
@@ -731,6 +765,8 @@ mod tests {
             ],
             revoke_all_at: None,
             cloudflare_access: None,
+            issuers: Vec::new(),
+            revoked_jtis: Vec::new(),
         }
     }
 
@@ -779,7 +815,7 @@ mod tests {
         })
         .unwrap();
         let decide = |served: Option<&Record>, incoming: &[Option<Record>]| {
-            let Step::Lookup(pending) = gate.begin(&request) else {
+            let Step::Lookup(pending) = gate.begin(&request, 0) else {
                 panic!("a lookup was expected");
             };
             gate.finish_changing(pending, served, incoming, 1_000)

@@ -14,10 +14,13 @@
 //! - [`credentials`]: where a request's credential is read from.
 //! - [`decision`]: `Gate::decide(request, now)`.
 //! - [`access`]: Cloudflare Access assertions (parsing and claims; the host checks signatures).
+//! - [`jwt`]: the one JWT reader, for Access assertions and signed tokens.
+//! - [`issuer`]: signed short-lived tokens: trusted issuers and every check of one token.
 //! - [`host`]: what an Envoy filter does with a decision (headers, response, counters).
 //! - [`pages`]: token sets split into content-addressed pages (the Worker's storage and pushes).
 //! - [`signed`]: signed admin requests (pushes, usage reads).
 //! - [`usage`]: per-token usage counts, the signed read that collects them, the report.
+//! - [`verified`]: signed tokens whose Ed25519 signature a gate verified already.
 #![warn(missing_docs)]
 
 pub mod access;
@@ -27,6 +30,8 @@ pub mod decision;
 pub mod gate;
 pub mod hex;
 pub mod host;
+pub mod issuer;
+pub mod jwt;
 pub mod keys;
 pub mod pages;
 pub mod policy;
@@ -34,6 +39,7 @@ pub mod rate;
 pub mod signed;
 pub mod token;
 pub mod usage;
+pub mod verified;
 
 pub use bundle::{Bundle, BundleError, Expectation, Target, TokenRecord};
 pub use decision::{AccessPending, Decision, Denial, Outcome, Pending, Reason, Request, Step};

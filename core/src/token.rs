@@ -45,6 +45,9 @@ pub enum TokenError {
     /// An imported secret has the shape of a tokengate token but fails its checksum, so a gate
     /// would reject it before any lookup.
     LooksLikeCorruptToken,
+    /// An imported secret has the shape of a JWT (`eyJ…` with a dot): gates read such a
+    /// credential as a signed token, never look it up.
+    LooksLikeJwt,
 }
 
 impl fmt::Display for TokenError {
@@ -65,6 +68,10 @@ impl fmt::Display for TokenError {
             Self::LooksLikeCorruptToken => write!(
                 f,
                 "secret looks like a tokengate token but fails its checksum; gates would reject it"
+            ),
+            Self::LooksLikeJwt => write!(
+                f,
+                "secret looks like a JWT (eyJ… with a dot); gates read it as a signed token"
             ),
         }
     }
@@ -188,6 +195,9 @@ pub fn import(secret: &str) -> Result<Secret, TokenError> {
     }
     if shape(secret) == Shape::TokengateBadChecksum {
         return Err(TokenError::LooksLikeCorruptToken);
+    }
+    if crate::jwt::looks_like(secret) {
+        return Err(TokenError::LooksLikeJwt);
     }
     Ok(Secret(secret.to_owned()))
 }
@@ -365,6 +375,10 @@ mod tests {
         corrupt.pop();
         corrupt.push('Z');
         assert_eq!(import(&corrupt), Err(TokenError::LooksLikeCorruptToken));
+        assert_eq!(
+            import("eyJhbGciOiJIUzI1NiJ9.e30.c2ln"),
+            Err(TokenError::LooksLikeJwt)
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! than five minutes away from the gate's clock. A report holds token ids and counts only:
 //! no hash, no name, no secret.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::MAX_TOKENS;
@@ -24,6 +26,15 @@ use crate::signed::{self, SIGNATURE_HEADER, USAGE_CONTEXT};
 pub const USAGE_PATH: &str = "/.well-known/tokengate/usage";
 /// The `format` of a usage report.
 pub const REPORT_FORMAT: &str = "tokengate.usage/v1";
+
+/// The longest id a report holds: a token id, or `sub:` and the longest subject.
+pub const MAX_ID_LEN: usize = 4 + crate::jwt::MAX_SUBJECT_LEN;
+
+/// The id a report counts a signed token's subject under: `sub:<subject>` (no token id has
+/// a colon).
+pub fn subject_key(subject: &str) -> String {
+    format!("sub:{subject}")
+}
 
 /// One token's counts at one gate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,12 +68,15 @@ pub struct Tally {
 impl Tally {
     /// Counts `decision` at `now` if it identified a token and passed, or was denied only
     /// for its scopes; `true` if it counted. Any other decision is not a use of a token.
+    /// Signed tokens are counted by subject ([`subject_key`]): each has its own `jti`.
     pub fn count(&mut self, decision: &Decision, now: u64) -> bool {
-        let Some(token_id) = decision.token_id.as_deref() else {
-            return false;
+        let key = match (&decision.issuer, &decision.subject, &decision.token_id) {
+            (Some(_), Some(subject), _) => Cow::Owned(subject_key(subject)),
+            (None, _, Some(token_id)) => Cow::Borrowed(token_id.as_str()),
+            _ => return false,
         };
         let counts = match decision.reason {
-            Reason::Valid => Counts {
+            Reason::Valid | Reason::Signed => Counts {
                 allowed: 1,
                 denied_scope: 0,
                 last_seen: now,
@@ -74,7 +88,7 @@ impl Tally {
             },
             _ => return false,
         };
-        self.add(token_id, &counts)
+        self.add(&key, &counts)
     }
 
     /// Adds `counts` to the token's; `false` if the tally is full and the token new to it.
@@ -142,7 +156,7 @@ impl Tally {
         for line in text.lines() {
             let mut fields = line.split(' ');
             let id = fields.next().filter(|id| {
-                !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic())
+                !id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
             })?;
             let mut number = || fields.next()?.parse::<u64>().ok();
             let counts = Counts {
@@ -376,6 +390,7 @@ mod tests {
             rule: None,
             subject: None,
             token_id: token_id.map(str::to_owned),
+            issuer: None,
             denial: None,
             remove_headers: Vec::new(),
             add_headers: Vec::new(),
@@ -411,6 +426,35 @@ mod tests {
         assert_eq!(tally.get("tid_c"), None);
         assert_eq!(tally.len(), 2);
         assert_eq!(decision(Reason::Valid, None).outcome, Outcome::Allow);
+    }
+
+    #[test]
+    fn signed_tokens_count_by_subject() {
+        let mut tally = Tally::default();
+        let signed = |reason, jti: &str| Decision {
+            subject: Some("deploy-job".into()),
+            issuer: Some("ci".into()),
+            ..decision(reason, Some(jti))
+        };
+        assert!(tally.count(&signed(Reason::Signed, "j1"), 10));
+        assert!(tally.count(&signed(Reason::Signed, "j2"), 20));
+        assert!(tally.count(&signed(Reason::InsufficientScope, "j3"), 15));
+        assert!(!tally.count(&signed(Reason::Expired, "j4"), 30));
+        assert_eq!(tally.len(), 1, "one subject, whatever its jtis");
+        // The longest subject a signed token may carry still travels in a report.
+        let long = "s".repeat(crate::jwt::MAX_SUBJECT_LEN);
+        let decision = Decision {
+            subject: Some(long.clone()),
+            ..signed(Reason::Signed, "j5")
+        };
+        assert!(tally.count(&decision, 40));
+        let decoded = Tally::decode(&tally.encode()).unwrap();
+        assert_eq!(decoded.get(&subject_key(&long)).map(|c| c.allowed), Some(1));
+        let counts = tally.get(&subject_key("deploy-job")).copied();
+        assert_eq!(
+            counts.map(|c| (c.allowed, c.denied_scope, c.last_seen)),
+            Some((2, 1, 20))
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers: a failure is the report
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use tokengate_conformance::{self as conformance, Observed};
 
+use tokengate_core::issuer::IssuerSecrets;
 use tokengate_core::{rate, Expectation, Gate, KeySet, Request, Target};
 
 fn gate(suite: &conformance::Suite, name: &str) -> Gate {
@@ -15,7 +17,11 @@ fn gate(suite: &conformance::Suite, name: &str) -> Gate {
         environment: Some(&suite.environment),
         newer_than: None,
     };
-    Gate::load(text.as_bytes(), &trusted, &expect).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    let mut gate = Gate::load(text.as_bytes(), &trusted, &expect)
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
+    let secrets = IssuerSecrets::parse(&suite.issuer_secrets).unwrap();
+    gate.set_issuer_secrets(Arc::new(secrets));
+    gate
 }
 
 /// What the upstream would receive: the request's headers, less the removed, plus the added.
@@ -184,11 +190,14 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
             .flat_map(|t| t.lookup_records())
             .map(|r| (r.hash.clone(), r))
             .collect();
-        let meta = Gate::from_bundle(Bundle {
+        let mut meta = Gate::from_bundle(Bundle {
             tokens: vec![],
             ..full
         })
         .unwrap();
+        meta.set_issuer_secrets(Arc::new(
+            IssuerSecrets::parse(&suite.issuer_secrets).unwrap(),
+        ));
         let r = &case.request;
         let request = Request {
             method: &r.method,
@@ -196,7 +205,7 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
             authority: &r.authority,
             headers: &tokengate_core::decision::header_refs(&r.headers),
         };
-        let split = match meta.begin(&request) {
+        let split = match meta.begin(&request, case.now) {
             Step::Done(decision) => decision,
             Step::Lookup(pending) => {
                 let record = kv

@@ -130,6 +130,7 @@ mod tests {
     use super::*;
     use crate::limits;
     use tokengate_conformance::{self as conformance, Observed};
+    use tokengate_core::issuer::IssuerSecrets;
     use tokengate_core::{Expectation, KeySet, Target};
 
     /// A local reply: status, headers, body.
@@ -237,7 +238,10 @@ mod tests {
             environment: Some(&suite.environment),
             newer_than: None,
         };
-        Gate::load(text.as_bytes(), &trusted, &expect).unwrap()
+        let mut gate = Gate::load(text.as_bytes(), &trusted, &expect).unwrap();
+        let secrets = IssuerSecrets::parse(&suite.issuer_secrets).unwrap();
+        gate.set_issuer_secrets(std::sync::Arc::new(secrets));
+        gate
     }
 
     /// One request through the adapter, as the client and the upstream see it.

@@ -105,6 +105,7 @@ mod tests {
             rule: None,
             subject: None,
             token_id: Some(token_id.to_owned()),
+            issuer: None,
             denial: None,
             remove_headers: Vec::new(),
             add_headers: Vec::new(),

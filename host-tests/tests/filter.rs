@@ -24,11 +24,14 @@ fn trusted() -> String {
     suite().trusted_keys.join(",")
 }
 
+/// The VM environment of the conformance runs: the keys, the environment and the HS256
+/// issuers' secrets, as `host_env_keys` carries them from Envoy's environment.
 fn vm(keys: &str) -> Vm {
     host()
         .start(&[
             ("TOKENGATE_TRUSTED_KEYS", keys),
             ("TOKENGATE_ENVIRONMENT", &suite().environment),
+            ("TOKENGATE_ISSUER_SECRETS", &suite().issuer_secrets),
         ])
         .unwrap()
 }
@@ -481,6 +484,7 @@ fn every_sequence_passes_across_two_vms_of_one_process() {
                         &[
                             ("TOKENGATE_TRUSTED_KEYS", trusted().as_str()),
                             ("TOKENGATE_ENVIRONMENT", suite.environment.as_str()),
+                            ("TOKENGATE_ISSUER_SECRETS", suite.issuer_secrets.as_str()),
                         ],
                         &shared,
                     )

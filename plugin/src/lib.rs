@@ -17,6 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::host::{self, Effects, Verdict};
+use tokengate_core::issuer::{IssuerSecrets, SECRETS_VARIABLE};
 use tokengate_core::rate::{self, slots, Admission, Limit};
 use tokengate_core::usage::{self, ReadLimiter, Report, Tally, Unreported};
 use tokengate_core::{Decision, Denial, Expectation, Gate, KeySet, Request, Served, Target};
@@ -304,7 +305,7 @@ impl GateRoot {
         let mut stale = false;
         // The token records go straight into the gate's table as the text is read: the
         // VM's memory never shrinks, so a large bundle's peak is the text plus the table.
-        Gate::load_checked(config, &trusted, |head, mark| {
+        let mut gate = Gate::load_checked(config, &trusted, |head, mark| {
             expect.check(head)?;
             match served {
                 Some(served) => served.check_successor(mark).inspect_err(|_| stale = true),
@@ -314,7 +315,15 @@ impl GateRoot {
         .map_err(|e| match stale {
             true => Refusal::Stale(e.to_string()),
             false => invalid(e.to_string()),
-        })
+        })?;
+        // The HS256 issuers' secrets: the VM's environment (`host_env_keys`), never a bundle.
+        let value = std::env::var(SECRETS_VARIABLE).ok();
+        let (secrets, unreadable) = IssuerSecrets::from_variable(value.as_deref());
+        gate.set_issuer_secrets(std::sync::Arc::new(secrets));
+        for warning in unreadable.into_iter().chain(gate.issuer_secret_warning()) {
+            log(LogLevel::Warn, &format!("tokengate: {warning}"));
+        }
+        Ok(gate)
     }
 
     fn serve(&mut self, gate: Rc<Gate>, metrics: &Metrics) {

@@ -3,7 +3,8 @@
 # dynamic module, the shipped default, then the proxy-wasm filter): the conformance vectors,
 # the CLI lifecycle, admin key rotation, that no gate holds a private key, bad pushes, the
 # module's bundle files, hot reload under load, the access log and the stats, underscore and
-# comma-joined headers, push confirmation and `tokengate status`, secrets typed in a
+# comma-joined headers, push confirmation and `tokengate status`, usage, rate limits, signed
+# tokens (issuers, mint, revoke by jti, a missing HS256 secret), secrets typed in a
 # terminal. Stdlib + `cryptography` (Ed25519, to re-sign fixtures and to forge bundles the
 # way an attacker would).
 """Run: python3 tests/envoy/e2e.py [--filter module|wasm] [NAME...]
@@ -77,7 +78,8 @@ def gateway(**kw):
 
 FORMAT = "tokengate.bundle/v2"
 PAYLOAD_ORDER = ("version", "issued_at", "environment", "target", "keys", "policy",
-                 "credentials", "tokens", "revoke_all_at", "cloudflare_access")
+                 "credentials", "tokens", "revoke_all_at", "cloudflare_access", "issuers",
+                 "revoked_jtis")
 # The conformance fixture keys (conformance/generate.py): A is the one gates trust, B the new
 # key of its rotation bundle. Known here so a re-timed fixture is signed by the same keys.
 FIXTURE_SEEDS = [hashlib.sha256(b"tokengate conformance key A").digest(),
@@ -222,6 +224,13 @@ def counter(gw, case):
     return gw.stat_name(f"{outcome}.{case['expect']['reason']}")
 
 
+def vector_env():
+    """Envoy's environment for the vectors: their environment's name, and the HS256 issuers'
+    secrets as a deployment gives them (a gate secret, never in a bundle)."""
+    return {"TOKENGATE_ENVIRONMENT": VECTORS["environment"],
+            "TOKENGATE_ISSUER_SECRETS": VECTORS["issuer_secrets"]}
+
+
 def run_case(gw, case):
     name = counter(gw, case)
     before = gw.stat(name, 0)
@@ -244,7 +253,7 @@ def test_every_conformance_vector_through_envoy():
     for name, texts in VECTORS["bundles"].items():
         text = texts["envoy"]
         assert retime(text, 0, json.loads(text)["payload"]["version"]) == text, f"{name}: published differently"
-    env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
+    env = vector_env()
     failures, version = [], 1000
     with gateway(env=env, trusted_keys=VECTORS["trusted_keys"]) as gw:
         groups = {}
@@ -280,7 +289,7 @@ def test_every_conformance_refusal_through_envoy():
     """Each refusal vector, exactly as published, with the keys it says the gate trusts, in
     one ECDS resource: Envoy rejects the update and keeps serving what it served (nothing,
     then the `serving` fixture for the rollback cases)."""
-    env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
+    env = vector_env()
     failures, serving = [], None
     # Refusals against an empty gate first: a refusal changes nothing, so one Envoy does.
     refusals = sorted(VECTORS["refusals"], key=lambda r: r["serving"] is not None)
@@ -345,9 +354,10 @@ class Operator:
         self.run("bundle", "--target", "envoy", "--out", path)
         return open(path).read()
 
-    def gateway(self, **kw):
-        # Envoy gets the environment's name only; its keys come with each push.
-        return gateway(env={"TOKENGATE_ENVIRONMENT": self.environment}, **kw)
+    def gateway(self, env=None, **kw):
+        # Envoy gets the environment's name (and any gate secret in `env`, e.g. HS256
+        # issuers' TOKENGATE_ISSUER_SECRETS); its keys come with each push.
+        return gateway(env={"TOKENGATE_ENVIRONMENT": self.environment, **(env or {})}, **kw)
 
     def seeds(self):
         """The private keys in the key file: one 64-hex seed per line."""
@@ -1519,7 +1529,7 @@ def sequences_in_one_envoy():
     """Every sequence's steps before +60 s in one minute (from 1 s to ~35 s into it), then
     the later ones in the next minute, in one fresh Envoy. None if a phase's requests
     straddled a minute boundary; else (failures, steps, 429s seen, 429s expected)."""
-    env = {"TOKENGATE_ENVIRONMENT": VECTORS["environment"]}
+    env = vector_env()
     sequences = VECTORS["sequences"]
     failures, steps, refused = [], 0, 0
     expected = sum(1 for s in sequences for step in s["steps"] if step["expect"]["status"] == 429)
@@ -1753,6 +1763,180 @@ def test_rate_limit_is_exact_per_envoy_process_across_four_worker_threads():
         assert sum(used.values()) == 80 and busy >= 2, f"new connections per worker: {used}"
     return (f"80 requests from 8 threads in {(ended - started) * 1000:.0f} ms over {busy} workers: "
             f"20 x 200, 60 x 429" + (" (second attempt)" if attempt else ""))
+
+
+# --- signed short-lived tokens (JWTs): issuer add, mint, revoke --jti, issuer retire ------
+
+LEEWAY = 30  # seconds a gate tolerates past `exp` (core/src/issuer.rs LEEWAY_SECONDS)
+ISSUER_KEY = re.compile(r"tokengate-issuer-key/v1 ([a-z0-9][a-z0-9._-]*) (EdDSA|HS256) (\S+)\n?")
+
+
+def signed_operator():
+    """A store with the usage tests' policy (/api/orders needs orders:read, the rest any
+    token) and two issuers: `ci` (EdDSA, deploy:* and orders:read, up to 1h) and `legacy`
+    (HS256, orders:*, up to 15m), each key written by `issuer add --key-out`. Returns
+    (operator, {kid: key file})."""
+    op = rate_operator(USAGE_POLICY)
+    keys = {kid: os.path.join(op.dir, f"{kid}.issuer-key") for kid in ("ci", "legacy")}
+    op.run("issuer", "add", "ci", "--scopes", "deploy:*,orders:read", "--max-ttl", "1h",
+           "--key-out", keys["ci"])
+    op.run("issuer", "add", "legacy", "--alg", "hs256", "--scopes", "orders:*", "--max-ttl", "15m",
+           "--key-out", keys["legacy"])
+    for kid, path in keys.items():
+        assert os.stat(path).st_mode & 0o077 == 0, f"{kid}'s key file is readable by others"
+    return op, keys
+
+
+def issuer_secret(key_file):
+    """The `kid=<secret>` entry of TOKENGATE_ISSUER_SECRETS for an HS256 issuer's key file,
+    as an operator copies it from the file `issuer add --key-out` wrote."""
+    found = ISSUER_KEY.fullmatch(open(key_file).read())
+    assert found and found.group(2) == "HS256", f"{key_file}: not an HS256 issuer key"
+    return f"{found.group(1)}={found.group(3)}"
+
+
+def mint(op, key_file, name, *args):
+    """`tokengate mint NAME ... --issuer-key-file`: the compact JWT, alone on stdout."""
+    token = op.run("mint", name, "--issuer-key-file", key_file, *args).stdout
+    assert token.endswith("\n") and token.count("\n") == 1, f"mint printed more than a token: {token!r}"
+    token = token.strip()
+    assert token.startswith("eyJ") and token.count(".") == 2, f"not a compact JWT: {token!r}"
+    return token
+
+
+def claims(token):
+    """The payload of a compact JWT (its middle part, base64url without padding)."""
+    middle = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(middle + "=" * (-len(middle) % 4)))
+
+
+def passes(gw, token, path="/api/orders"):
+    """Sends `token` to `path`, which must reach the upstream (200); returns the gate's
+    identity headers the upstream received, {name: [values]}. A refusal says what the access
+    log has for it: the gate's decision, and who answered (the gate, or the guard after it)."""
+    status, headers, body = gw.request("GET", path, bearer(token))
+    upstream = echoed(headers)
+    if status != 200 or upstream is None:
+        time.sleep(0.3)  # the access log is flushed every 100 ms
+        raise AssertionError(f"{status} {body[:200]!r}; logged: {gw.access_log_lines()[-1:]}")
+    names = ("x-tokengate-subject", "x-tokengate-token-id", "x-tokengate-issuer", "x-tokengate-scopes")
+    return {n: header_values(upstream["headers"], n) for n in names}
+
+
+def refused_for(gw, token, path, status, reason):
+    """Sends `token` to `path`; what is wrong if it is not refused `status` with `reason`
+    (the filter's denied.<reason> counter moved by exactly 1, nothing reached the upstream)."""
+    counted = gw.stat_name(f"denied.{reason}")
+    before = gw.stat(counted, 0)
+    got, headers, body = gw.request("GET", path, bearer(token))
+    problems = []
+    if got != status or echoed(headers) is not None:
+        problems.append(f"{got} {body[:200]!r}, upstream reached {echoed(headers) is not None} (expected {status})")
+    if gw.stat(counted, 0) != before + 1:
+        problems.append(f"{counted} moved {gw.stat(counted, 0) - before} (expected 1)")
+    return problems
+
+
+def test_signed_tokens_pass_at_once_without_a_push_then_revoke_retire_and_expiry_refuse_them():
+    """The issue's "done when", with the real CLI: `issuer add` an EdDSA issuer and an HS256
+    one (its secret, from the key file, in Envoy's TOKENGATE_ISSUER_SECRETS before Envoy
+    starts), one `push envoy`. Then, with no push: a minted EdDSA token is 200 with its
+    subject, jti, issuer and scopes at the upstream, the served version unchanged; an HS256
+    one is 200; one minted without the route's scope is 403. `revoke --jti` + push: that
+    token 401 revoked, a second token of the same subject still 200. `issuer retire` + push:
+    its tokens 401 unknown_issuer. A `--ttl 1s` token is 200 until exp + 30 s leeway, then
+    401 expired. No minted token ever reaches Envoy's log or access log."""
+    op, keys = signed_operator()
+    # Minted before Envoy starts (a mint needs no gate), so its 31 s run out while the rest
+    # is checked.
+    short = mint(op, keys["ci"], "blink", "--scopes", "orders:read", "--ttl", "1s")
+    refused_from = claims(short)["exp"] + LEEWAY
+    assert claims(short)["exp"] - claims(short)["iat"] == 1, claims(short)
+    secrets = {"TOKENGATE_ISSUER_SECRETS": issuer_secret(keys["legacy"])}
+    with op.gateway(env=secrets) as gw:
+        admin = f"http://127.0.0.1:{gw.admin_port}"
+        version = pushed_version(op.push(gw, "--admin", admin))  # served when it returns
+        reloads = gw.stat(ECDS + "update_success")
+        passes(gw, short)  # the 1 s token, at once
+
+        first = mint(op, keys["ci"], "deploy-bot", "--scopes", "deploy:write,orders:read", "--ttl", "30m")
+        second = mint(op, keys["ci"], "deploy-bot", "--scopes", "orders:read", "--ttl", "30m")
+        legacy = mint(op, keys["legacy"], "legacy-job", "--scopes", "orders:read,orders:write", "--ttl", "10m")
+        narrow = mint(op, keys["ci"], "deployer", "--scopes", "deploy:write", "--ttl", "5m")
+        signed = gw.stat_name("allowed.signed")
+        before = gw.stat(signed, 0)
+        got = passes(gw, first)
+        assert got == {"x-tokengate-subject": ["deploy-bot"], "x-tokengate-token-id": [claims(first)["jti"]],
+                       "x-tokengate-issuer": ["ci"], "x-tokengate-scopes": ["deploy:write orders:read"]}, got
+        got = passes(gw, legacy)  # HS256, checked with the secret from Envoy's environment
+        assert got["x-tokengate-issuer"] == ["legacy"] and got["x-tokengate-subject"] == ["legacy-job"], got
+        assert gw.stat(signed, 0) == before + 2, f"{signed} moved {gw.stat(signed, 0) - before}"
+        problems = refused_for(gw, narrow, "/api/orders", 403, "insufficient_scope")
+        assert not problems, "a token without orders:read: " + "; ".join(problems)
+        # Every answer above came from the bundle of the one push: no reload since.
+        assert gw.gate_stat(VERSION) == version and gw.stat(ECDS + "update_success") == reloads, \
+            f"version {gw.gate_stat(VERSION)} (pushed {version}), ECDS updates {reloads} -> " \
+            f"{gw.stat(ECDS + 'update_success')}"
+
+        op.run("revoke", "--jti", claims(first)["jti"], "--reason", "e2e")
+        revoked = pushed_version(op.push(gw, "--admin", admin))
+        problems = refused_for(gw, first, "/api/orders", 401, "revoked")
+        assert not problems, "the revoked token: " + "; ".join(problems)
+        passes(gw, second)  # the subject's other token
+
+        op.run("issuer", "retire", "legacy", "--reason", "e2e")
+        retired = pushed_version(op.push(gw, "--admin", admin))
+        problems = refused_for(gw, legacy, "/api/orders", 401, "unknown_issuer")
+        assert not problems, "a retired issuer's token: " + "; ".join(problems)
+        passes(gw, second)  # the other issuer's tokens
+
+        # The 1 s token: still 200 a second before its leeway ends (unless the checks above
+        # took that long), then 401 expired from exp + 30 s on.
+        exp = claims(short)["exp"]
+        time.sleep(max(0.0, min(refused_from - 1.3 - time.time(), LEEWAY)))
+        last_pass = time.time() - exp
+        if last_pass < LEEWAY - 1:
+            passes(gw, short)
+        time.sleep(max(0.0, min(refused_from - time.time(), 2)))
+        deadline = time.monotonic() + 2
+        while True:  # the gate's clock is whole seconds: it may count one more
+            problems = refused_for(gw, short, "/api/orders", 401, "expired")
+            if not problems or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        expired_at = time.time() - exp
+        assert not problems, f"the 1 s token at exp + {expired_at:.1f}s: " + "; ".join(problems)
+
+        eventually(lambda: any("reason=expired" in l for l in gw.access_log_lines()), 3.0, "the access log's lines")
+        lines = gw.access_log_lines()
+        for reason in ("signed", "insufficient_scope", "revoked", "unknown_issuer", "expired"):
+            assert any(f"reason={reason}" in l for l in lines), \
+                f"no reason={reason} in the access log:\n" + "\n".join(lines)
+        log = open(gw.envoy_log, errors="replace").read()
+        for token in (short, first, second, legacy, narrow):
+            signature = token.rsplit(".", 1)[1]
+            assert not any(token in l or signature in l for l in lines), "a signed token reached the access log"
+            assert token not in log and signature not in log, "a signed token reached Envoy's log"
+    return (f"version {version} served every mint; revoke -> {revoked}, retire -> {retired}; "
+            f"the 1 s token 200 at exp + {last_pass:.1f}s, 401 expired at exp + {expired_at:.1f}s")
+
+
+def test_hs256_issuer_without_its_secret_is_503_while_eddsa_tokens_pass():
+    """An HS256 issuer named in the bundle whose secret Envoy's environment lacks: its tokens
+    are 503 issuer_unavailable (the gate cannot check them: not the client's fault), Envoy's
+    log warns naming the kid when the bundle loads, and the EdDSA issuer's tokens pass."""
+    op, keys = signed_operator()
+    with op.gateway() as gw:  # no TOKENGATE_ISSUER_SECRETS
+        op.push(gw, "--admin", f"http://127.0.0.1:{gw.admin_port}")
+        legacy = mint(op, keys["legacy"], "legacy-job", "--scopes", "orders:read", "--ttl", "10m")
+        eddsa = mint(op, keys["ci"], "deploy-bot", "--scopes", "orders:read", "--ttl", "10m")
+        problems = refused_for(gw, legacy, "/api/orders", 503, "issuer_unavailable")
+        assert not problems, "HS256 without its secret: " + "; ".join(problems)
+        assert passes(gw, eddsa)["x-tokengate-issuer"] == ["ci"]
+        warnings = [l for l in open(gw.envoy_log, errors="replace").read().splitlines()
+                    if "TOKENGATE_ISSUER_SECRETS" in l and "legacy" in l]
+        assert warnings and all("][warning][" in l for l in warnings), "no warning naming legacy:\n" + gw.tail_log()
+    return warnings[0].rsplit("tokengate: ", 1)[-1]
 
 
 def in_terminal(argv, env, secret, timeout=20.0):

@@ -119,9 +119,12 @@ export default function (suite, { origin }) {
   // refused (409 rate_limit_unavailable).
   const limits = fixtureRateLimits();
   const ratelimits = perMinuteBindings(limits);
-  // Trusting exactly the suite's trusted_keys; pushes are signed by A.
+  // Trusting exactly the suite's trusted_keys; pushes are signed by A. The HS256 issuers'
+  // secrets are a Worker secret, as deployed (`wrangler secret put TOKENGATE_ISSUER_SECRETS`):
+  // the suite's `issuer_secrets`, never in a bundle.
+  const secrets = { TOKENGATE_ISSUER_SECRETS: VECTORS.issuer_secrets };
   const startSuiteWorker = () =>
-    startWorker({ origin, keys: [seedA], trusted: VECTORS.trusted_keys, environment: VECTORS.environment, ratelimits });
+    startWorker({ origin, keys: [seedA], trusted: VECTORS.trusted_keys, environment: VECTORS.environment, ratelimits, secrets });
   suite.before(async () => {
     worker = await startSuiteWorker();
   });
@@ -348,7 +351,7 @@ export default function (suite, { origin }) {
     });
   }
 
-  suite.test("KV holds no credential any case presented", async () => {
+  suite.test("KV holds no credential any case presented, nor an HS256 issuer's secret; neither do the Worker's logs", async () => {
     // Every credential value the cases send, except the case that presents a stored hash.
     const hashes = new Set(
       Object.keys(VECTORS.bundles).flatMap((name) => fixture(name).tokens.flatMap((t) => [t.hash, t.previous?.hash])),
@@ -364,7 +367,14 @@ export default function (suite, { origin }) {
       for (const pair of query.split("&")) if (pair.startsWith("access_token=")) secrets.add(pair.slice(13));
     }
     const checked = [...secrets].filter((s) => s.length >= 16 && !hashes.has(s));
-    assertNoPlaintext(await worker.snapshot(), checked);
-    return `${checked.length} distinct credentials checked`;
+    // A signed token's signature alone would be enough to tell it was stored or logged.
+    const signatures = checked.filter((s) => s.startsWith("eyJ") && s.split(".").length >= 3).map((s) => s.split(".")[2]);
+    const issuerSecrets = VECTORS.issuer_secrets.split(/[\s,]+/).filter(Boolean).map((e) => e.slice(e.indexOf("=") + 1));
+    assert.ok(signatures.length > 0 && issuerSecrets.length > 0, "no signed token or issuer secret to look for");
+    const everything = [...checked, ...signatures.filter((s) => s.length >= 16), ...issuerSecrets];
+    assertNoPlaintext(await worker.snapshot(), everything);
+    const logged = worker.logs.join("\n");
+    for (const s of everything) assert.ok(!logged.includes(s), `the Worker logged a credential: ${s.slice(0, 10)}…`);
+    return `${checked.length} distinct credentials (${signatures.length} signed tokens) and ${issuerSecrets.length} issuer secret checked in KV and ${worker.logs.length} log lines`;
   });
 }

@@ -12,6 +12,7 @@ const MODULES = [
   "access", // Cloudflare Access assertions against a JWKS served on 127.0.0.1
   "cli", // the real tokengate CLI: push worker (--bundle), the push protocol, refusals, admin key rotation, status
   "limits", // per-token rate limits: the Rate Limiting bindings, 409/400 refusals, fail-closed 503s, the 429, the CLI's --rate
+  "signed", // signed short-lived tokens (JWTs): the CLI's issuers, mint, revoke --jti and retire against the Worker, no push per token
   "usage", // per-token usage: the signed read, counts and refusals, another isolate's flush, usage pull / list / unused
   "scale", // 100,000 tokens paged; a pending revoke-all; resume, replace, replay; imported_secrets; page refusals
 ];

@@ -85,39 +85,40 @@ pub async fn handle_gate(req: Request, env: &Env, target: Target) -> Result<Resp
     };
     let header_refs = tokengate_core::decision::header_refs(&headers);
     let request = target.request(&method, &header_refs);
-    let decision = match served
-        .gate
-        .begin_with_access(&request, served.access.as_ref())
-    {
-        Step::Done(decision) => decision,
-        // A set without imported secrets holds only tokengate tokens: a credential of
-        // another shape cannot match one, and costs no KV read.
-        Step::Lookup(pending) if !pending.may_match(served.imported_secrets) => {
-            served.gate.finish(pending, None, served::now_secs())
-        }
-        Step::Lookup(pending) => {
-            let record = match served::record(env, &served, &pending.hash).await {
-                Ok(record) => record,
-                Err(failure) => return unavailable(Reason::Internal, Some(failure)),
-            };
-            let now = served::now_secs();
-            match changes.get(&pending.hash.0) {
-                // A push in progress changes this token: its tightening holds already.
-                Some(incoming) => {
-                    served
-                        .gate
-                        .finish_changing(pending, record.as_ref(), incoming, now)
-                }
-                None => served.gate.finish(pending, record.as_ref(), now),
+    let decision =
+        match served
+            .gate
+            .begin_with_access(&request, served.access.as_ref(), served::now_secs())
+        {
+            Step::Done(decision) => decision,
+            // A set without imported secrets holds only tokengate tokens: a credential of
+            // another shape cannot match one, and costs no KV read.
+            Step::Lookup(pending) if !pending.may_match(served.imported_secrets) => {
+                served.gate.finish(pending, None, served::now_secs())
             }
-        }
-        Step::Access(pending) => match access::check_signature(&pending).await {
-            Ok(verdict) => served
-                .gate
-                .finish_access(pending, verdict, served::now_secs()),
-            Err(failure) => return unavailable(Reason::Internal, Some(failure)),
-        },
-    };
+            Step::Lookup(pending) => {
+                let record = match served::record(env, &served, &pending.hash).await {
+                    Ok(record) => record,
+                    Err(failure) => return unavailable(Reason::Internal, Some(failure)),
+                };
+                let now = served::now_secs();
+                match changes.get(&pending.hash.0) {
+                    // A push in progress changes this token: its tightening holds already.
+                    Some(incoming) => {
+                        served
+                            .gate
+                            .finish_changing(pending, record.as_ref(), incoming, now)
+                    }
+                    None => served.gate.finish(pending, record.as_ref(), now),
+                }
+            }
+            Step::Access(pending) => match access::check_signature(&pending).await {
+                Ok(verdict) => served
+                    .gate
+                    .finish_access(pending, verdict, served::now_secs()),
+                Err(failure) => return unavailable(Reason::Internal, Some(failure)),
+            },
+        };
     let environment = served.gate.environment();
     let decision = limits::enforce(env, decision, environment, served::now_secs()).await;
     log_decision(&method, &target, &decision, &headers);

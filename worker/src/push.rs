@@ -373,6 +373,8 @@ fn bundle_without_tokens(raw: &Bundle<&RawValue>) -> Bundle {
         tokens: Vec::new(),
         revoke_all_at: raw.revoke_all_at,
         cloudflare_access: raw.cloudflare_access.clone(),
+        issuers: raw.issuers.clone(),
+        revoked_jtis: raw.revoked_jtis.clone(),
     }
 }
 

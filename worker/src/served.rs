@@ -23,15 +23,17 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use lru::LruCache;
 use tokengate_core::access::Settings;
+use tokengate_core::issuer::{IssuerSecrets, SECRETS_VARIABLE};
 use tokengate_core::pages;
 use tokengate_core::token::TokenHash;
 use tokengate_core::{Bundle, Gate, Record};
-use worker::{Delay, Env, KvStore};
+use worker::{console_error, Delay, Env, KvStore};
 
 use crate::state::{self, Call, ChangeList, Meta, Stored, View};
 use crate::KV_BINDING;
@@ -292,10 +294,19 @@ async fn current_from(env: &Env, view: &View) -> Result<Option<Rc<Served>>, Fail
     if stored.sha256 != summary.sha256 {
         forget_view();
     }
-    let served = Rc::new(
-        Served::from_meta(&stored.meta, revoke_all_at, stored.sha256)
-            .map_err(|e| Failure::Corrupt(format!("served meta: {e}")))?,
-    );
+    let mut served = Served::from_meta(&stored.meta, revoke_all_at, stored.sha256)
+        .map_err(|e| Failure::Corrupt(format!("served meta: {e}")))?;
+    // The HS256 issuers' secrets: a Worker secret, never in a bundle or in KV.
+    let value = env.secret(SECRETS_VARIABLE).ok().map(|s| s.to_string());
+    let (secrets, unreadable) = IssuerSecrets::from_variable(value.as_deref());
+    served.gate.set_issuer_secrets(Arc::new(secrets));
+    for warning in unreadable
+        .into_iter()
+        .chain(served.gate.issuer_secret_warning())
+    {
+        console_error!("tokengate: {warning}");
+    }
+    let served = Rc::new(served);
     BUILT.with(|b| {
         *b.borrow_mut() = Some(Built {
             revoke_all_at,

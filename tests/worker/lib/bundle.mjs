@@ -136,8 +136,9 @@ const rateLimit = (r) => (r ? { requests: r.requests, per: r.per } : undefined);
 // --- the payload and the published text ------------------------------------------------
 /**
  * A payload with every object's members in the documented order: version, issued_at,
- * environment, target, keys, policy, credentials, tokens, then revoke_all_at and
- * cloudflare_access only when set (a rule's and a token's `rate_limit` last, when set). `keys` defaults to the public keys of `seeds`. `tokens` is
+ * environment, target, keys, policy, credentials, tokens, then revoke_all_at,
+ * cloudflare_access, issuers and revoked_jtis only when set (a rule's and a token's
+ * `rate_limit` last, when set). `keys` defaults to the public keys of `seeds`. `tokens` is
  * an array of token records (an inline bundle) or a paged bundle's
  * {pages, tokens, imported_secrets} (see `publishPaged`).
  */
@@ -169,8 +170,20 @@ export function payloadOf(b, seeds = []) {
   if (b.cloudflare_access) {
     out.cloudflare_access = { certs_url: b.cloudflare_access.certs_url, audiences: b.cloudflare_access.audiences };
   }
+  // Issuers of signed tokens and their revoked ids: written only when there are any.
+  if (b.issuers?.length) out.issuers = b.issuers.map(issuer);
+  if (b.revoked_jtis?.length) out.revoked_jtis = b.revoked_jtis.map((r) => ({ issuer: r.issuer, jti: r.jti }));
   return out;
 }
+
+/** An issuer with its members in order: kid, alg, public_key (EdDSA only), scopes, max_lifetime. */
+const issuer = (i) => ({
+  kid: i.kid,
+  alg: i.alg,
+  public_key: i.public_key ?? undefined,
+  scopes: i.scopes,
+  max_lifetime: i.max_lifetime,
+});
 
 /** A paged bundle's `tokens`, members in order: pages, tokens, imported_secrets. */
 const pagedTokens = (t) => ({ pages: t.pages, tokens: t.tokens, imported_secrets: t.imported_secrets });
@@ -246,7 +259,8 @@ export function bundle({ version, environment, tokens, rules, sources, ...rest }
 /**
  * A fixture bundle (published text) moved in time by `delta` seconds (every instant in its
  * payload), given `version` and published again signed by `seeds` (its `keys` kept): how
- * the conformance cases run at their own `now` on a real clock.
+ * the conformance cases run at their own `now` on a real clock. Its issuers and revoked
+ * token ids are kept as they are: a signed token's instants are its own, not the bundle's.
  */
 export function retime(fixtureText, delta, version, seeds) {
   const fixture = payloadOfText(fixtureText);

@@ -213,6 +213,10 @@ export const pageTarget = (version, index) => `${BUNDLE_PATH}?version=${version}
  * another Cloudflare location does), in windows aligned to the epoch, and forgets every
  * count of a binding when its window changes. The peer has the same bindings, or
  * `peerRatelimits` (a location deployed with other bindings, or one removed since).
+ *
+ * `secrets`: Worker secrets, name → text (what `wrangler secret put` gives, e.g.
+ * TOKENGATE_ISSUER_SECRETS): in Miniflare plain string bindings, which `env.secret()` reads.
+ * They are in `worker.bindings` too, so `heldBy` counts them as held.
  */
 export async function startWorker({
   origin,
@@ -223,6 +227,7 @@ export async function startWorker({
   peer = false,
   ratelimits = {},
   peerRatelimits = ratelimits,
+  secrets = {},
 }) {
   const script = path.join(DIST, "index.js");
   if (!fs.existsSync(script)) {
@@ -235,6 +240,7 @@ export async function startWorker({
     TOKENGATE_ENVIRONMENT: environment,
     TOKENGATE_TRUSTED_KEYS: (trusted ?? keys.map(publicKeyHex)).join(","),
     ...vars,
+    ...secrets,
   };
   const names = ["tokengate", "tokengate-peer"];
   const one = (name) => ({
