@@ -33,6 +33,7 @@ KEY_OTHER = hashlib.sha256(b"tokengate conformance key other").digest()
 ISSUER_CI = hashlib.sha256(b"tokengate conformance issuer ci").digest()
 ISSUER_SHORT = hashlib.sha256(b"tokengate conformance issuer short").digest()
 ISSUER_FORGER = hashlib.sha256(b"tokengate conformance issuer forger").digest()
+ISSUER_AUD = hashlib.sha256(b"tokengate conformance issuer aud").digest()
 HS_SECRET = hashlib.sha256(b"tokengate conformance issuer legacy-hs").digest()  # 32 bytes
 HS_WRONG = hashlib.sha256(b"tokengate conformance issuer wrong secret").digest()
 TEN_YEARS = 315_360_000  # the longest max_lifetime a bundle may give an issuer
@@ -202,12 +203,15 @@ LIMITS_TOKENS = [
 
 
 
-def issuer(kid, alg, scopes, max_lifetime, public_key=None):
+def issuer(kid, alg, scopes, max_lifetime, public_key=None, audience=None):
     """An issuer as the bundle lists it, members in the gate's order; an HS256 issuer has no
-    public key: its secret is given to each gate beside the bundle, never in it."""
+    public key: its secret is given to each gate beside the bundle, never in it. With an
+    audience, its tokens must name it in `aud`."""
     out = {"kid": kid, "alg": alg}
     if public_key is not None:
         out["public_key"] = public_key
+    if audience is not None:
+        out["audience"] = audience
     return {**out, "scopes": scopes, "max_lifetime": max_lifetime}
 
 
@@ -215,6 +219,8 @@ ISSUERS = [
     issuer("ci", "EdDSA", ["deploy:*", "orders:read"], TEN_YEARS, pub(ISSUER_CI)),
     issuer("legacy-hs", "HS256", ["orders:*"], TEN_YEARS),
     issuer("short", "EdDSA", ["orders:read"], 3600, pub(ISSUER_SHORT)),
+    issuer("aud", "EdDSA", ["orders:read"], TEN_YEARS, pub(ISSUER_AUD),
+           audience="tokengate-conformance"),
 ]
 REVOKED_JTIS = [{"issuer": "ci", "jti": "revoked-jti-1"}]
 # An ordinary record too, so that `signed` is a normal bundle that also names issuers.
@@ -536,7 +542,7 @@ def hs256(secret: bytes):
 
 # Each issuer's own algorithm and signer, as its operator signs.
 SIGNERS = {"ci": ("EdDSA", ed25519(ISSUER_CI)), "legacy-hs": ("HS256", hs256(HS_SECRET)),
-           "short": ("EdDSA", ed25519(ISSUER_SHORT))}
+           "short": ("EdDSA", ed25519(ISSUER_SHORT)), "aud": ("EdDSA", ed25519(ISSUER_AUD))}
 # The gate-secret form every runner gives its gate: `kid=<unpadded base64url>`, space separated.
 ISSUER_SECRETS = f"legacy-hs={b64url(HS_SECRET)}"
 
@@ -622,6 +628,18 @@ deny_signed("revoked signed token", jwt(jti="revoked-jti-1"), "revoked")
 deny_signed("signed token with an extra part", GOOD + "." + GOOD.split(".")[2], "jwt_invalid")
 deny_signed("signed token without sub", jwt(sub=None), "jwt_invalid")
 deny_signed("signed token over 4096 bytes", jwt(pad="x" * 4096), "jwt_invalid")
+# An issuer with an audience: its tokens must name it in `aud` (a string, or an array holding
+# it), so its other JWTs (sessions, other services') are no tokengate credential.
+allow_signed("signed token naming its issuer's audience passes",
+             jwt("aud", jti="jti-aud", scope="orders:read", aud="tokengate-conformance"))
+allow_signed("signed token with its issuer's audience among others passes",
+             jwt("aud", jti="jti-auds", scope="orders:read",
+                 aud=["another-service", "tokengate-conformance"]))
+deny_signed("signed token without the audience its issuer requires",
+            jwt("aud", jti="jti-no-aud", scope="orders:read"), "jwt_invalid")
+deny_signed("signed token for another audience",
+            jwt("aud", jti="jti-other-aud", scope="orders:read", aud="another-service"),
+            "jwt_invalid")
 # Padding and the standard alphabet, each signed as sent: a lenient decoder would accept it.
 header_b64, payload_b64, signature_b64 = GOOD.split(".")
 padding = "=" * (-len(payload_b64) % 4)
@@ -767,7 +785,7 @@ def refusals(target):
     with_b = compact({**main, "keys": [pub(KEY_A), pub(KEY_B)]})
     # A's signature over another payload: well-formed, by the right key, for the wrong bytes.
     a_elsewhere = sign(KEY_A, compact({**main, "version": 99}))
-    ci, hs, short = ISSUERS
+    ci, hs, short, aud = ISSUERS
 
     def with_issuers(issuers, revoked=REVOKED_JTIS):
         """The `signed` fixture with one defect in its issuers or revoked token ids."""
@@ -841,6 +859,9 @@ def refusals(target):
         refusal("an issuer's max_lifetime of zero", with_issuers(
             [ci, hs, issuer("short", "EdDSA", ["orders:read"], 0, pub(ISSUER_SHORT))])),
         refusal("a revoked token id given twice", with_issuers(ISSUERS, REVOKED_JTIS * 2)),
+        refusal("an issuer's empty audience", with_issuers(
+            [ci, hs, short, issuer("aud", "EdDSA", ["orders:read"], TEN_YEARS, pub(ISSUER_AUD),
+                                   audience="")])),
         # Signed as v2 signs, so the envelope's format is the only thing wrong.
         refusal("wrong format", envelope(main_text, [sign(KEY_A, main_text)], fmt="tokengate.bundle/v3")),
     ]

@@ -17,7 +17,9 @@ use hmac::{Hmac, Mac};
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
 use sha2::Sha256;
-use tokengate_core::issuer::{Algorithm, IssuerConfig, RevokedJti, LEEWAY_SECONDS, MIN_SECRET_LEN};
+use tokengate_core::issuer::{
+    Algorithm, IssuerConfig, RevokedJti, LEEWAY_SECONDS, MAX_ISSUERS, MAX_REVOKED, MIN_SECRET_LEN,
+};
 use tokengate_core::{hex, policy};
 use zeroize::Zeroizing;
 
@@ -48,6 +50,10 @@ pub enum IssuerAction {
         /// The longest lifetime of a token it signs (e.g. 1h; at most 7d).
         #[arg(long)]
         max_ttl: String,
+        /// Its tokens must name this in `aud` (and `mint` puts it there): for an issuer that
+        /// also signs JWTs meant for something else, so those are no tokengate credential.
+        #[arg(long)]
+        audience: Option<String>,
         /// Write the issuer's new private key here (mode 0600; must not exist).
         #[arg(long)]
         key_out: Option<PathBuf>,
@@ -221,6 +227,8 @@ pub struct Issuer {
     pub alg: Algorithm,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
     pub scopes: Vec<String>,
     pub max_lifetime: u64,
     pub added_at: u64,
@@ -229,7 +237,7 @@ pub struct Issuer {
 
 fn issuer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Issuer> {
     let alg: String = r.get(1)?;
-    let scopes: String = r.get(3)?;
+    let scopes: String = r.get(4)?;
     let seconds = |v: i64| u64::try_from(v).unwrap_or_default();
     Ok(Issuer {
         kid: r.get(0)?,
@@ -239,14 +247,16 @@ fn issuer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Issuer> {
             Algorithm::EdDsa
         },
         public_key: r.get(2)?,
+        audience: r.get(3)?,
         scopes: serde_json::from_str(&scopes).unwrap_or_default(),
-        max_lifetime: seconds(r.get(4)?),
-        added_at: seconds(r.get(5)?),
-        retired_at: r.get::<_, Option<i64>>(6)?.map(seconds),
+        max_lifetime: seconds(r.get(5)?),
+        added_at: seconds(r.get(6)?),
+        retired_at: r.get::<_, Option<i64>>(7)?.map(seconds),
     })
 }
 
-const ISSUER_COLUMNS: &str = "kid, alg, public_key, scopes, max_lifetime, added_at, retired_at";
+const ISSUER_COLUMNS: &str =
+    "kid, alg, public_key, audience, scopes, max_lifetime, added_at, retired_at";
 
 /// Every issuer, oldest first.
 pub fn issuers(store: &Store) -> Result<Vec<Issuer>> {
@@ -278,6 +288,7 @@ pub fn bundle_members(store: &Store, now: u64) -> Result<(Vec<IssuerConfig>, Vec
             kid: i.kid,
             alg: i.alg,
             public_key: i.public_key,
+            audience: i.audience,
             scopes: i.scopes,
             max_lifetime: i.max_lifetime,
         })
@@ -314,6 +325,7 @@ pub fn run(action: &IssuerAction, store_path: &Path, actor: Actor, now: u64) -> 
             alg,
             scopes,
             max_ttl,
+            audience,
             key_out,
             ..
         } => {
@@ -326,9 +338,21 @@ pub fn run(action: &IssuerAction, store_path: &Path, actor: Actor, now: u64) -> 
             if !(1..=MAX_TTL).contains(&max_lifetime) {
                 bail!("--max-ttl must be 1s to 7d: signed tokens are short-lived");
             }
+            if let Some(aud) = audience {
+                if aud.is_empty() || aud.len() > 256 || !aud.bytes().all(|b| b.is_ascii_graphic()) {
+                    bail!("--audience must be 1 to 256 visible ASCII characters");
+                }
+            }
             let mut store = Store::open(store_path)?;
             if issuer(&store, kid)?.is_some() {
                 bail!("an issuer {kid:?} exists already (kids are never reused)");
+            }
+            let trusted = issuers(&store)?
+                .iter()
+                .filter(|i| i.retired_at.is_none())
+                .count();
+            if trusted >= MAX_ISSUERS {
+                bail!("{trusted} issuers are trusted already, the most a bundle holds; retire one first");
             }
             let key = match (alg, key_out) {
                 (Algorithm::EdDsa, None) => {
@@ -353,15 +377,17 @@ pub fn run(action: &IssuerAction, store_path: &Path, actor: Actor, now: u64) -> 
             }
             let details = serde_json::json!({
                 "alg": alg, "scopes": scopes, "max_lifetime": max_lifetime, "public_key": public_key,
+                "audience": audience,
             });
             let added = store.transaction(&actor, "issuer.add", Some(kid), details, now, |tx| {
                 tx.execute(
-                    "INSERT INTO issuers (kid, alg, public_key, scopes, max_lifetime, added_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO issuers (kid, alg, public_key, audience, scopes, max_lifetime, added_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
                         kid,
                         alg.as_str(),
                         public_key,
+                        audience,
                         serde_json::to_string(scopes)?,
                         i64::try_from(max_lifetime)?,
                         i64::try_from(now)?
@@ -496,6 +522,9 @@ pub fn mint(
     if !scopes.is_empty() {
         claims["scope"] = scopes.join(" ").into();
     }
+    if let Some(audience) = &issuer.audience {
+        claims["aud"] = audience.as_str().into();
+    }
     let input = format!(
         "{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -570,11 +599,22 @@ pub fn revoke_jti(
     // Until every token it could name has expired, leeway included: the minted one, or any
     // token the issuer could have signed by now (an `iat` up to the leeway ahead).
     let until = match minted {
-        Some((_, exp)) => exp + LEEWAY_SECONDS,
-        None => now + LEEWAY_SECONDS + found.max_lifetime + LEEWAY_SECONDS,
+        // Twice the leeway past its expiry: a gate whose clock is behind still refuses it.
+        Some((_, exp)) => exp.saturating_add(2 * LEEWAY_SECONDS),
+        None => now
+            .saturating_add(found.max_lifetime)
+            .saturating_add(2 * LEEWAY_SECONDS),
     };
     if until <= now {
         bail!("the token with jti {jti} has expired already; nothing was changed");
+    }
+    let live: i64 = store.connection().query_row(
+        "SELECT COUNT(*) FROM revoked_jtis WHERE until > ?1",
+        [i64::try_from(now)?],
+        |r| r.get(0),
+    )?;
+    if usize::try_from(live).unwrap_or(usize::MAX) >= MAX_REVOKED {
+        bail!("{live} signed tokens are revoked and not expired yet, the most a bundle holds; retire their issuer instead");
     }
     let details = serde_json::json!({"issuer": kid, "jti": jti, "until": until});
     store.transaction(actor, "jti.revoke", Some(jti), details, now, |tx: &Transaction<'_>| {

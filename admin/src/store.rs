@@ -102,6 +102,7 @@ const MIGRATIONS: &[&str] = &[
         kid TEXT PRIMARY KEY,
         alg TEXT NOT NULL,
         public_key TEXT UNIQUE,
+        audience TEXT,
         scopes TEXT NOT NULL,
         max_lifetime INTEGER NOT NULL,
         added_at INTEGER NOT NULL,

@@ -15,14 +15,12 @@ use anyhow::{bail, Context, Result};
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::Serialize;
 use tokengate_core::signed::{SIGNATURE_HEADER, USAGE_CONTEXT};
+pub use tokengate_core::usage::SUBJECT_PREFIX;
 use tokengate_core::usage::{Report, REPORT_FORMAT, USAGE_PATH};
 
 use crate::keys::Keyring;
 use crate::status;
 use crate::store::{Actor, Store};
-
-/// How a report names a signed token's subject (`tokengate_core::usage::subject_key`).
-pub const SUBJECT_PREFIX: &str = "sub:";
 
 /// Uses over this window are shown beside the total.
 pub const RECENT_WINDOW: u64 = 30 * 86_400;

@@ -1297,6 +1297,8 @@ fn signed_tokens_are_minted_within_their_issuer_and_revoked_by_jti() {
         "orders:*",
         "--max-ttl",
         "15m",
+        "--audience",
+        "tokengate-test",
         "--key-out",
         hs_key.to_str().unwrap(),
     ]);
@@ -1312,6 +1314,11 @@ fn signed_tokens_are_minted_within_their_issuer_and_revoked_by_jti() {
         "--issuer-key-file",
         hs_key.to_str().unwrap(),
     ]);
+    assert_eq!(
+        claims_of(hs.trim())["aud"],
+        "tokengate-test",
+        "mint names the audience"
+    );
     let bundle = env.ok(&["bundle", "--target", "envoy"]);
     assert!(
         bundle.contains("\"legacy\"") && !bundle.contains(&secret),

@@ -10,7 +10,8 @@
 //! 3. `alg` is exactly that issuer's algorithm (`none`, a swap to `HS256` with a public key as
 //!    the secret, anything else: `jwt_invalid`), and the signature verifies;
 //! 4. `sub` and `jti` are 1 to 256 visible ASCII characters, `exp` and `iat` are NumericDates,
-//!    `nbf` if present too, `scope` if present a string of valid scopes (else `jwt_invalid`);
+//!    `nbf` if present too, `scope` if present a string of valid scopes, `aud` names the
+//!    issuer's audience if it has one (else `jwt_invalid`);
 //! 5. within the issuer's grant: every scope covered by its patterns, `exp - iat` at most
 //!    its maximum lifetime (else `beyond_grant`, whatever the signature says);
 //! 6. not revoked: its `(kid, jti)` is not in the bundle's revoked list, its `iat` is after a
@@ -26,7 +27,9 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::jwt::{self, present_seconds, seconds_or_absent, string_or_absent};
+use crate::jwt::{
+    self, audiences, present_seconds, present_string, seconds_or_absent, string_or_absent,
+};
 use crate::keys::{KeySet, PUBLIC_KEY_LEN};
 use crate::policy;
 use crate::verified::Verified;
@@ -42,8 +45,9 @@ pub const LEEWAY_SECONDS: u64 = 30;
 pub const MAX_LIFETIME_BOUND: u64 = 10 * 365 * 24 * 3600;
 /// Issuers one bundle may name.
 pub const MAX_ISSUERS: usize = 64;
-/// Revoked token ids one bundle may carry.
-pub const MAX_REVOKED: usize = 100_000;
+/// Revoked token ids one bundle may carry: they last only as long as the tokens they name
+/// (a week at most, with the CLI), and a Worker keeps them in one Durable Object value.
+pub const MAX_REVOKED: usize = 10_000;
 /// The shortest HS256 secret a gate takes (RFC 7518 §3.2: at least the hash's size).
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -90,6 +94,10 @@ pub struct IssuerConfig {
     /// EdDSA: the issuer's Ed25519 public key, 64 hex. HS256: absent (a gate secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// When set, its tokens must name it in `aud`: an issuer that also signs JWTs for other
+    /// purposes (sessions, other services) gets no tokengate access with those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
     /// The scopes it may grant (`x:y`, `x:*`, `*`).
     pub scopes: Vec<String>,
     /// The longest lifetime (`exp - iat`, seconds) of a token it signs.
@@ -152,6 +160,7 @@ enum Verifier {
 struct Issuer {
     kid: String,
     alg: Algorithm,
+    audience: Option<String>,
     verifier: Verifier,
     scopes: Vec<String>,
     max_lifetime: u64,
@@ -186,25 +195,26 @@ impl IssuerSecrets {
     /// `TOKENGATE_ISSUER_SECRETS` variable). The error never holds a secret.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut out: Vec<(String, Vec<u8>)> = Vec::new();
-        for entry in text
+        let entries = text
             .split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|e| !e.is_empty())
-        {
-            let Some((kid, secret)) = entry.split_once('=') else {
-                return Err("each entry must be kid=<base64url secret>".into());
-            };
-            if !policy::valid_name(kid) {
-                return Err(format!("{kid:?} is not a valid issuer kid"));
-            }
+            .filter(|e| !e.is_empty());
+        for (n, entry) in entries.enumerate() {
+            // An entry is named by its position, never by any of its text: in a value
+            // written wrong, what looks like a kid may be a secret.
+            let position = n + 1;
+            let (kid, secret) = entry
+                .split_once('=')
+                .filter(|(kid, _)| policy::valid_name(kid))
+                .ok_or_else(|| format!("entry {position} is not kid=<base64url secret>"))?;
             let secret = jwt::base64url_decode(secret)
-                .ok_or_else(|| format!("issuer {kid:?}: the secret is not unpadded base64url"))?;
+                .ok_or_else(|| format!("entry {position}: the secret is not unpadded base64url"))?;
             if secret.len() < MIN_SECRET_LEN {
                 return Err(format!(
-                    "issuer {kid:?}: the secret must be at least {MIN_SECRET_LEN} bytes"
+                    "entry {position}: the secret must be at least {MIN_SECRET_LEN} bytes"
                 ));
             }
             if out.iter().any(|(k, _)| k == kid) {
-                return Err(format!("issuer {kid:?} is given twice"));
+                return Err(format!("entry {position}: its kid is given twice"));
             }
             out.push((kid.to_owned(), secret));
         }
@@ -299,14 +309,17 @@ struct Claims {
     sub: Option<String>,
     #[serde(default, deserialize_with = "string_or_absent")]
     jti: Option<String>,
-    #[serde(default, deserialize_with = "string_or_absent")]
-    scope: Option<String>,
+    /// `Some(None)`: present, but not a string.
+    #[serde(default, deserialize_with = "present_string")]
+    scope: Option<Option<String>>,
     #[serde(default, deserialize_with = "seconds_or_absent")]
     exp: Option<u64>,
     #[serde(default, deserialize_with = "seconds_or_absent")]
     iat: Option<u64>,
     #[serde(default, deserialize_with = "present_seconds")]
     nbf: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "audiences")]
+    aud: Vec<String>,
 }
 
 impl Issuers {
@@ -368,9 +381,19 @@ impl Issuers {
                     ))
                 }
             };
+            if config
+                .audience
+                .as_ref()
+                .is_some_and(|aud| jwt::usable(&Some(aud.clone())).is_none())
+            {
+                return Err(problem(
+                    "audience must be 1 to 256 visible ASCII characters",
+                ));
+            }
             issuers.push(Issuer {
                 kid: config.kid.clone(),
                 alg: config.alg,
+                audience: config.audience.clone(),
                 verifier,
                 scopes: config.scopes.clone(),
                 max_lifetime: config.max_lifetime,
@@ -388,11 +411,6 @@ impl Issuers {
             revoked: set,
             verified: Verified::default(),
         })
-    }
-
-    /// Whether the bundle trusts any issuer (else no credential is read as a signed token).
-    pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
     }
 
     /// The kids of its HS256 issuers.
@@ -460,7 +478,11 @@ impl Issuers {
             Some(Some(nbf)) => Some(nbf),
             Some(None) => return Err(Refusal::Invalid.into()),
         };
-        let scope_header = claims.scope.unwrap_or_default();
+        let scope_header = match claims.scope {
+            None => String::new(),
+            Some(Some(scope)) => scope,
+            Some(None) => return Err(Refusal::Invalid.into()),
+        };
         let scopes: Vec<String> = match scope_header.as_str() {
             "" => Vec::new(),
             listed => listed.split(' ').map(str::to_owned).collect(),
@@ -468,7 +490,11 @@ impl Issuers {
         if scopes.len() > policy::MAX_SCOPES || !scopes.iter().all(|s| policy::valid_grant(s)) {
             return Err(Refusal::Invalid.into());
         }
-        if exp <= iat {
+        let audience_ok = issuer
+            .audience
+            .as_ref()
+            .is_none_or(|audience| claims.aud.contains(audience));
+        if exp <= iat || !audience_ok {
             return Err(Refusal::Invalid.into());
         }
         let within_grant =
@@ -529,6 +555,7 @@ mod tests {
                 kid: "ci".into(),
                 alg: Algorithm::EdDsa,
                 public_key: Some(crate::hex::encode(ci_key().verifying_key().as_bytes())),
+                audience: None,
                 scopes: vec!["deploy:*".into(), "orders:read".into()],
                 max_lifetime: 3600,
             },
@@ -536,6 +563,7 @@ mod tests {
                 kid: "legacy".into(),
                 alg: Algorithm::Hs256,
                 public_key: None,
+                audience: None,
                 scopes: vec!["orders:*".into()],
                 max_lifetime: 900,
             },
@@ -724,6 +752,7 @@ mod tests {
             ("jti", serde_json::json!(7)),
             ("exp", serde_json::json!("soon")),
             ("nbf", serde_json::json!("x")),
+            ("scope", serde_json::json!(["orders:read"])),
             ("iat", serde_json::json!(NOW + 600)),
         ] {
             let mut c = claims();
@@ -839,6 +868,40 @@ mod tests {
     }
 
     #[test]
+    fn an_audience_binds_an_issuers_tokens_to_tokengate() {
+        let mut configs = configs();
+        configs[1].audience = Some("tokengate".into());
+        let admin = KeySet::from_hex(&[ADMIN]).unwrap();
+        let issuers = Issuers::new(&configs, &[], &admin).unwrap();
+        let with_aud = |aud: Option<serde_json::Value>| {
+            let mut claims = serde_json::json!({"sub": "batch", "jti": "h1", "iat": NOW,
+                                                "exp": NOW + 600});
+            if let Some(aud) = aud {
+                claims["aud"] = aud;
+            }
+            let header = serde_json::json!({"alg": "HS256", "kid": "legacy"});
+            let token = token(header, claims, SECRET);
+            issuers
+                .check(&token, &secrets(), None, NOW)
+                .map(|i| i.subject)
+                .map_err(|r| r.refusal)
+        };
+        assert_eq!(with_aud(Some("tokengate".into())), Ok("batch".into()));
+        assert_eq!(
+            with_aud(Some(serde_json::json!(["web", "tokengate"]))),
+            Ok("batch".into())
+        );
+        for other in [None, Some("web".into()), Some(serde_json::json!(["web"]))] {
+            assert_eq!(with_aud(other.clone()), Err(Refusal::Invalid), "{other:?}");
+        }
+        configs[1].audience = Some(String::new());
+        assert!(
+            Issuers::new(&configs, &[], &admin).is_err(),
+            "an empty audience"
+        );
+    }
+
+    #[test]
     fn bundles_name_issuers_exactly() {
         let admin = KeySet::from_hex(&[ADMIN]).unwrap();
         let refused = |change: &dyn Fn(&mut Vec<IssuerConfig>)| {
@@ -893,6 +956,10 @@ mod tests {
         let secrets = IssuerSecrets::parse(&text).unwrap();
         assert_eq!(secrets.kids().collect::<Vec<_>>(), ["legacy", "other"]);
         assert!(!format!("{secrets:?}").contains(&b64(SECRET)));
+        // `openssl rand -base64 32` alone (no `kid=`): its `=` must not make a "kid" to echo.
+        let bare = "q7Nn0bEa4f6tT0lC5lYkV1gJ2t2bR0m5Yw7sP8xQ3aU=";
+        let error = IssuerSecrets::parse(bare).unwrap_err();
+        assert!(!error.contains("q7Nn0"), "{error}");
         for bad in [
             "legacy".to_owned(),
             format!("legacy={}", b64(&[1; 31])),

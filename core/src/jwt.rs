@@ -22,6 +22,10 @@ pub struct Header {
     /// Which key signed it.
     #[serde(default, deserialize_with = "string_or_absent")]
     pub kid: Option<String>,
+    /// Extensions the token says a reader must understand (RFC 7515 §4.1.11): the gates
+    /// understand none, so a token that names any is refused.
+    #[serde(default)]
+    crit: Option<Box<RawValue>>,
 }
 
 /// A compact JWS split and decoded, its signature not checked yet.
@@ -49,8 +53,16 @@ pub fn split(jwt: &str, max_len: usize) -> Option<Compact<'_>> {
     else {
         return None;
     };
-    let header: Header = serde_json::from_slice(&base64url_decode(header)?).ok()?;
-    let payload = base64url_decode(payload)?;
+    // JSON objects only (serde would read a struct from an array too).
+    let object = |bytes: Vec<u8>| {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        (first == Some(&b'{')).then_some(bytes)
+    };
+    let header: Header = serde_json::from_slice(&object(base64url_decode(header)?)?).ok()?;
+    if header.crit.is_some() {
+        return None;
+    }
+    let payload = object(base64url_decode(payload)?)?;
     let signature = base64url_decode(signature).filter(|s| !s.is_empty())?;
     let signed_len = jwt.len() - jwt.rsplit('.').next().map_or(0, str::len) - 1;
     Some(Compact {
@@ -120,6 +132,13 @@ pub(crate) fn string_or_absent<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<String>, D::Error> {
     Ok(as_string(&Raw::deserialize(d)?))
+}
+
+/// `Some(None)`: present, but not a string.
+pub(crate) fn present_string<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Ok(Some(as_string(&Raw::deserialize(d)?)))
 }
 
 /// `aud` as a string, or the strings of an `aud` array.
@@ -222,6 +241,13 @@ pub(crate) mod tests {
             format!("{header}.e30=.{}", b64(b"sig")),
             format!("{}.e30.{}", b64(br#"{"alg":"a","alg":"b"}"#), b64(b"s")),
             format!("{}.e30.{}", b64(b"[]x"), b64(b"s")),
+            format!("{}.e30.{}", b64(br#"["EdDSA","ci"]"#), b64(b"s")),
+            format!("{header}.{}.{}", b64(b"[1,2]"), b64(b"s")),
+            format!(
+                "{}.e30.{}",
+                b64(br#"{"alg":"EdDSA","crit":["exp"]}"#),
+                b64(b"s")
+            ),
         ] {
             assert!(split(&bad, 1024).is_none(), "{bad}");
         }

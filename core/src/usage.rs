@@ -33,8 +33,11 @@ pub const MAX_ID_LEN: usize = 4 + crate::jwt::MAX_SUBJECT_LEN;
 /// The id a report counts a signed token's subject under: `sub:<subject>` (no token id has
 /// a colon).
 pub fn subject_key(subject: &str) -> String {
-    format!("sub:{subject}")
+    format!("{SUBJECT_PREFIX}{subject}")
 }
+
+/// What every [`subject_key`] starts with.
+pub const SUBJECT_PREFIX: &str = "sub:";
 
 /// One token's counts at one gate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,20 +63,24 @@ impl Counts {
 /// one a bundle named): past that, a new id is not counted, so memory stays bounded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tally {
-    /// Keyed by ids of tokens a signed bundle named (nobody else's choosing), so the gate's
-    /// fast load hasher serves here too.
+    /// Keyed by ids of tokens a signed bundle named, or subjects a trusted issuer signed
+    /// (nobody else's choosing), so the gate's fast load hasher serves here too.
     tokens: LoadMap<Box<str>, Counts>,
+    /// How many of them are subjects (`sub:…`).
+    subjects: usize,
 }
+
+/// Signed-token subjects one tally holds: an issuer chooses its subjects, so their number is
+/// bounded apart from the bundle's tokens (a new subject past it is not counted).
+pub const MAX_SUBJECTS: usize = 10_000;
 
 impl Tally {
     /// Counts `decision` at `now` if it identified a token and passed, or was denied only
     /// for its scopes; `true` if it counted. Any other decision is not a use of a token.
     /// Signed tokens are counted by subject ([`subject_key`]): each has its own `jti`.
     pub fn count(&mut self, decision: &Decision, now: u64) -> bool {
-        let key = match (&decision.issuer, &decision.subject, &decision.token_id) {
-            (Some(_), Some(subject), _) => Cow::Owned(subject_key(subject)),
-            (None, _, Some(token_id)) => Cow::Borrowed(token_id.as_str()),
-            _ => return false,
+        let Some(key) = Self::key_of(decision) else {
+            return false;
         };
         let counts = match decision.reason {
             Reason::Valid | Reason::Signed => Counts {
@@ -91,15 +98,27 @@ impl Tally {
         self.add(&key, &counts)
     }
 
+    /// The id a decision is counted under: its token id, or for a signed token
+    /// [`subject_key`] of its subject.
+    pub fn key_of(decision: &Decision) -> Option<Cow<'_, str>> {
+        match (&decision.issuer, &decision.subject, &decision.token_id) {
+            (Some(_), Some(subject), _) => Some(Cow::Owned(subject_key(subject))),
+            (None, _, Some(token_id)) => Some(Cow::Borrowed(token_id.as_str())),
+            _ => None,
+        }
+    }
+
     /// Adds `counts` to the token's; `false` if the tally is full and the token new to it.
     pub fn add(&mut self, token_id: &str, counts: &Counts) -> bool {
         if let Some(current) = self.tokens.get_mut(token_id) {
             current.add(counts);
             return true;
         }
-        if self.tokens.len() >= MAX_TOKENS {
+        let subject = token_id.starts_with(SUBJECT_PREFIX);
+        if self.tokens.len() >= MAX_TOKENS || (subject && self.subjects >= MAX_SUBJECTS) {
             return false;
         }
+        self.subjects += usize::from(subject);
         self.tokens.insert(token_id.into(), *counts);
         true
     }
@@ -443,17 +462,35 @@ mod tests {
         assert_eq!(tally.len(), 1, "one subject, whatever its jtis");
         // The longest subject a signed token may carry still travels in a report.
         let long = "s".repeat(crate::jwt::MAX_SUBJECT_LEN);
-        let decision = Decision {
+        let long_subject = Decision {
             subject: Some(long.clone()),
             ..signed(Reason::Signed, "j5")
         };
-        assert!(tally.count(&decision, 40));
+        assert!(tally.count(&long_subject, 40));
         let decoded = Tally::decode(&tally.encode()).unwrap();
         assert_eq!(decoded.get(&subject_key(&long)).map(|c| c.allowed), Some(1));
         let counts = tally.get(&subject_key("deploy-job")).copied();
         assert_eq!(
             counts.map(|c| (c.allowed, c.denied_scope, c.last_seen)),
             Some((2, 1, 20))
+        );
+        // An issuer chooses its subjects: past MAX_SUBJECTS a new one is not counted, while
+        // tokens and the subjects already there still are.
+        for i in 0..MAX_SUBJECTS {
+            tally.add(&subject_key(&i.to_string()), &Counts::default());
+        }
+        let new_subject = Decision {
+            subject: Some("one-more".into()),
+            ..signed(Reason::Signed, "j6")
+        };
+        assert!(!tally.count(&new_subject, 50));
+        assert!(
+            tally.count(&signed(Reason::Signed, "j7"), 50),
+            "a known subject"
+        );
+        assert!(
+            tally.count(&decision(Reason::Valid, Some("tid_a")), 50),
+            "a token"
         );
     }
 

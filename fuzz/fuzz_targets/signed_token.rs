@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         kid: kid.into(),
         alg,
         public_key: public_key.map(str::to_owned),
+        audience: None,
         scopes: vec!["*".into()],
         max_lifetime: 3600,
     };

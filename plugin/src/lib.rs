@@ -584,13 +584,14 @@ impl Effects for GateStream {
     }
 
     fn tally(&mut self, decision: &Decision) {
-        let Some(token_id) = decision.token_id.as_deref() else {
+        // The part by what is counted (a signed token's subject, not its jti): one line each.
+        let Some(key) = Tally::key_of(decision) else {
             return;
         };
         if usage_enabled() {
             VM_USAGE.with(|usage| {
                 let mut usage = usage.borrow_mut();
-                let part = part_of(token_id);
+                let part = part_of(&key);
                 if usage.parts[part].count(decision, self.now) {
                     usage.changed |= 1 << part;
                 }

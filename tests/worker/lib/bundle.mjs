@@ -176,14 +176,17 @@ export function payloadOf(b, seeds = []) {
   return out;
 }
 
-/** An issuer with its members in order: kid, alg, public_key (EdDSA only), scopes, max_lifetime. */
-const issuer = (i) => ({
-  kid: i.kid,
-  alg: i.alg,
-  public_key: i.public_key ?? undefined,
-  scopes: i.scopes,
-  max_lifetime: i.max_lifetime,
-});
+/**
+ * An issuer with its members in order: kid, alg, public_key (EdDSA only), audience (if any),
+ * scopes, max_lifetime. A member this does not know is an error, never dropped: a re-signed
+ * bundle must say what the fixture says.
+ */
+const ISSUER_MEMBERS = ["kid", "alg", "public_key", "audience", "scopes", "max_lifetime"];
+const issuer = (i) => {
+  const unknown = Object.keys(i).filter((k) => !ISSUER_MEMBERS.includes(k));
+  if (unknown.length) throw new Error(`issuer ${i.kid}: members this re-signer does not know: ${unknown}`);
+  return Object.fromEntries(ISSUER_MEMBERS.filter((k) => i[k] !== undefined).map((k) => [k, i[k]]));
+};
 
 /** A paged bundle's `tokens`, members in order: pages, tokens, imported_secrets. */
 const pagedTokens = (t) => ({ pages: t.pages, tokens: t.tokens, imported_secrets: t.imported_secrets });
