@@ -1211,46 +1211,20 @@ fn signed_tokens_are_minted_within_their_issuer_and_revoked_by_jti() {
     // The issuer key signs no bundle; no issuer is added twice or for longer than a week.
     let error = env.fails(&["bundle", "--target", "envoy", "--key-file", key_arg], "");
     assert!(error.contains("not a private key"), "{error}");
-    env.fails(
-        &[
-            "issuer",
-            "add",
-            "ci",
-            "--scopes",
-            "x:y",
-            "--max-ttl",
-            "1h",
-            "--alg",
-            "hs256",
-        ],
-        "",
-    );
-    env.fails(
-        &[
-            "issuer",
-            "add",
-            "long",
-            "--scopes",
-            "x:y",
-            "--max-ttl",
-            "8d",
-            "--alg",
-            "hs256",
-        ],
-        "",
-    );
-    env.fails(
-        &[
-            "issuer",
-            "add",
-            "nokey",
-            "--scopes",
-            "x:y",
-            "--max-ttl",
-            "1h",
-        ],
-        "",
-    );
+    let issuer_refusals: [(&[&str], &str); 3] = [
+        (
+            &["ci", "--alg", "hs256", "--max-ttl", "1h"],
+            "exists already",
+        ),
+        (&["long", "--alg", "hs256", "--max-ttl", "8d"], "1s to 7d"),
+        (&["nokey", "--max-ttl", "1h"], "--key-out"),
+    ];
+    for (args, why) in issuer_refusals {
+        let mut all = vec!["issuer", "add", "--scopes", "x:y"];
+        all.extend_from_slice(args);
+        let error = env.fails(&all, "");
+        assert!(error.contains(why), "{all:?}: {error}");
+    }
     assert_eq!(env.audit_len(), before, "a refusal changed something");
 
     // Revoked by jti: the gates refuse it from the next bundle; a second token still passes.

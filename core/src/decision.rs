@@ -290,17 +290,23 @@ impl Decision {
         }
     }
 
-    /// `reason=<reason> subject=<name> token_id=<id> rule=<rule>`, `-` for what is absent:
-    /// what a host logs about a request (never the credential). Token and rule names are
-    /// `[a-z0-9._-]`, so fields need no quoting and `reason=` always comes first.
+    /// `reason=<reason> subject=<name> token_id=<id> rule=<rule>`, `-` for what is absent,
+    /// then ` issuer=<kid>` for a signed token: what a host logs about a request (never the
+    /// credential). Names, subjects, ids and kids are visible ASCII without spaces, so fields
+    /// need no quoting and `reason=` always comes first.
     pub fn log_fields(&self) -> String {
-        format!(
+        let mut fields = format!(
             "reason={} subject={} token_id={} rule={}",
             self.reason,
             self.subject.as_deref().unwrap_or("-"),
             self.token_id.as_deref().unwrap_or("-"),
             self.rule.as_deref().unwrap_or("-")
-        )
+        );
+        if let Some(kid) = &self.issuer {
+            fields.push_str(" issuer=");
+            fields.push_str(kid);
+        }
+        fields
     }
 
     /// The status the client sees: the denial's, or 200 when forwarded.
@@ -808,11 +814,11 @@ impl Gate {
                 };
                 let mut decision = Decision::deny(reason, denial, remove);
                 // A token refused after its signature verified names whom it refused, as a
-                // stored token's record does.
+                // stored token's record does; one whose kid named an issuer names that.
+                decision.issuer = refused.kid;
                 if let Some(identity) = refused.identity {
                     decision.subject = Some(identity.subject);
                     decision.token_id = Some(identity.jti);
-                    decision.issuer = Some(identity.issuer);
                 }
                 return decision;
             }
@@ -940,6 +946,20 @@ mod tests {
         assert_eq!(contradictory.refusal().map(|d| d.status), Some(503));
         let deny = Decision::deny(Reason::Unknown, invalid_token(), Vec::new());
         assert_eq!(deny.refusal().map(|d| d.status), Some(401));
+    }
+
+    #[test]
+    fn log_fields_name_a_signed_tokens_issuer_last() {
+        let mut decision = Decision::deny(Reason::IssuerUnavailable, internal_error(), Vec::new());
+        assert_eq!(
+            decision.log_fields(),
+            "reason=issuer_unavailable subject=- token_id=- rule=-"
+        );
+        decision.issuer = Some("legacy".into());
+        assert_eq!(
+            decision.log_fields(),
+            "reason=issuer_unavailable subject=- token_id=- rule=- issuer=legacy"
+        );
     }
 
     #[test]

@@ -284,11 +284,14 @@ pub enum Refusal {
     Expired,
 }
 
-/// A refused signed token: why, and whom it names once its signature verified (for logs).
+/// A refused signed token: why, its issuer once its `kid` named one, and whom it names once
+/// its signature verified (for logs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
     /// Why.
     pub refusal: Refusal,
+    /// The issuer its `kid` named (one of the bundle's).
+    pub kid: Option<String>,
     /// The token's identity, when its signature verified and its claims could be read.
     pub identity: Option<Box<Identity>>,
 }
@@ -297,6 +300,7 @@ impl From<Refusal> for Refused {
     fn from(refusal: Refusal) -> Self {
         Self {
             refusal,
+            kid: None,
             identity: None,
         }
     }
@@ -436,6 +440,25 @@ impl Issuers {
             .iter()
             .find(|i| i.kid == kid)
             .ok_or(Refusal::UnknownIssuer)?;
+        // From here a refusal names the issuer (one of the bundle's kids, for the logs).
+        self.check_issued(issuer, token, &jws, secrets, revoke_all_at, now)
+            .map_err(|refused| Refused {
+                kid: Some(issuer.kid.clone()),
+                ..refused
+            })
+    }
+
+    /// The checks of a token whose `kid` named `issuer`.
+    fn check_issued(
+        &self,
+        issuer: &Issuer,
+        token: &str,
+        jws: &jwt::Compact<'_>,
+        secrets: &IssuerSecrets,
+        revoke_all_at: Option<u64>,
+        now: u64,
+    ) -> Result<Identity, Refused> {
+        let kid = issuer.kid.as_str();
         // The issuer fixes the algorithm; the token's `alg` only has to agree with it.
         if jws.header.alg.as_deref() != Some(issuer.alg.as_str()) {
             return Err(Refusal::Invalid.into());
@@ -529,6 +552,7 @@ impl Issuers {
             None => Ok(identity),
             Some(refusal) => Err(Refused {
                 refusal,
+                kid: None,
                 identity: Some(Box::new(identity)),
             }),
         }
@@ -641,12 +665,14 @@ mod tests {
             SECRET,
         );
         assert_eq!(check(&hs, NOW).unwrap().subject, "old");
-        // Without the gate secret, an HS256 token cannot be checked: the gate says so (503).
+        // Without the gate secret, an HS256 token cannot be checked: the gate says so (503),
+        // naming the issuer for its log.
+        let refused = issuers()
+            .check(&hs, &IssuerSecrets::default(), None, NOW)
+            .unwrap_err();
         assert_eq!(
-            issuers()
-                .check(&hs, &IssuerSecrets::default(), None, NOW)
-                .map_err(|r| r.refusal),
-            Err(Refusal::NoSecret)
+            (refused.refusal, refused.kid.as_deref()),
+            (Refusal::NoSecret, Some("legacy"))
         );
         let wrong = token(
             serde_json::json!({"alg": "HS256", "kid": "legacy"}),

@@ -1912,6 +1912,11 @@ def test_signed_tokens_pass_at_once_without_a_push_then_revoke_retire_and_expiry
         for reason in ("signed", "insufficient_scope", "revoked", "unknown_issuer", "expired"):
             assert any(f"reason={reason}" in l for l in lines), \
                 f"no reason={reason} in the access log:\n" + "\n".join(lines)
+        # Each line of a signed token names its issuer last, a refusal after verification its
+        # subject and jti too; a kid that names no issuer of the bundle names none.
+        revoked_line = next(l for l in lines if "reason=revoked" in l)
+        assert f"token_id={claims(first)['jti']} " in revoked_line and " issuer=ci " in revoked_line, revoked_line
+        assert all(" issuer=" not in l for l in lines if "reason=unknown_issuer" in l), lines
         log = open(gw.envoy_log, errors="replace").read()
         for token in (short, first, second, legacy, narrow):
             signature = token.rsplit(".", 1)[1]

@@ -233,6 +233,8 @@ export default function (suite, { origin }) {
     push();
     await eventually(async () => (await call(revokedToken)).status === 401, CACHE_TTL_MS + 2000, "401 for the revoked jti");
     const log = await assertRefused(await call(revokedToken), 401, "invalid_token", "revoked");
+    // Refused after its signature verified: the line names whom, and by which issuer.
+    assert.deepEqual([log.subject, log.token_id, log.issuer], ["leaky-job", jti, "ci"]);
     const other = await identityAt(await call(sibling));
     assert.deepEqual([other.subject, other.tokenId], ["leaky-job", decode(sibling).claims.jti]);
     return `revoked ${jti}; logged subject=${log.subject} token_id=${log.token_id}`;

@@ -165,13 +165,20 @@ fn log_decision(method: &str, target: &Target, decision: &Decision, headers: &[(
         .map(|(_, v)| v.as_str())
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         .unwrap_or("-");
+    let issuer = decision
+        .issuer
+        .as_deref()
+        .map(|kid| format!(" issuer={kid}"))
+        .unwrap_or_default();
+    // `ray=` stays last: it is what a line is found by.
     console_log!(
-        "tokengate status={} reason={} rule={} subject={} token_id={} method={} path={} ray={}",
+        "tokengate status={} reason={} rule={} subject={} token_id={}{} method={} path={} ray={}",
         decision.status(),
         decision.reason,
         decision.rule.as_deref().unwrap_or("-"),
         decision.subject.as_deref().unwrap_or("-"),
         decision.token_id.as_deref().unwrap_or("-"),
+        issuer,
         method.escape_debug(),
         path.escape_debug(),
         ray,
