@@ -339,7 +339,7 @@ pub fn run(action: &IssuerAction, store_path: &Path, actor: Actor, now: u64) -> 
                 bail!("--max-ttl must be 1s to 7d: signed tokens are short-lived");
             }
             if let Some(aud) = audience {
-                if aud.is_empty() || aud.len() > 256 || !aud.bytes().all(|b| b.is_ascii_graphic()) {
+                if !tokengate_core::jwt::is_usable(aud) {
                     bail!("--audience must be 1 to 256 visible ASCII characters");
                 }
             }
@@ -568,7 +568,7 @@ pub fn revoke_jti(
     actor: &Actor,
     now: u64,
 ) -> Result<()> {
-    if jti.is_empty() || jti.len() > 256 || !jti.bytes().all(|b| b.is_ascii_graphic()) {
+    if !tokengate_core::jwt::is_usable(jti) {
         bail!("a jti is 1 to 256 visible ASCII characters");
     }
     let mut store = Store::open(store_path)?;

@@ -973,12 +973,10 @@ fn run(cli: Cli) -> Result<Option<Negative>> {
             )?;
             let mut gate = Gate::from_bundle(bundle).map_err(|e| anyhow::anyhow!("{e}"))?;
             // HS256 issuers' secrets as a gate reads them, from TOKENGATE_ISSUER_SECRETS.
-            let value = std::env::var(issuer::SECRETS_VARIABLE).ok();
-            let (secrets, unreadable) = issuer::IssuerSecrets::from_variable(value.as_deref());
-            if let Some(problem) = unreadable {
-                eprintln!("warning: {problem}");
+            gate.set_issuer_secrets(std::env::var(issuer::SECRETS_VARIABLE).ok().as_deref());
+            for warning in gate.issuer_secret_warnings() {
+                eprintln!("warning: {warning}");
             }
-            gate.set_issuer_secrets(std::sync::Arc::new(secrets));
             let authorization = match no_token {
                 true => None,
                 false => Some(format!("Bearer {}", read_secret(token_env.as_deref())?)),

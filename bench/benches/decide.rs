@@ -341,8 +341,8 @@ fn signed(c: &mut Criterion) {
     .unwrap();
     let mut gate = Gate::from_bundle(bundle).unwrap();
     let secrets = format!("legacy={}", B64.encode(secret));
-    let secrets = tokengate_core::issuer::IssuerSecrets::parse(&secrets).unwrap();
-    gate.set_issuer_secrets(std::sync::Arc::new(secrets));
+    gate.set_issuer_secrets(Some(&secrets));
+    assert_eq!(gate.issuer_secret_warnings(), Vec::<String>::new());
     let claims = serde_json::json!({"sub": "deploy-job", "jti": "AAAAAAAAAAAAAAAAAAAAAA",
         "scope": "orders:read", "iat": NOW, "exp": NOW + 1800});
     let jwt = |alg: &str, kid: &str| {

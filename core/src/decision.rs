@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use crate::access::{self, Assertion, KeyCheck};
 use crate::credentials::{self, Found};
 use crate::gate::{Gate, Record};
-use crate::issuer::Refusal;
+use crate::issuer::{IssuerSecrets, Refusal};
 use crate::jwt;
 use crate::policy::{self, Access};
 use crate::rate::Limit;
@@ -396,6 +396,22 @@ fn invalid_token() -> Denial {
     )
 }
 
+/// What the upstream is told of an allowed token: its subject, its id and its scopes. No
+/// scopes, no header: Envoy 1.40's dynamic-module `set_header` removes a header given an empty
+/// value (observed), and every target must forward the same headers. A client's own copy is
+/// removed regardless.
+fn identity_headers(
+    subject: String,
+    token_id: String,
+    scopes: &str,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![(SUBJECT_HEADER, subject), (TOKEN_ID_HEADER, token_id)];
+    if !scopes.is_empty() {
+        headers.push((SCOPES_HEADER, scopes.to_owned()));
+    }
+    headers
+}
+
 /// The decision when no bundle is loaded or the gate failed: 503, fail closed.
 pub fn unavailable(reason: Reason) -> Decision {
     Decision::deny(reason, internal_error(), Vec::new())
@@ -722,21 +738,11 @@ impl Gate {
         let mut decision = identified(base(Outcome::Allow, Reason::Valid, None, remove));
         decision.rate_limits =
             Limit::of(&rule.name, rule.rate_limit, &record.name, record.rate_limit);
-        decision.add_headers = vec![
-            (SUBJECT_HEADER, decision.subject.clone().unwrap_or_default()),
-            (
-                TOKEN_ID_HEADER,
-                decision.token_id.clone().unwrap_or_default(),
-            ),
-        ];
-        // No scopes, no header: Envoy 1.40's dynamic-module `set_header` removes a header
-        // given an empty value (observed), and every target must forward the same headers.
-        // A client's own copy is removed regardless.
-        if !record.scopes.header.is_empty() {
-            decision
-                .add_headers
-                .push((SCOPES_HEADER, record.scopes.header.clone()));
-        }
+        decision.add_headers = identity_headers(
+            decision.subject.clone().unwrap_or_default(),
+            decision.token_id.clone().unwrap_or_default(),
+            &record.scopes.header,
+        );
         decision
     }
 
@@ -796,9 +802,9 @@ impl Gate {
         remove: Vec<String>,
         now: u64,
     ) -> Decision {
-        let checked = self
-            .issuers
-            .check(token, &self.issuer_secrets, self.revoke_all_at, now);
+        let none = IssuerSecrets::default();
+        let secrets = self.issuer_secrets.as_ref().as_ref().unwrap_or(&none);
+        let checked = self.issuers.check(token, secrets, self.revoke_all_at, now);
         let identity = match checked {
             Ok(identity) => identity,
             Err(refused) => {
@@ -848,16 +854,9 @@ impl Gate {
         }
         // Keyed by subject: every token minted for one subject shares its budget.
         decision.rate_limits = Limit::of(&rule.name, rule.rate_limit, &identity.subject, None);
-        decision.add_headers = vec![
-            (SUBJECT_HEADER, identity.subject),
-            (TOKEN_ID_HEADER, identity.jti),
-            (ISSUER_HEADER, identity.issuer),
-        ];
-        if !identity.scope_header.is_empty() {
-            decision
-                .add_headers
-                .push((SCOPES_HEADER, identity.scope_header));
-        }
+        decision.add_headers =
+            identity_headers(identity.subject, identity.jti, &identity.scope_header);
+        decision.add_headers.push((ISSUER_HEADER, identity.issuer));
         decision
     }
 

@@ -163,8 +163,9 @@ pub struct Gate {
     pub(crate) index: Index,
     pub(crate) revoke_all_at: Option<u64>,
     pub(crate) issuers: Issuers,
-    /// HS256 issuers' secrets: the host's, not the bundle's ([`Gate::set_issuer_secrets`]).
-    pub(crate) issuer_secrets: Arc<IssuerSecrets>,
+    /// HS256 issuers' secrets: the host's, not the bundle's ([`Gate::set_issuer_secrets`]);
+    /// `Err`: the host's value could not be read, and none is used.
+    pub(crate) issuer_secrets: Arc<Result<IssuerSecrets, String>>,
 }
 
 /// A bundle's payload with its token list still as text: what is checked before any
@@ -194,7 +195,7 @@ impl Gate {
         let (head, keys): (Head<'_>, KeySet) = envelope.payload()?;
         let served = Served::of(head.version, &envelope);
         check(&head, &served)?;
-        let settings = check_settings(&head)?;
+        let settings = check_settings(&head, &keys)?;
         let raw = head.tokens.get();
         let (tokens, hashes) = count_records(raw.as_bytes());
         let mut table = TokenTable::with_capacity(tokens, hashes);
@@ -206,7 +207,7 @@ impl Gate {
     /// whose signatures were checked when it was pushed).
     pub fn from_bundle(mut bundle: Bundle) -> Result<Self, BundleError> {
         let keys = KeySet::from_hex(&bundle.keys).map_err(BundleError::Keys)?;
-        let settings = check_settings(&bundle)?;
+        let settings = check_settings(&bundle, &keys)?;
         let table = TokenTable::of(&std::mem::take(&mut bundle.tokens))?;
         let served = Served {
             version: bundle.version,
@@ -235,30 +236,45 @@ impl Gate {
             index: table.index,
             revoke_all_at: bundle.revoke_all_at,
             issuers,
-            issuer_secrets: Arc::default(),
+            issuer_secrets: Arc::new(Ok(IssuerSecrets::default())),
         }
     }
 
-    /// Gives the gate the HS256 issuers' secrets (from its host's configuration, never from
-    /// a bundle). Without one, a token of that issuer is answered 503.
-    pub fn set_issuer_secrets(&mut self, secrets: Arc<IssuerSecrets>) {
-        self.issuer_secrets = secrets;
+    /// Gives the gate the HS256 issuers' secrets: the host's value of
+    /// [`SECRETS_VARIABLE`](crate::issuer::SECRETS_VARIABLE) (`None`: unset), never a
+    /// bundle's. Without an issuer's secret, its tokens are answered 503; a value that cannot
+    /// be read gives none at all (every other token is still decided).
+    pub fn set_issuer_secrets(&mut self, value: Option<&str>) {
+        let secrets = value.map_or_else(|| Ok(IssuerSecrets::default()), IssuerSecrets::parse);
+        self.issuer_secrets = Arc::new(secrets);
     }
 
-    /// What a host logs when the bundle names HS256 issuers whose secret this gate lacks.
-    pub fn issuer_secret_warning(&self) -> Option<String> {
+    /// What a host logs once it set the secrets: a value it could not read, and the HS256
+    /// issuers of the bundle it has no secret for (never a secret).
+    pub fn issuer_secret_warnings(&self) -> Vec<String> {
+        let variable = crate::issuer::SECRETS_VARIABLE;
+        let mut warnings = Vec::new();
+        let secrets = match self.issuer_secrets.as_ref() {
+            Ok(secrets) => Some(secrets),
+            Err(e) => {
+                warnings.push(format!(
+                    "{variable} cannot be read, so no HS256 issuer's tokens are accepted: {e}"
+                ));
+                None
+            }
+        };
         let missing: Vec<&str> = self
             .issuers
             .hs256_kids()
-            .filter(|kid| !self.issuer_secrets.kids().any(|k| k == *kid))
+            .filter(|kid| !secrets.is_some_and(|s| s.kids().any(|k| k == *kid)))
             .collect();
-        (!missing.is_empty()).then(|| {
-            format!(
-                "HS256 issuer(s) {} have no secret in {}: their tokens are answered 503",
-                missing.join(", "),
-                crate::issuer::SECRETS_VARIABLE
-            )
-        })
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "HS256 issuer(s) {} have no secret in {variable}: their tokens are answered 503",
+                missing.join(", ")
+            ));
+        }
+        warnings
     }
 
     /// The version this gate serves.
@@ -297,9 +313,12 @@ impl Gate {
     }
 }
 
-/// The checks of everything in a bundle but its tokens; the credential sources and the
-/// issuers parsed.
-fn check_settings<T>(bundle: &Bundle<T>) -> Result<(Vec<Source>, Issuers), BundleError> {
+/// The checks of everything in a bundle but its tokens and its keys (`admin_keys`, parsed
+/// already); the credential sources and the issuers parsed.
+fn check_settings<T>(
+    bundle: &Bundle<T>,
+    admin_keys: &KeySet,
+) -> Result<(Vec<Source>, Issuers), BundleError> {
     if !policy::valid_name(&bundle.environment) {
         return Err(BundleError::BadEnvironment(bundle.environment.clone()));
     }
@@ -319,8 +338,7 @@ fn check_settings<T>(bundle: &Bundle<T>) -> Result<(Vec<Source>, Issuers), Bundl
     }
     let sources =
         credentials::parse_sources(&bundle.credentials.sources).map_err(BundleError::Sources)?;
-    let admin_keys = KeySet::from_hex(&bundle.keys).map_err(BundleError::Keys)?;
-    let issuers = Issuers::new(&bundle.issuers, &bundle.revoked_jtis, &admin_keys)
+    let issuers = Issuers::new(&bundle.issuers, &bundle.revoked_jtis, admin_keys)
         .map_err(BundleError::Issuers)?;
     Ok((sources, issuers))
 }
@@ -789,6 +807,37 @@ mod tests {
 
     fn trust(keys: &[&str]) -> KeySet {
         KeySet::from_hex(keys).unwrap()
+    }
+
+    #[test]
+    fn a_host_hears_of_secrets_it_could_not_read_or_lacks_never_their_text() {
+        use crate::issuer::{Algorithm, IssuerConfig};
+        let (_, a) = key(1);
+        let mut with_hs256 = bundle(3, &[&a]);
+        with_hs256.issuers = vec![IssuerConfig {
+            kid: "legacy".into(),
+            alg: Algorithm::Hs256,
+            public_key: None,
+            audience: None,
+            scopes: vec!["orders:*".into()],
+            max_lifetime: 900,
+        }];
+        let mut gate = Gate::from_bundle(with_hs256).unwrap();
+        let secret = "c2VjcmV0IG9mIHRoZSBpbi1ob3VzZSBpc3N1ZXIsIDMyIGJ5dGVzIQ";
+        gate.set_issuer_secrets(Some(&format!("legacy={secret}")));
+        assert_eq!(gate.issuer_secret_warnings(), Vec::<String>::new());
+        gate.set_issuer_secrets(None);
+        let warnings = gate.issuer_secret_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("legacy"), "{warnings:?}");
+        // Written wrong (no `kid=`): no secrets at all, and not a character of it in the log.
+        gate.set_issuer_secrets(Some(secret));
+        let warnings = gate.issuer_secret_warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings.iter().all(|w| !w.contains(&secret[..8])),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -156,10 +156,19 @@ enum Verifier {
     Hs256,
 }
 
+impl Verifier {
+    /// The algorithm it verifies: the only one its issuer's tokens may name.
+    fn alg(&self) -> Algorithm {
+        match self {
+            Self::Ed25519(_) => Algorithm::EdDsa,
+            Self::Hs256 => Algorithm::Hs256,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Issuer {
     kid: String,
-    alg: Algorithm,
     audience: Option<String>,
     verifier: Verifier,
     scopes: Vec<String>,
@@ -219,20 +228,6 @@ impl IssuerSecrets {
             out.push((kid.to_owned(), secret));
         }
         Ok(Self(out))
-    }
-
-    /// What a host gives its gate from [`SECRETS_VARIABLE`] (`None`: unset). A value that
-    /// cannot be read gives no secrets (that issuer's tokens are answered 503, every other
-    /// token still decided) and the error for the host's log.
-    pub fn from_variable(value: Option<&str>) -> (Self, Option<String>) {
-        match value.map(Self::parse) {
-            None => (Self::default(), None),
-            Some(Ok(secrets)) => (secrets, None),
-            Some(Err(e)) => (
-                Self::default(),
-                Some(format!("{SECRETS_VARIABLE} cannot be read, so no HS256 issuer's tokens are accepted: {e}")),
-            ),
-        }
     }
 
     fn get(&self, kid: &str) -> Option<&[u8]> {
@@ -387,8 +382,8 @@ impl Issuers {
             };
             if config
                 .audience
-                .as_ref()
-                .is_some_and(|aud| jwt::usable(&Some(aud.clone())).is_none())
+                .as_deref()
+                .is_some_and(|aud| !jwt::is_usable(aud))
             {
                 return Err(problem(
                     "audience must be 1 to 256 visible ASCII characters",
@@ -396,7 +391,6 @@ impl Issuers {
             }
             issuers.push(Issuer {
                 kid: config.kid.clone(),
-                alg: config.alg,
                 audience: config.audience.clone(),
                 verifier,
                 scopes: config.scopes.clone(),
@@ -405,8 +399,10 @@ impl Issuers {
         }
         let mut set = HashSet::with_capacity(revoked.len());
         for entry in revoked {
-            let usable = jwt::usable(&Some(entry.jti.clone())).is_some();
-            if !usable || !policy::valid_name(&entry.issuer) || !set.insert(entry.clone()) {
+            if !jwt::is_usable(&entry.jti)
+                || !policy::valid_name(&entry.issuer)
+                || !set.insert(entry.clone())
+            {
                 return Err(IssuerError::BadRevocation(entry.jti.clone()));
             }
         }
@@ -421,7 +417,7 @@ impl Issuers {
     pub fn hs256_kids(&self) -> impl Iterator<Item = &str> {
         self.issuers
             .iter()
-            .filter(|i| i.alg == Algorithm::Hs256)
+            .filter(|i| i.verifier.alg() == Algorithm::Hs256)
             .map(|i| i.kid.as_str())
     }
 
@@ -460,7 +456,7 @@ impl Issuers {
     ) -> Result<Identity, Refused> {
         let kid = issuer.kid.as_str();
         // The issuer fixes the algorithm; the token's `alg` only has to agree with it.
-        if jws.header.alg.as_deref() != Some(issuer.alg.as_str()) {
+        if jws.header.alg.as_deref() != Some(issuer.verifier.alg().as_str()) {
             return Err(Refusal::Invalid.into());
         }
         let verified = match &issuer.verifier {

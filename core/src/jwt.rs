@@ -73,8 +73,8 @@ pub fn split(jwt: &str, max_len: usize) -> Option<Compact<'_>> {
     })
 }
 
-/// Whether a credential is meant as a JWT: it starts as base64url of `{"` does and holds a
-/// dot. A tokengate token holds no dot and `import` refuses secrets of this shape, so no
+/// Whether a credential is meant as a JWT: it starts with `eyJ` (base64url of `{"`, how
+/// every JSON header starts) and holds a dot. A tokengate token holds no dot and `import` refuses secrets of this shape, so no
 /// credential is read both ways.
 pub fn looks_like(credential: &str) -> bool {
     credential.starts_with("eyJ") && credential.contains('.')
@@ -177,15 +177,15 @@ pub(crate) fn present_seconds<'de, D: Deserializer<'de>>(
 /// The longest subject (or `jti`) a JWT may carry.
 pub const MAX_SUBJECT_LEN: usize = 256;
 
-/// A subject or id fit for a header and a log field: 1 to [`MAX_SUBJECT_LEN`] visible ASCII
-/// characters.
+/// Whether a subject, id or audience is fit for a header and a log field: 1 to
+/// [`MAX_SUBJECT_LEN`] visible ASCII characters.
+pub fn is_usable(text: &str) -> bool {
+    !text.is_empty() && text.len() <= MAX_SUBJECT_LEN && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A claim's value if it [`is_usable`].
 pub(crate) fn usable(claim: &Option<String>) -> Option<String> {
-    claim
-        .as_ref()
-        .filter(|s| {
-            !s.is_empty() && s.len() <= MAX_SUBJECT_LEN && s.bytes().all(|b| b.is_ascii_graphic())
-        })
-        .cloned()
+    claim.as_ref().filter(|s| is_usable(s)).cloned()
 }
 
 #[cfg(test)]

@@ -3,10 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers: a failure is the report
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use tokengate_conformance::{self as conformance, Observed};
 
-use tokengate_core::issuer::IssuerSecrets;
 use tokengate_core::{rate, Expectation, Gate, KeySet, Request, Target};
 
 fn gate(suite: &conformance::Suite, name: &str) -> Gate {
@@ -19,8 +17,12 @@ fn gate(suite: &conformance::Suite, name: &str) -> Gate {
     };
     let mut gate = Gate::load(text.as_bytes(), &trusted, &expect)
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
-    let secrets = IssuerSecrets::parse(&suite.issuer_secrets).unwrap();
-    gate.set_issuer_secrets(Arc::new(secrets));
+    gate.set_issuer_secrets(Some(&suite.issuer_secrets));
+    assert_eq!(
+        gate.issuer_secret_warnings(),
+        Vec::<String>::new(),
+        "fixture {name}"
+    );
     gate
 }
 
@@ -195,9 +197,7 @@ fn split_lookup_decides_exactly_like_the_in_memory_gate() {
             ..full
         })
         .unwrap();
-        meta.set_issuer_secrets(Arc::new(
-            IssuerSecrets::parse(&suite.issuer_secrets).unwrap(),
-        ));
+        meta.set_issuer_secrets(Some(&suite.issuer_secrets));
         let r = &case.request;
         let request = Request {
             method: &r.method,

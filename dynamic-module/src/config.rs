@@ -19,11 +19,11 @@
 //! the library) starts without one and takes the bundle its ECDS file names.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokengate_core::issuer::{IssuerSecrets, SECRETS_VARIABLE};
+use tokengate_core::issuer::SECRETS_VARIABLE;
 use tokengate_core::{Expectation, Gate, KeySet, Target};
 
 /// The environment variable naming the environment this gate serves (Envoy's own
@@ -182,19 +182,9 @@ fn load(reference: &Reference, current: Option<&Gate>) -> Result<Gate, String> {
         }
     })
     .map_err(|e| e.to_string())?;
-    gate.set_issuer_secrets(Arc::clone(&issuer_secrets().0));
+    // The HS256 issuers' secrets: Envoy's environment, never a bundle.
+    gate.set_issuer_secrets(std::env::var(SECRETS_VARIABLE).ok().as_deref());
     Ok(gate)
-}
-
-/// The HS256 issuers' secrets from Envoy's environment ([`SECRETS_VARIABLE`]), read once per
-/// process, and the error of a value that cannot be read.
-pub fn issuer_secrets() -> &'static (Arc<IssuerSecrets>, Option<String>) {
-    static SECRETS: OnceLock<(Arc<IssuerSecrets>, Option<String>)> = OnceLock::new();
-    SECRETS.get_or_init(|| {
-        let value = std::env::var(SECRETS_VARIABLE).ok();
-        let (secrets, error) = IssuerSecrets::from_variable(value.as_deref());
-        (Arc::new(secrets), error)
-    })
 }
 
 #[cfg(test)]

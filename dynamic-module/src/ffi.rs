@@ -298,8 +298,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                         started.elapsed().as_millis()
                     ),
                 );
-                let unreadable = config::issuer_secrets().1.clone();
-                for warning in unreadable.into_iter().chain(gate.issuer_secret_warning()) {
+                for warning in gate.issuer_secret_warnings() {
                     log(LOG_WARN, &format!("tokengate: {warning}"));
                 }
                 Some(gate)

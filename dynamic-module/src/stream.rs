@@ -130,7 +130,6 @@ mod tests {
     use super::*;
     use crate::limits;
     use tokengate_conformance::{self as conformance, Observed};
-    use tokengate_core::issuer::IssuerSecrets;
     use tokengate_core::{Expectation, KeySet, Target};
 
     /// A local reply: status, headers, body.
@@ -239,8 +238,8 @@ mod tests {
             newer_than: None,
         };
         let mut gate = Gate::load(text.as_bytes(), &trusted, &expect).unwrap();
-        let secrets = IssuerSecrets::parse(&suite.issuer_secrets).unwrap();
-        gate.set_issuer_secrets(std::sync::Arc::new(secrets));
+        gate.set_issuer_secrets(Some(&suite.issuer_secrets));
+        assert_eq!(gate.issuer_secret_warnings(), Vec::<String>::new());
         gate
     }
 

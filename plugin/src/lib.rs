@@ -17,7 +17,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use tokengate_core::decision::{self, Reason};
 use tokengate_core::host::{self, Effects, Verdict};
-use tokengate_core::issuer::{IssuerSecrets, SECRETS_VARIABLE};
+use tokengate_core::issuer::SECRETS_VARIABLE;
 use tokengate_core::rate::{self, slots, Admission, Limit};
 use tokengate_core::usage::{self, ReadLimiter, Report, Tally, Unreported};
 use tokengate_core::{Decision, Denial, Expectation, Gate, KeySet, Request, Served, Target};
@@ -317,10 +317,8 @@ impl GateRoot {
             false => invalid(e.to_string()),
         })?;
         // The HS256 issuers' secrets: the VM's environment (`host_env_keys`), never a bundle.
-        let value = std::env::var(SECRETS_VARIABLE).ok();
-        let (secrets, unreadable) = IssuerSecrets::from_variable(value.as_deref());
-        gate.set_issuer_secrets(std::sync::Arc::new(secrets));
-        for warning in unreadable.into_iter().chain(gate.issuer_secret_warning()) {
+        gate.set_issuer_secrets(std::env::var(SECRETS_VARIABLE).ok().as_deref());
+        for warning in gate.issuer_secret_warnings() {
             log(LogLevel::Warn, &format!("tokengate: {warning}"));
         }
         Ok(gate)

@@ -23,13 +23,12 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use lru::LruCache;
 use tokengate_core::access::Settings;
-use tokengate_core::issuer::{IssuerSecrets, SECRETS_VARIABLE};
+use tokengate_core::issuer::SECRETS_VARIABLE;
 use tokengate_core::pages;
 use tokengate_core::token::TokenHash;
 use tokengate_core::{Bundle, Gate, Record};
@@ -298,12 +297,8 @@ async fn current_from(env: &Env, view: &View) -> Result<Option<Rc<Served>>, Fail
         .map_err(|e| Failure::Corrupt(format!("served meta: {e}")))?;
     // The HS256 issuers' secrets: a Worker secret, never in a bundle or in KV.
     let value = env.secret(SECRETS_VARIABLE).ok().map(|s| s.to_string());
-    let (secrets, unreadable) = IssuerSecrets::from_variable(value.as_deref());
-    served.gate.set_issuer_secrets(Arc::new(secrets));
-    for warning in unreadable
-        .into_iter()
-        .chain(served.gate.issuer_secret_warning())
-    {
+    served.gate.set_issuer_secrets(value.as_deref());
+    for warning in served.gate.issuer_secret_warnings() {
         console_error!("tokengate: {warning}");
     }
     let served = Rc::new(served);
